@@ -1,0 +1,343 @@
+//! Clyde's HTTP adapter: the OCI distribution pull API, served to containerd.
+//!
+//! Message flow: an accept loop hands each connection to hyper's HTTP/1 server; each
+//! request is parsed into a typed [`ApiPath`] (bad input is answered `400`/`416` here and
+//! goes no further), then the [`Resolver`] says where the bytes come from and this module
+//! only shapes the answer: headers, status, `Range`, and a streamed body.
+
+mod errors;
+mod query;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clyde_resolver::{Origin, ResolveError, Resolver};
+use clyde_types::{ApiPath, ByteRange, PathError, RangeError, RangeRequest, Reference, Resource};
+use futures_util::TryStreamExt;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+pub use errors::ErrorCode;
+
+/// The response body type.
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// Longest request path (with query) accepted.
+const MAX_URI_LEN: usize = 4096;
+/// Bound on the request head (request line and headers).
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Serves the mirror API on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    resolver: Resolver,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let resolver = resolver.clone();
+        let mut conn_shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let resolver = resolver.clone();
+                async move { Ok::<_, Infallible>(handle(&resolver, req, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
+                .max_buf_size(MAX_HEAD_BYTES)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, %peer, "connection ended with an error") },
+                _ = conn_shutdown.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), connections.wait()).await;
+    Ok(())
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// Handles one request; never fails (errors become OCI error answers).
+pub async fn handle(
+    resolver: &Resolver,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let (mut response, source) = route(resolver, &req).await;
+    response.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    if method == Method::HEAD {
+        *response.body_mut() = empty();
+    }
+    let bytes = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("0")
+        .to_string();
+    tracing::debug!(%method, %path, status = response.status().as_u16(), bytes, source, latency_ms = started.elapsed().as_secs_f64() * 1e3, %peer, "request");
+    response
+}
+
+async fn route(resolver: &Resolver, req: &Request<Incoming>) -> (Response<Body>, &'static str) {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return (
+            errors::answer(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::Unsupported,
+                "this mirror is pull-only: GET and HEAD",
+            ),
+            "-",
+        );
+    }
+    if req.uri().to_string().len() > MAX_URI_LEN {
+        return (
+            errors::answer(
+                StatusCode::URI_TOO_LONG,
+                ErrorCode::NameInvalid,
+                "request path too long",
+            ),
+            "-",
+        );
+    }
+    let ns = match query::param(req.uri().query(), "ns") {
+        Ok(ns) => ns,
+        Err(msg) => {
+            return (
+                errors::answer(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, msg),
+                "-",
+            );
+        }
+    };
+    let parsed = match ApiPath::parse(req.uri().path(), ns.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return (path_error(&e), "-"),
+    };
+    let (origin, resource) = match parsed {
+        ApiPath::Root => {
+            let mut r = Response::new(full("{}"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return (r, "local");
+        }
+        ApiPath::Content {
+            registry,
+            repository,
+            resource,
+        } => (
+            Origin {
+                registry,
+                repository,
+            },
+            resource,
+        ),
+    };
+    match resource {
+        Resource::Manifest(reference) => manifest(resolver, req, &origin, &reference).await,
+        Resource::Blob(digest) => blob(resolver, req, &origin, &digest).await,
+    }
+}
+
+fn path_error(e: &PathError) -> Response<Body> {
+    let (status, code) = match e {
+        PathError::NotV2 | PathError::UnknownEndpoint => {
+            (StatusCode::NOT_FOUND, ErrorCode::Unsupported)
+        }
+        PathError::BadName(_) | PathError::BadRegistry(_) => {
+            (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid)
+        }
+        PathError::BadTag(_) => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),
+        PathError::BadDigest(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
+    };
+    errors::answer(status, code, &e.to_string())
+}
+
+fn resolve_error(e: &ResolveError, miss: ErrorCode) -> Response<Body> {
+    if e.is_miss() {
+        errors::answer(StatusCode::NOT_FOUND, miss, &e.to_string())
+    } else {
+        tracing::error!(error = %e, "internal error");
+        errors::answer(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unknown,
+            &e.to_string(),
+        )
+    }
+}
+
+async fn manifest(
+    resolver: &Resolver,
+    req: &Request<Incoming>,
+    origin: &Origin,
+    reference: &Reference,
+) -> (Response<Body>, &'static str) {
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let m = match resolver.manifest(origin, reference, accept).await {
+        Ok(m) => m,
+        Err(e) => return (resolve_error(&e, ErrorCode::ManifestUnknown), "-"),
+    };
+    let mut r = Response::new(full(m.bytes.clone()));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(m.bytes.len() as u64),
+    );
+    if let Ok(v) = HeaderValue::from_str(&m.media_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    insert_digest(h, &m.digest.to_string());
+    (r, m.source)
+}
+
+fn insert_digest(h: &mut http::HeaderMap, digest: &str) {
+    if let Ok(v) = HeaderValue::from_str(digest) {
+        h.insert("docker-content-digest", v.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+        h.insert(header::ETAG, v);
+    }
+}
+
+async fn blob(
+    resolver: &Resolver,
+    req: &Request<Incoming>,
+    origin: &Origin,
+    digest: &clyde_types::Digest,
+) -> (Response<Body>, &'static str) {
+    let range = match req.headers().get(header::RANGE).map(|v| {
+        v.to_str()
+            .map_err(|_| RangeError::Malformed)
+            .and_then(RangeRequest::parse)
+    }) {
+        None => None,
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            return (
+                errors::answer(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    ErrorCode::RangeInvalid,
+                    &e.to_string(),
+                ),
+                "-",
+            );
+        }
+    };
+    if req.method() == Method::HEAD {
+        return match resolver.blob_size(origin, digest).await {
+            Ok(size) => (blob_head(size, digest, range), "local"),
+            Err(e) => (resolve_error(&e, ErrorCode::BlobUnknown), "-"),
+        };
+    }
+    let first_byte = match range {
+        Some(RangeRequest::Bounded { first, .. } | RangeRequest::From { first }) => first,
+        _ => 0,
+    };
+    let source = match resolver.blob(origin, digest, first_byte).await {
+        Ok(s) => s,
+        Err(e) => return (resolve_error(&e, ErrorCode::BlobUnknown), "-"),
+    };
+    let size = source.size();
+    let label = source.label();
+    let selected = match range.map(|r| r.resolve(size)) {
+        None => ByteRange::full(size),
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return (unsatisfiable(size, &e), label),
+    };
+    let body = StreamBody::new(source.stream(selected).map_ok(Frame::data));
+    let mut r = Response::new(BodyExt::boxed_unsync(body));
+    blob_headers(&mut r, digest, selected, range.is_some());
+    (r, label)
+}
+
+fn unsatisfiable(size: u64, e: &RangeError) -> Response<Body> {
+    let mut r = errors::answer(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        ErrorCode::RangeInvalid,
+        &e.to_string(),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+        r.headers_mut().insert(header::CONTENT_RANGE, v);
+    }
+    r
+}
+
+fn blob_head(
+    size: u64,
+    digest: &clyde_types::Digest,
+    range: Option<RangeRequest>,
+) -> Response<Body> {
+    let selected = match range.map(|r| r.resolve(size)) {
+        None => ByteRange::full(size),
+        Some(Ok(r)) => r,
+        Some(Err(e)) => return unsatisfiable(size, &e),
+    };
+    let mut r = Response::new(empty());
+    blob_headers(&mut r, digest, selected, range.is_some());
+    r
+}
+
+fn blob_headers(
+    r: &mut Response<Body>,
+    digest: &clyde_types::Digest,
+    selected: ByteRange,
+    ranged: bool,
+) {
+    if ranged {
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        if let Ok(v) = HeaderValue::from_str(&selected.content_range()) {
+            r.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+    }
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(selected.len()));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    insert_digest(h, &digest.to_string());
+}

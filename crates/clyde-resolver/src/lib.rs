@@ -1,0 +1,165 @@
+//! Decides where a mirror request's bytes come from: the local store, else the upstream.
+//!
+//! Blobs go through [`transfer`]: one job per digest, whatever the number of readers.
+//! Manifests and tags go through [`manifest`], which applies the tag freshness rules.
+
+mod manifest;
+pub mod transfer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clyde_store::{Store, StoreError};
+use clyde_types::{Digest, Registry, Repository};
+use clyde_upstream::{Upstream, UpstreamError};
+use serde::Deserialize;
+
+pub use manifest::ServedManifest;
+pub use transfer::{BlobSource, BlobStream};
+
+/// How the resolver behaves; every field has a documented default.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResolverConfig {
+    /// Never contact the upstream; serve cached tags as they are.
+    pub air_gapped: bool,
+    /// How long a tag is served from cache before it is re-checked upstream (default 5m).
+    #[serde(with = "humantime_serde")]
+    pub tag_ttl: Duration,
+    /// Re-check `latest` upstream on every request.
+    pub always_pull_latest: bool,
+    /// Bound on the upstream `HEAD` that re-checks a tag (default 2s).
+    #[serde(with = "humantime_serde")]
+    pub tag_check_timeout: Duration,
+    /// A reader this far ahead of a running transfer gets its own upstream request (default 1 MiB).
+    pub steal_distance: u64,
+    /// Attempts to resume a blob transfer that broke mid-body (default 4).
+    pub transfer_attempts: u32,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        Self {
+            air_gapped: false,
+            tag_ttl: Duration::from_secs(300),
+            always_pull_latest: false,
+            tag_check_timeout: Duration::from_secs(2),
+            steal_distance: 1024 * 1024,
+            transfer_attempts: 4,
+        }
+    }
+}
+
+/// Where requested content lives upstream.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub registry: Registry,
+    pub repository: Repository,
+}
+
+/// Why a request could not be served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolveError {
+    #[error("not cached and the upstream cannot serve it: {0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("not cached, and this agent is air-gapped")]
+    AirGapped,
+    #[error(
+        "the cached manifest's media type {0} is not in the client's Accept, and the upstream cannot be asked"
+    )]
+    NotAcceptable(String),
+    #[error("{0}")]
+    Store(Arc<StoreError>),
+    #[error("the transfer failed: {0}")]
+    Transfer(String),
+}
+
+impl From<StoreError> for ResolveError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(Arc::new(e))
+    }
+}
+
+impl ResolveError {
+    /// Whether this is a miss nobody can serve (`404`, so the client falls back) rather
+    /// than a fault of this agent.
+    pub fn is_miss(&self) -> bool {
+        !matches!(self, Self::Store(_))
+    }
+}
+
+/// The resolver: cheap to clone.
+#[derive(Clone)]
+pub struct Resolver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    upstream: Arc<Upstream>,
+    config: ResolverConfig,
+    transfers: transfer::Transfers,
+}
+
+impl Resolver {
+    /// A resolver over `store` and `upstream`.
+    pub fn new(store: Store, upstream: Arc<Upstream>, config: ResolverConfig) -> Self {
+        let transfers = transfer::Transfers::new(store.clone(), upstream.clone(), config.clone());
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                upstream,
+                config,
+                transfers,
+            }),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The size of a blob: cached, arriving, or by asking the upstream.
+    pub async fn blob_size(&self, origin: &Origin, digest: &Digest) -> Result<u64, ResolveError> {
+        if let Some(size) = self.inner.store.blob_size(digest) {
+            return Ok(size);
+        }
+        if let Some(size) = self.inner.transfers.size_if_running(digest).await? {
+            return Ok(size);
+        }
+        if self.inner.config.air_gapped {
+            return Err(ResolveError::AirGapped);
+        }
+        Ok(self
+            .inner
+            .upstream
+            .head_blob(&origin.registry, &origin.repository, digest)
+            .await?)
+    }
+
+    /// Where the bytes of a blob come from: the store's file, or a transfer in progress.
+    pub async fn blob(
+        &self,
+        origin: &Origin,
+        digest: &Digest,
+        first_byte: u64,
+    ) -> Result<BlobSource, ResolveError> {
+        if let Some(file) = self.inner.store.open_blob(digest)? {
+            return Ok(BlobSource::Local(file));
+        }
+        if self.inner.config.air_gapped {
+            if let Some(job) = self.inner.transfers.running(digest).await? {
+                return Ok(BlobSource::Transfer(job));
+            }
+            return Err(ResolveError::AirGapped);
+        }
+        self.inner.transfers.join(origin, digest, first_byte).await
+    }
+
+    /// Stops transfers and waits for them.
+    pub async fn shutdown(&self) {
+        self.inner.transfers.shutdown().await;
+        self.inner.store.shutdown().await;
+    }
+}

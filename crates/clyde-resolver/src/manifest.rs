@@ -1,0 +1,245 @@
+//! Manifests and tags: digests are cached for good, tags are re-checked upstream.
+
+use bytes::Bytes;
+use clyde_store::{ManifestRecord, TagRecord, unix_now};
+use clyde_types::{Digest, Reference, media};
+use clyde_upstream::UpstreamError;
+
+use crate::{Origin, ResolveError, Resolver};
+
+/// A manifest ready to serve, byte-for-byte as the upstream sent it.
+#[derive(Clone, Debug)]
+pub struct ServedManifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+    /// Where it came from: `local` or `upstream`.
+    pub source: &'static str,
+}
+
+fn tag_key(origin: &Origin, tag: &str) -> String {
+    format!("{}/{}:{}", origin.registry, origin.repository, tag)
+}
+
+/// Digests of the blobs and manifests a manifest refers to (config, layers, children).
+fn references(bytes: &[u8]) -> Vec<Digest> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut push = |v: &serde_json::Value| {
+        if let Some(d) = v
+            .get("digest")
+            .and_then(|d| d.as_str())
+            .and_then(|d| d.parse().ok())
+        {
+            out.push(d);
+        }
+    };
+    if let Some(config) = doc.get("config") {
+        push(config);
+    }
+    for list in ["layers", "manifests"] {
+        for item in doc
+            .get(list)
+            .and_then(|l| l.as_array())
+            .into_iter()
+            .flatten()
+        {
+            push(item);
+        }
+    }
+    out
+}
+
+impl Resolver {
+    /// The manifest a reference names, from the cache or the upstream.
+    pub async fn manifest(
+        &self,
+        origin: &Origin,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<ServedManifest, ResolveError> {
+        match reference {
+            Reference::Digest(digest) => self.manifest_by_digest(origin, digest, accept).await,
+            Reference::Tag(tag) => self.manifest_by_tag(origin, tag, accept).await,
+        }
+    }
+
+    async fn cached_manifest(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<ServedManifest>, ResolveError> {
+        let store = &self.inner.store;
+        let Some(record) = store.manifest(digest)? else {
+            return Ok(None);
+        };
+        let Some(bytes) = store.read_blob(digest).await? else {
+            return Ok(None);
+        };
+        Ok(Some(ServedManifest {
+            bytes,
+            media_type: record.media_type,
+            digest: *digest,
+            source: "local",
+        }))
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        origin: &Origin,
+        digest: &Digest,
+        accept: Option<&str>,
+    ) -> Result<ServedManifest, ResolveError> {
+        if let Some(m) = self.cached_manifest(digest).await? {
+            return Ok(m);
+        }
+        if self.inner.config.air_gapped {
+            return Err(ResolveError::AirGapped);
+        }
+        self.fetch_manifest(origin, &Reference::Digest(*digest), accept)
+            .await
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        origin: &Origin,
+        tag: &str,
+        accept: Option<&str>,
+    ) -> Result<ServedManifest, ResolveError> {
+        let config = &self.inner.config;
+        let key = tag_key(origin, tag);
+        let record = self.inner.store.tag(&key)?;
+        let cached = match &record {
+            Some(r) => self
+                .cached_manifest(&r.digest)
+                .await?
+                .filter(|m| media::accepts(accept, &m.media_type)),
+            None => None,
+        };
+        if config.air_gapped {
+            return match (cached, record) {
+                (Some(m), _) => Ok(m),
+                (None, Some(r)) => Err(ResolveError::NotAcceptable(r.media_type)),
+                (None, None) => Err(ResolveError::AirGapped),
+            };
+        }
+        let Some(cached) = cached else {
+            return self
+                .fetch_manifest(origin, &Reference::Tag(tag.to_string()), accept)
+                .await;
+        };
+        let recheck_always = config.always_pull_latest && tag == "latest";
+        let fresh = record
+            .as_ref()
+            .is_some_and(|r| r.checked_at + config.tag_ttl.as_secs() > unix_now());
+        if fresh && !recheck_always {
+            return Ok(cached);
+        }
+        let reference = Reference::Tag(tag.to_string());
+        let head = self
+            .inner
+            .upstream
+            .head_manifest(
+                &origin.registry,
+                &origin.repository,
+                &reference,
+                accept,
+                config.tag_check_timeout,
+            )
+            .await;
+        match head {
+            Ok(h) if h.digest == Some(cached.digest) => {
+                let record = TagRecord {
+                    digest: cached.digest,
+                    media_type: cached.media_type.clone(),
+                    checked_at: unix_now(),
+                };
+                self.inner.store.put_tag(key, record).await?;
+                Ok(cached)
+            }
+            Ok(h) => {
+                if let Some(m) = match h.digest {
+                    Some(d) => self
+                        .cached_manifest(&d)
+                        .await?
+                        .filter(|m| media::accepts(accept, &m.media_type)),
+                    None => None,
+                } {
+                    let record = TagRecord {
+                        digest: m.digest,
+                        media_type: m.media_type.clone(),
+                        checked_at: unix_now(),
+                    };
+                    self.inner.store.put_tag(key, record).await?;
+                    return Ok(m);
+                }
+                self.fetch_manifest(origin, &reference, accept).await
+            }
+            Err(UpstreamError::NotFound) => Err(UpstreamError::NotFound.into()),
+            Err(e) => {
+                tracing::info!(tag = %key, error = %e, "upstream unavailable; serving the cached tag");
+                Ok(cached)
+            }
+        }
+    }
+
+    /// Fetches a manifest upstream, stores it (verified), records the tag, serves it.
+    async fn fetch_manifest(
+        &self,
+        origin: &Origin,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<ServedManifest, ResolveError> {
+        let m = self
+            .inner
+            .upstream
+            .get_manifest(&origin.registry, &origin.repository, reference, accept)
+            .await?;
+        let store = &self.inner.store;
+        store.put_blob(m.digest, m.bytes.clone()).await?;
+        let now = unix_now();
+        let existing = store.manifest(&m.digest)?;
+        let record = ManifestRecord {
+            media_type: m.media_type.clone(),
+            size: m.bytes.len() as u64,
+            registry: origin.registry.to_string(),
+            repository: origin.repository.to_string(),
+            created: existing.as_ref().map_or(now, |e| e.created),
+            last_pulled: now,
+            references: references(&m.bytes),
+        };
+        store.put_manifest(m.digest, record).await?;
+        if let Reference::Tag(tag) = reference {
+            let record = TagRecord {
+                digest: m.digest,
+                media_type: m.media_type.clone(),
+                checked_at: now,
+            };
+            store.put_tag(tag_key(origin, tag), record).await?;
+        }
+        Ok(ServedManifest {
+            bytes: m.bytes,
+            media_type: m.media_type,
+            digest: m.digest,
+            source: "upstream",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_config_layers_and_children() {
+        let d1 = Digest::of(b"1");
+        let d2 = Digest::of(b"2");
+        let doc = format!(
+            r#"{{"config":{{"digest":"{d1}"}},"layers":[{{"digest":"{d2}"}},{{"digest":"bad"}}]}}"#
+        );
+        assert_eq!(references(doc.as_bytes()), vec![d1, d2]);
+        let idx = format!(r#"{{"manifests":[{{"digest":"{d1}"}}]}}"#);
+        assert_eq!(references(idx.as_bytes()), vec![d1]);
+    }
+}

@@ -1,0 +1,563 @@
+//! Single-flight blob transfers with cut-through readers.
+//!
+//! Message flow: the first request for a blob that is not in the store creates a [`Job`]
+//! (one per digest, shared by every later request) and opens one upstream stream for the
+//! bytes from its first wanted offset to the end. The stream is a *claim* on that byte
+//! interval; a task pumps it into the store's [`PartialBlob`], and readers stream whatever
+//! is written. A reader that needs a byte far ahead of every running claim *steals* the
+//! tail of the claim (the old task stops where the new one starts), so a lazy puller's
+//! `Range` is answered about as fast as the upstream answers that range. When a claim's
+//! task ends, the job claims every byte nobody holds or fetches yet ("fill"), so the blob
+//! completes in the background, and transfers that broke mid-body resume with `Range`.
+//! The decisions are pure functions ([`plan_fill`], [`plan_demand`]) tested without sockets.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use clyde_store::{BlobFile, Outcome, PartialBlob, Store};
+use clyde_types::{ByteRange, Digest, IntervalSet};
+use clyde_upstream::{ByteStream, Upstream, UpstreamError};
+use futures_util::{FutureExt, Stream, StreamExt};
+use tokio::sync::{OnceCell, watch};
+use tokio_util::task::TaskTracker;
+
+use crate::{Origin, ResolveError, ResolverConfig};
+
+/// Bytes handed to a client per read.
+const READ_CHUNK: u64 = 512 * 1024;
+/// Largest batch of upstream bytes written to the store at once.
+const WRITE_BATCH: usize = 1024 * 1024;
+
+/// What a reader waiting for `offset` should do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Demand {
+    /// The byte is written, or a claim will reach it soon.
+    Wait,
+    /// Claim number `index` is far behind: take `offset..its end` from it.
+    Steal { index: usize },
+    /// Nobody fetches this byte: claim this range.
+    Claim(Range<u64>),
+}
+
+/// A claimed interval, as the planner sees it: `cursor..end` is still to be fetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimView {
+    pub cursor: u64,
+    pub end: u64,
+}
+
+fn covered(written: &IntervalSet, claims: &[ClaimView]) -> IntervalSet {
+    let mut all = written.clone();
+    for c in claims {
+        all.insert(c.cursor..c.end);
+    }
+    all
+}
+
+/// The ranges of a blob of `size` bytes that are neither written nor claimed.
+pub fn plan_fill(size: u64, written: &IntervalSet, claims: &[ClaimView]) -> Vec<Range<u64>> {
+    let all = covered(written, claims);
+    let mut gaps = Vec::new();
+    let mut pos = 0;
+    while let Some(gap) = all.first_gap(pos..size) {
+        pos = gap.end;
+        gaps.push(gap);
+    }
+    gaps
+}
+
+/// What to do for a reader that needs byte `offset`.
+pub fn plan_demand(
+    offset: u64,
+    size: u64,
+    written: &IntervalSet,
+    claims: &[ClaimView],
+    steal_distance: u64,
+) -> Demand {
+    if offset >= size || written.contains(offset) {
+        return Demand::Wait;
+    }
+    if let Some((index, c)) = claims
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.cursor <= offset && offset < c.end)
+    {
+        return if offset - c.cursor <= steal_distance {
+            Demand::Wait
+        } else {
+            Demand::Steal { index }
+        };
+    }
+    let all = covered(written, claims);
+    match all.first_gap(offset..size) {
+        Some(gap) if gap.start == offset => Demand::Claim(gap),
+        _ => Demand::Wait,
+    }
+}
+
+struct Claim {
+    cursor: AtomicU64,
+    end: AtomicU64,
+}
+
+impl Claim {
+    fn view(&self) -> ClaimView {
+        ClaimView {
+            cursor: self.cursor.load(Ordering::Acquire),
+            end: self.end.load(Ordering::Acquire),
+        }
+    }
+}
+
+struct Shared {
+    upstream: Arc<Upstream>,
+    config: ResolverConfig,
+    tasks: TaskTracker,
+    shutdown: watch::Sender<bool>,
+}
+
+/// A blob transfer shared by all its readers.
+pub struct Job {
+    origin: Origin,
+    partial: Arc<PartialBlob>,
+    claims: Mutex<Vec<Arc<Claim>>>,
+    shared: Arc<Shared>,
+}
+
+type JobCell = Arc<OnceCell<Result<Arc<Job>, ResolveError>>>;
+
+pub(crate) struct Transfers {
+    store: Store,
+    shared: Arc<Shared>,
+    jobs: Mutex<HashMap<Digest, JobCell>>,
+}
+
+impl Transfers {
+    pub(crate) fn new(store: Store, upstream: Arc<Upstream>, config: ResolverConfig) -> Self {
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            upstream,
+            config,
+            tasks: TaskTracker::new(),
+            shutdown,
+        });
+        Self {
+            store,
+            shared,
+            jobs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn jobs(&self) -> MutexGuard<'_, HashMap<Digest, JobCell>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn forget(&self, digest: &Digest, cell: &JobCell) {
+        let mut jobs = self.jobs();
+        if jobs.get(digest).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            jobs.remove(digest);
+        }
+    }
+
+    /// The running job for `digest`, if any (without starting one).
+    pub(crate) async fn running(&self, digest: &Digest) -> Result<Option<Arc<Job>>, ResolveError> {
+        let cell = self.jobs().get(digest).cloned();
+        if let Some(Ok(job)) = cell.as_ref().and_then(|c| c.get()) {
+            if job.partial.outcome() == Outcome::Pending {
+                return Ok(Some(job.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    pub(crate) async fn size_if_running(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<u64>, ResolveError> {
+        Ok(self.running(digest).await?.map(|j| j.partial.size()))
+    }
+
+    /// Joins the transfer of `digest`, starting it (fetching from `first_byte` first) if needed.
+    pub(crate) async fn join(
+        &self,
+        origin: &Origin,
+        digest: &Digest,
+        first_byte: u64,
+    ) -> Result<BlobSource, ResolveError> {
+        for _ in 0..3 {
+            let cell = self.jobs().entry(*digest).or_default().clone();
+            let result = cell
+                .get_or_init(|| self.start(origin, digest, first_byte))
+                .await
+                .clone();
+            match result {
+                Ok(job) if job.partial.outcome() == Outcome::Pending => {
+                    return Ok(BlobSource::Transfer(job));
+                }
+                Ok(_) => {
+                    self.forget(digest, &cell);
+                    if let Some(file) = self.store.open_blob(digest)? {
+                        return Ok(BlobSource::Local(file));
+                    }
+                }
+                Err(e) => {
+                    self.forget(digest, &cell);
+                    return Err(e);
+                }
+            }
+        }
+        Err(ResolveError::Transfer(format!(
+            "the transfer of {digest} keeps failing"
+        )))
+    }
+
+    async fn start(
+        &self,
+        origin: &Origin,
+        digest: &Digest,
+        first_byte: u64,
+    ) -> Result<Arc<Job>, ResolveError> {
+        if let Some(partial) = self.store.existing_partial(digest).await? {
+            let job = Job::new(origin.clone(), partial, self.shared.clone());
+            job.fill();
+            return Ok(job);
+        }
+        let (registry, repository) = (&origin.registry, &origin.repository);
+        let body = if first_byte > 0 {
+            match self
+                .shared
+                .upstream
+                .get_blob(registry, repository, digest, Some(first_byte..u64::MAX))
+                .await
+            {
+                Err(UpstreamError::Status { status: 416, .. }) => None,
+                other => Some(other?),
+            }
+        } else {
+            None
+        };
+        let body = match body {
+            Some(body) => body,
+            None => {
+                self.shared
+                    .upstream
+                    .get_blob(registry, repository, digest, None)
+                    .await?
+            }
+        };
+        let partial = self.store.partial(digest, body.size).await?;
+        let job = Job::new(origin.clone(), partial, self.shared.clone());
+        let range = body.range.clone();
+        let skip = job.partial.written_from(range.start) - range.start;
+        if skip == 0 && !range.is_empty() {
+            job.spawn_claim(range, Some(body.stream));
+        }
+        job.fill();
+        Ok(job)
+    }
+
+    pub(crate) async fn shutdown(&self) {
+        let _ = self.shared.shutdown.send(true);
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+        self.jobs().clear();
+    }
+}
+
+impl Job {
+    fn new(origin: Origin, partial: Arc<PartialBlob>, shared: Arc<Shared>) -> Arc<Self> {
+        Arc::new(Self {
+            origin,
+            partial,
+            claims: Mutex::new(Vec::new()),
+            shared,
+        })
+    }
+
+    fn claims(&self) -> MutexGuard<'_, Vec<Arc<Claim>>> {
+        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The blob's size.
+    pub fn size(&self) -> u64 {
+        self.partial.size()
+    }
+
+    fn spawn_claim(self: &Arc<Self>, range: Range<u64>, stream: Option<ByteStream>) {
+        let claim = Arc::new(Claim {
+            cursor: AtomicU64::new(range.start),
+            end: AtomicU64::new(range.end),
+        });
+        self.claims().push(claim.clone());
+        let job = self.clone();
+        let mut shutdown = self.shared.shutdown.subscribe();
+        self.shared.tasks.spawn(async move {
+            tokio::select! {
+                _ = job.run_claim(&claim, stream) => {}
+                _ = shutdown.changed() => {}
+            }
+            job.claims().retain(|c| !Arc::ptr_eq(c, &claim));
+            job.fill();
+        });
+    }
+
+    /// Claims and starts fetching every byte nobody holds or fetches yet.
+    fn fill(self: &Arc<Self>) {
+        if self.partial.outcome() != Outcome::Pending || *self.shared.shutdown.borrow() {
+            return;
+        }
+        let gaps = {
+            let claims = self.claims();
+            let views: Vec<ClaimView> = claims.iter().map(|c| c.view()).collect();
+            plan_fill(self.size(), &self.partial.written(), &views)
+        };
+        for gap in gaps {
+            self.spawn_claim(gap, None);
+        }
+    }
+
+    /// Called by a reader about to wait for byte `offset`.
+    fn demand(self: &Arc<Self>, offset: u64) {
+        let action = {
+            let claims = self.claims();
+            let views: Vec<ClaimView> = claims.iter().map(|c| c.view()).collect();
+            let demand = plan_demand(
+                offset,
+                self.size(),
+                &self.partial.written(),
+                &views,
+                self.shared.config.steal_distance,
+            );
+            match demand {
+                Demand::Wait => None,
+                Demand::Steal { index } => {
+                    let old_end = claims[index].end.swap(offset, Ordering::AcqRel);
+                    Some(offset..old_end)
+                }
+                Demand::Claim(range) => Some(range),
+            }
+        };
+        if let Some(range) = action {
+            tracing::debug!(digest = %self.partial.digest(), ?range, "reader ahead of transfers: new upstream range");
+            self.spawn_claim(range, None);
+        }
+    }
+
+    async fn run_claim(&self, claim: &Claim, mut stream: Option<ByteStream>) {
+        let digest = self.partial.digest();
+        let mut failures = 0u32;
+        loop {
+            let view = claim.view();
+            if view.cursor >= view.end || self.partial.outcome() != Outcome::Pending {
+                return;
+            }
+            let body = match stream.take() {
+                Some(s) => Ok(s),
+                None => self
+                    .shared
+                    .upstream
+                    .get_blob(
+                        &self.origin.registry,
+                        &self.origin.repository,
+                        &digest,
+                        Some(view.cursor..view.end),
+                    )
+                    .await
+                    .map(|b| b.stream),
+            };
+            let result = match body {
+                Ok(body) => self.pump(claim, body).await,
+                Err(e) => Err(e),
+            };
+            let Err(error) = result else { continue };
+            failures += 1;
+            let permanent = !error.is_transient() && !matches!(error, UpstreamError::Protocol(_));
+            if permanent || failures >= self.shared.config.transfer_attempts {
+                self.partial
+                    .fail(&format!("upstream transfer failed: {error}"))
+                    .await;
+                return;
+            }
+            tracing::info!(%digest, %error, attempt = failures, "blob transfer broke; resuming with Range");
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(failures))).await;
+        }
+    }
+
+    /// Writes a stream into the claim until the claim's end; `Ok` when the end was reached.
+    async fn pump(&self, claim: &Claim, mut body: ByteStream) -> Result<(), UpstreamError> {
+        let mut batch = BytesMut::new();
+        loop {
+            let Some(first) = body.next().await else {
+                let view = claim.view();
+                return if view.cursor >= view.end {
+                    Ok(())
+                } else {
+                    Err(UpstreamError::Protocol(format!(
+                        "body ended at {} before {}",
+                        view.cursor, view.end
+                    )))
+                };
+            };
+            batch.extend_from_slice(&first?);
+            // Take whatever else is ready, so a fast upstream gets few large writes and a slow
+            // one still delivers each chunk to readers at once.
+            while batch.len() < WRITE_BATCH {
+                match body.next().now_or_never() {
+                    Some(Some(chunk)) => batch.extend_from_slice(&chunk?),
+                    _ => break,
+                }
+            }
+            let cursor = claim.cursor.load(Ordering::Acquire);
+            let end = claim.end.load(Ordering::Acquire);
+            let take = (batch.len() as u64).min(end.saturating_sub(cursor)) as usize;
+            let data = batch.split_to(take).freeze();
+            batch.clear();
+            if !data.is_empty() {
+                self.partial
+                    .write_at(cursor, data)
+                    .await
+                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                claim.cursor.store(cursor + take as u64, Ordering::Release);
+            }
+            if cursor + take as u64 >= end {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Where a blob's bytes come from for one request.
+pub enum BlobSource {
+    /// A complete, verified blob in the store.
+    Local(BlobFile),
+    /// A transfer in progress.
+    Transfer(Arc<Job>),
+}
+
+/// A stream of a blob's bytes for one response.
+pub type BlobStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
+
+impl BlobSource {
+    /// The blob's size.
+    pub fn size(&self) -> u64 {
+        match self {
+            Self::Local(f) => f.size(),
+            Self::Transfer(j) => j.size(),
+        }
+    }
+
+    /// Where the bytes come from, for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Local(_) => "local",
+            Self::Transfer(_) => "upstream",
+        }
+    }
+
+    /// Streams `range` of the blob; an error ends the response abnormally.
+    pub fn stream(self, range: ByteRange) -> BlobStream {
+        let state = (self, range.start, range.end);
+        Box::pin(futures_util::stream::unfold(
+            state,
+            |(source, pos, end)| async move {
+                if pos >= end {
+                    return None;
+                }
+                let len = (end - pos).min(READ_CHUNK);
+                let read = match &source {
+                    Self::Local(file) => file.read_at(pos, len).await,
+                    Self::Transfer(job) => {
+                        if job.partial.written_from(pos) == pos {
+                            job.demand(pos);
+                        }
+                        job.partial.read_at(pos, len).await
+                    }
+                };
+                match read {
+                    Ok(bytes) => {
+                        let next = pos + bytes.len() as u64;
+                        Some((Ok(bytes), (source, next, end)))
+                    }
+                    Err(e) => Some((
+                        Err(std::io::Error::other(e.to_string())),
+                        (source, end, end),
+                    )),
+                }
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(spans: &[Range<u64>]) -> IntervalSet {
+        let mut s = IntervalSet::new();
+        for r in spans {
+            s.insert(r.clone());
+        }
+        s
+    }
+
+    #[test]
+    fn fill_claims_only_unheld_bytes() {
+        let claims = [ClaimView {
+            cursor: 10,
+            end: 50,
+        }];
+        assert_eq!(
+            plan_fill(100, &set(&[0..10, 60..70]), &claims),
+            vec![50..60, 70..100]
+        );
+        assert_eq!(
+            plan_fill(100, &set(&[0..100]), &[]),
+            Vec::<Range<u64>>::new()
+        );
+    }
+
+    #[test]
+    fn readers_near_a_claim_wait() {
+        let claims = [ClaimView {
+            cursor: 0,
+            end: 100,
+        }];
+        assert_eq!(
+            plan_demand(10, 100, &IntervalSet::new(), &claims, 16),
+            Demand::Wait
+        );
+    }
+
+    #[test]
+    fn readers_far_ahead_steal_the_tail() {
+        let claims = [ClaimView {
+            cursor: 0,
+            end: 100,
+        }];
+        assert_eq!(
+            plan_demand(50, 100, &IntervalSet::new(), &claims, 16),
+            Demand::Steal { index: 0 }
+        );
+    }
+
+    #[test]
+    fn unclaimed_bytes_get_a_claim_to_the_next_held_byte() {
+        let claims = [ClaimView {
+            cursor: 80,
+            end: 100,
+        }];
+        assert_eq!(
+            plan_demand(30, 100, &set(&[0..20]), &claims, 16),
+            Demand::Claim(30..80)
+        );
+        assert_eq!(
+            plan_demand(5, 100, &set(&[0..20]), &claims, 16),
+            Demand::Wait
+        );
+    }
+}

@@ -1,0 +1,416 @@
+//! Clyde's content store: verified blobs on disk, blobs still arriving, and metadata.
+//!
+//! Layout under the data dir:
+//! - `blobs/sha256/<hex>`: complete blobs; a file appears here only after its sha256 matched,
+//!   was fsynced and renamed into place, so every file here is correct.
+//! - `partial/sha256/<hex>`: blobs still arriving, written piece by piece in any order.
+//! - `tmp/`: small writes before their rename; emptied at start.
+//! - `meta.redb`: tags, manifests, blobs, and the durable pieces of partial blobs.
+
+mod meta;
+mod partial;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use clyde_types::{Digest, PieceLayout};
+use tokio::sync::{Mutex, watch};
+use tokio_util::task::TaskTracker;
+
+pub use meta::{BlobRecord, ManifestRecord, PartialRecord, TagRecord};
+pub use partial::{Outcome, PartialBlob};
+
+/// Errors of the store. All are internal from a client's point of view.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O failed: {0}; check the data dir's disk and permissions")]
+    Io(#[from] std::io::Error),
+    #[error("metadata database failed: {0}")]
+    Metadata(String),
+    #[error("write outside the blob's size")]
+    OutOfBounds,
+    #[error("the blob is no longer being written")]
+    Finished,
+    #[error("the blob was discarded: {0}")]
+    Discarded(String),
+    #[error("content does not match its digest {0}")]
+    DigestMismatch(Digest),
+    #[error("blob {digest} is already arriving with size {existing}, not {requested}")]
+    SizeConflict {
+        digest: Digest,
+        existing: u64,
+        requested: u64,
+    },
+    #[error("background task failed: {0}")]
+    Join(String),
+}
+
+impl StoreError {
+    fn join(e: tokio::task::JoinError) -> Self {
+        Self::Join(e.to_string())
+    }
+}
+
+/// A complete blob opened for reading.
+pub struct BlobFile {
+    file: Arc<File>,
+    size: u64,
+}
+
+impl BlobFile {
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes, StoreError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(StoreError::OutOfBounds);
+        }
+        partial::read_file_at(self.file.clone(), offset, len).await
+    }
+
+    /// The open file (for zero-copy senders).
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+}
+
+/// The store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    meta: meta::Meta,
+    piece_size: u64,
+    partials: Mutex<HashMap<Digest, Arc<PartialBlob>>>,
+    tasks: TaskTracker,
+    shutdown: watch::Sender<bool>,
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `root`.
+    pub fn open(root: &Path, piece_size: u64) -> Result<Self, StoreError> {
+        for dir in ["blobs/sha256", "partial/sha256", "tmp"] {
+            std::fs::create_dir_all(root.join(dir))?;
+        }
+        for entry in std::fs::read_dir(root.join("tmp"))? {
+            let _ = std::fs::remove_file(entry?.path());
+        }
+        let meta = meta::Meta::open(&root.join("meta.redb"))?;
+        let (shutdown, _) = watch::channel(false);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                meta,
+                piece_size: piece_size.max(64 * 1024),
+                partials: Mutex::new(HashMap::new()),
+                tasks: TaskTracker::new(),
+                shutdown,
+            }),
+        })
+    }
+
+    /// The data dir.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Where the complete blob with this digest lives.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.inner.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.inner.root.join("partial/sha256").join(digest.hex())
+    }
+
+    /// The size of the complete blob, if the store holds it.
+    pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        std::fs::metadata(self.blob_path(digest))
+            .ok()
+            .map(|m| m.len())
+    }
+
+    /// Opens a complete blob.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, StoreError> {
+        match File::open(self.blob_path(digest)) {
+            Ok(file) => {
+                let size = file.metadata()?.len();
+                Ok(Some(BlobFile {
+                    file: Arc::new(file),
+                    size,
+                }))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads a whole complete blob (for manifests, which are small).
+    pub async fn read_blob(&self, digest: &Digest) -> Result<Option<Bytes>, StoreError> {
+        let path = self.blob_path(digest);
+        match tokio::fs::read(path).await {
+            Ok(bytes) => Ok(Some(Bytes::from(bytes))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stores small content after checking it hashes to `digest` (temp file, fsync, rename).
+    pub async fn put_blob(&self, digest: Digest, bytes: Bytes) -> Result<(), StoreError> {
+        if Digest::of(&bytes) != digest {
+            return Err(StoreError::DigestMismatch(digest));
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let to = store.blob_path(&digest);
+            if to.exists() {
+                return Ok(());
+            }
+            let tmp = store.inner.root.join("tmp").join(format!(
+                "{}.{}",
+                digest.hex(),
+                std::process::id()
+            ));
+            let mut file = File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &to)?;
+            sync_dir(to.parent().unwrap_or(&store.inner.root))?;
+            store.inner.meta.complete_blob(
+                &digest,
+                &BlobRecord {
+                    size: bytes.len() as u64,
+                    created: now_secs(),
+                },
+            )
+        })
+        .await
+        .map_err(StoreError::join)?
+    }
+
+    /// The blob still arriving with this digest, if any (also one a previous run left).
+    pub async fn existing_partial(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<Arc<PartialBlob>>, StoreError> {
+        let mut partials = self.inner.partials.lock().await;
+        if let Some(p) = partials.get(digest) {
+            return Ok(Some(p.clone()));
+        }
+        let Some(record) = self.inner.meta.partial(digest)? else {
+            return Ok(None);
+        };
+        if self.blob_size(digest).is_some() || record.piece_size == 0 {
+            self.inner.meta.remove_partial(digest)?;
+            return Ok(None);
+        }
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.partial_path(digest))
+        {
+            Ok(f) if f.metadata()?.len() == record.size => f,
+            _ => {
+                self.inner.meta.remove_partial(digest)?;
+                return Ok(None);
+            }
+        };
+        let layout = PieceLayout::new(record.size, record.piece_size);
+        let mut durable = vec![false; layout.count() as usize];
+        for i in record.durable.iter().filter(|i| **i < layout.count()) {
+            durable[*i as usize] = true;
+        }
+        tracing::info!(%digest, pieces = record.durable.len(), of = layout.count(), "resuming partial blob");
+        Ok(Some(self.adopt(
+            &mut partials,
+            digest,
+            layout,
+            file,
+            durable,
+        )))
+    }
+
+    /// The partial blob for `digest`: the one already arriving, one to resume, or a new one.
+    pub async fn partial(
+        &self,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<Arc<PartialBlob>, StoreError> {
+        if let Some(p) = self.existing_partial(digest).await? {
+            if p.size() != size {
+                return Err(StoreError::SizeConflict {
+                    digest: *digest,
+                    existing: p.size(),
+                    requested: size,
+                });
+            }
+            return Ok(p);
+        }
+        let mut partials = self.inner.partials.lock().await;
+        if let Some(p) = partials.get(digest) {
+            return Ok(p.clone());
+        }
+        let layout = PieceLayout::new(size, self.inner.piece_size);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.partial_path(digest))?;
+        file.set_len(size)?;
+        let record = PartialRecord {
+            size,
+            piece_size: layout.piece_size(),
+            durable: Vec::new(),
+        };
+        self.inner.meta.put_partial(digest, &record)?;
+        Ok(self.adopt(
+            &mut partials,
+            digest,
+            layout,
+            file,
+            vec![false; layout.count() as usize],
+        ))
+    }
+
+    fn adopt(
+        &self,
+        partials: &mut HashMap<Digest, Arc<PartialBlob>>,
+        digest: &Digest,
+        layout: PieceLayout,
+        file: File,
+        durable: Vec<bool>,
+    ) -> Arc<PartialBlob> {
+        let path = self.partial_path(digest);
+        let blob = Arc::new(PartialBlob::new(
+            self.clone(),
+            *digest,
+            layout,
+            file,
+            path,
+            durable,
+        ));
+        partials.insert(*digest, blob.clone());
+        self.inner
+            .tasks
+            .spawn(blob.clone().finish(self.inner.shutdown.subscribe()));
+        blob
+    }
+
+    async fn forget_partial(&self, blob: &PartialBlob) {
+        let mut partials = self.inner.partials.lock().await;
+        if partials
+            .get(&blob.digest())
+            .is_some_and(|p| std::ptr::eq(p.as_ref(), blob))
+        {
+            partials.remove(&blob.digest());
+        }
+    }
+
+    /// Forgets a failed partial blob and deletes its file and record. The file is renamed
+    /// aside while the map is locked, so a new download of the same digest never has its
+    /// fresh file deleted by this cleanup.
+    async fn discard_partial(&self, blob: &PartialBlob) -> Result<(), StoreError> {
+        let digest = blob.digest();
+        let mut partials = self.inner.partials.lock().await;
+        if !partials
+            .get(&digest)
+            .is_some_and(|p| std::ptr::eq(p.as_ref(), blob))
+        {
+            return Ok(());
+        }
+        partials.remove(&digest);
+        let aside = self
+            .inner
+            .root
+            .join("tmp")
+            .join(format!("{}.discarded", digest.hex()));
+        match std::fs::rename(blob.path(), &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.inner.meta.remove_partial(&digest)?;
+        drop(partials);
+        let _ = tokio::fs::remove_file(aside).await;
+        Ok(())
+    }
+
+    /// Where a tag pointed when last checked.
+    pub fn tag(&self, key: &str) -> Result<Option<TagRecord>, StoreError> {
+        self.inner.meta.tag(key)
+    }
+
+    /// Records where a tag points.
+    pub async fn put_tag(&self, key: String, record: TagRecord) -> Result<(), StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.inner.meta.put_tag(&key, &record))
+            .await
+            .map_err(StoreError::join)?
+    }
+
+    /// All tags.
+    pub fn tags(&self) -> Result<Vec<(String, TagRecord)>, StoreError> {
+        self.inner.meta.tags()
+    }
+
+    /// A cached manifest's record.
+    pub fn manifest(&self, digest: &Digest) -> Result<Option<ManifestRecord>, StoreError> {
+        self.inner.meta.manifest(digest)
+    }
+
+    /// Records a cached manifest.
+    pub async fn put_manifest(
+        &self,
+        digest: Digest,
+        record: ManifestRecord,
+    ) -> Result<(), StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.inner.meta.put_manifest(&digest, &record))
+            .await
+            .map_err(StoreError::join)?
+    }
+
+    /// All cached manifests, by digest.
+    pub fn manifests(&self) -> Result<Vec<(String, ManifestRecord)>, StoreError> {
+        self.inner.meta.manifests()
+    }
+
+    /// Stops background work and waits for it.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.shutdown.send(true);
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        // Partial blobs hold the store; dropping them lets the database close.
+        self.inner.partials.lock().await.clear();
+    }
+}
+
+/// Seconds since the Unix epoch, as the store records times.
+pub fn unix_now() -> u64 {
+    now_secs()
+}
+
+#[cfg(test)]
+mod tests;

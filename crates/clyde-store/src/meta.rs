@@ -1,0 +1,197 @@
+//! Metadata in an embedded transactional database (redb).
+//!
+//! redb is pure Rust (no C build on 2 cores), crash-safe with copy-on-write pages and
+//! an fsync per commit, and fast for the point lookups the mirror does per request.
+//! Records are JSON so a later version can add fields without a migration.
+
+use std::path::Path;
+
+use clyde_types::Digest;
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::StoreError;
+
+const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
+const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+const PARTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("partials");
+
+/// Where a tag pointed when it was last checked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub digest: Digest,
+    pub media_type: String,
+    /// Unix seconds of the last upstream check (or first fetch).
+    pub checked_at: u64,
+}
+
+/// A cached manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    pub media_type: String,
+    pub size: u64,
+    pub registry: String,
+    pub repository: String,
+    /// Unix seconds when it was first cached.
+    pub created: u64,
+    /// Unix seconds when a client last fetched it.
+    pub last_pulled: u64,
+    /// Blobs and child manifests it references.
+    #[serde(default)]
+    pub references: Vec<Digest>,
+}
+
+/// A complete blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRecord {
+    pub size: u64,
+    pub created: u64,
+}
+
+/// A blob still arriving: which pieces are durable on disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialRecord {
+    pub size: u64,
+    pub piece_size: u64,
+    /// Indices of pieces whose bytes were fsynced.
+    pub durable: Vec<u64>,
+}
+
+pub(crate) struct Meta {
+    db: Database,
+}
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Metadata(e.to_string())
+}
+
+impl Meta {
+    pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(db_err)?;
+        let txn = db.begin_write().map_err(db_err)?;
+        for table in [TAGS, MANIFESTS, BLOBS, PARTIALS] {
+            txn.open_table(table).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)?;
+        Ok(Self { db })
+    }
+
+    fn get<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(table).map_err(db_err)?;
+        let Some(value) = table.get(key).map_err(db_err)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(value.value())
+            .map(Some)
+            .map_err(db_err)
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(db_err)?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(table)
+            .map_err(db_err)?
+            .insert(key, bytes.as_slice())
+            .map_err(db_err)?;
+        txn.commit().map_err(db_err)
+    }
+
+    fn all<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(table).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            out.push((
+                k.value().to_string(),
+                serde_json::from_slice(v.value()).map_err(db_err)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn tag(&self, key: &str) -> Result<Option<TagRecord>, StoreError> {
+        self.get(TAGS, key)
+    }
+
+    pub(crate) fn put_tag(&self, key: &str, record: &TagRecord) -> Result<(), StoreError> {
+        self.put(TAGS, key, record)
+    }
+
+    pub(crate) fn manifest(&self, digest: &Digest) -> Result<Option<ManifestRecord>, StoreError> {
+        self.get(MANIFESTS, &digest.to_string())
+    }
+
+    pub(crate) fn put_manifest(
+        &self,
+        digest: &Digest,
+        record: &ManifestRecord,
+    ) -> Result<(), StoreError> {
+        self.put(MANIFESTS, &digest.to_string(), record)
+    }
+
+    pub(crate) fn manifests(&self) -> Result<Vec<(String, ManifestRecord)>, StoreError> {
+        self.all(MANIFESTS)
+    }
+
+    pub(crate) fn tags(&self) -> Result<Vec<(String, TagRecord)>, StoreError> {
+        self.all(TAGS)
+    }
+
+    pub(crate) fn partial(&self, digest: &Digest) -> Result<Option<PartialRecord>, StoreError> {
+        self.get(PARTIALS, &digest.to_string())
+    }
+
+    pub(crate) fn put_partial(
+        &self,
+        digest: &Digest,
+        record: &PartialRecord,
+    ) -> Result<(), StoreError> {
+        self.put(PARTIALS, &digest.to_string(), record)
+    }
+
+    pub(crate) fn remove_partial(&self, digest: &Digest) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(PARTIALS)
+            .map_err(db_err)?
+            .remove(digest.to_string().as_str())
+            .map_err(db_err)?;
+        txn.commit().map_err(db_err)
+    }
+
+    /// Records a blob as complete and forgets its partial state, in one transaction.
+    pub(crate) fn complete_blob(
+        &self,
+        digest: &Digest,
+        record: &BlobRecord,
+    ) -> Result<(), StoreError> {
+        let key = digest.to_string();
+        let bytes = serde_json::to_vec(record).map_err(db_err)?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            txn.open_table(PARTIALS)
+                .map_err(db_err)?
+                .remove(key.as_str())
+                .map_err(db_err)?;
+            txn.open_table(BLOBS)
+                .map_err(db_err)?
+                .insert(key.as_str(), bytes.as_slice())
+                .map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+}

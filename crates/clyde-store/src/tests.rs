@@ -1,0 +1,137 @@
+use super::*;
+use rand::RngCore;
+
+fn random(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::thread_rng().fill_bytes(&mut v);
+    v
+}
+
+async fn wait_outcome(p: &PartialBlob) -> Outcome {
+    let mut rx = p.subscribe();
+    loop {
+        let o = p.outcome();
+        if o != Outcome::Pending {
+            return o;
+        }
+        rx.changed().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn out_of_order_pieces_commit_after_verification() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let data = random(300 * 1024 + 17);
+    let digest = Digest::of(&data);
+    let p = store.partial(&digest, data.len() as u64).await.unwrap();
+    let reader = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            while (out.len() as u64) < p.size() {
+                out.extend_from_slice(&p.read_at(out.len() as u64, 10_000).await.unwrap());
+            }
+            out
+        })
+    };
+    let cut = 100 * 1024;
+    p.write_at(cut as u64, Bytes::copy_from_slice(&data[cut..]))
+        .await
+        .unwrap();
+    p.write_at(0, Bytes::copy_from_slice(&data[..cut]))
+        .await
+        .unwrap();
+    assert_eq!(reader.await.unwrap(), data);
+    assert_eq!(wait_outcome(&p).await, Outcome::Complete);
+    assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
+    assert!(store.existing_partial(&digest).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn digest_mismatch_discards_and_fails_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let data = random(100_000);
+    let digest = Digest::of(&data);
+    let p = store.partial(&digest, data.len() as u64).await.unwrap();
+    let mut bad = data.clone();
+    bad[500] ^= 1;
+    p.write_at(0, Bytes::from(bad)).await.unwrap();
+    assert!(matches!(wait_outcome(&p).await, Outcome::Failed(_)));
+    assert!(p.read_at(0, 10).await.is_err());
+    assert!(!store.blob_path(&digest).exists());
+    assert!(store.existing_partial(&digest).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn durable_pieces_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = random(256 * 1024);
+    let digest = Digest::of(&data);
+    {
+        let store = Store::open(dir.path(), 64 * 1024).unwrap();
+        let p = store.partial(&digest, data.len() as u64).await.unwrap();
+        p.write_at(0, Bytes::copy_from_slice(&data[..128 * 1024 + 5]))
+            .await
+            .unwrap();
+        // Wait until the finisher recorded the two whole pieces.
+        for _ in 0..200 {
+            if store
+                .inner
+                .meta
+                .partial(&digest)
+                .unwrap()
+                .is_some_and(|r| r.durable.len() == 2)
+            {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        store.shutdown().await;
+    }
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let p = store
+        .existing_partial(&digest)
+        .await
+        .unwrap()
+        .expect("resumable");
+    assert_eq!(p.written().spans(), &[0..128 * 1024]);
+    p.write_at(128 * 1024, Bytes::copy_from_slice(&data[128 * 1024..]))
+        .await
+        .unwrap();
+    assert_eq!(wait_outcome(&p).await, Outcome::Complete);
+    assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
+}
+
+#[tokio::test]
+async fn put_blob_rejects_wrong_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let d = Digest::of(b"manifest");
+    assert!(
+        store
+            .put_blob(d, Bytes::from_static(b"other"))
+            .await
+            .is_err()
+    );
+    assert!(store.read_blob(&d).await.unwrap().is_none());
+    store
+        .put_blob(d, Bytes::from_static(b"manifest"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.read_blob(&d).await.unwrap().unwrap(),
+        Bytes::from_static(b"manifest")
+    );
+}
+
+#[tokio::test]
+async fn empty_blob_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let d = Digest::of(b"");
+    let p = store.partial(&d, 0).await.unwrap();
+    assert_eq!(wait_outcome(&p).await, Outcome::Complete);
+    assert_eq!(store.blob_size(&d), Some(0));
+}

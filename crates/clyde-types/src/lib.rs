@@ -1,0 +1,18 @@
+//! Clyde's domain types: pure values and parsers, no I/O.
+//!
+//! Everything that reaches Clyde from the network (paths, references, digests, `Range`
+//! headers) is parsed here into a type that can only hold a valid value, so the adapters
+//! never pass raw strings to the store or the upstream client.
+
+pub mod digest;
+pub mod intervals;
+pub mod media;
+pub mod piece;
+pub mod range;
+pub mod reference;
+
+pub use digest::{Digest, DigestError, DigestVerifier};
+pub use intervals::IntervalSet;
+pub use piece::PieceLayout;
+pub use range::{ByteRange, RangeError, RangeRequest};
+pub use reference::{ApiPath, PathError, Reference, Registry, Repository, Resource};

@@ -1,0 +1,47 @@
+//! Media types Clyde recognises when it asks an upstream for manifests.
+
+/// OCI image manifest.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// OCI image index.
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Docker image manifest, schema 2.
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Docker manifest list.
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// The `Accept` header Clyde sends when the client did not say what it accepts.
+pub const DEFAULT_MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// Largest manifest Clyde accepts from anyone (the same bound distribution uses).
+pub const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Whether an `Accept` header value admits `media_type` (absent header admits all).
+pub fn accepts(accept: Option<&str>, media_type: &str) -> bool {
+    let Some(accept) = accept else { return true };
+    if accept.trim().is_empty() {
+        return true;
+    }
+    accept.split(',').any(|item| {
+        let item = item.split(';').next().unwrap_or("").trim();
+        item == "*/*" || item.eq_ignore_ascii_case(media_type)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_matching() {
+        assert!(accepts(None, OCI_INDEX));
+        assert!(accepts(Some("*/*"), OCI_INDEX));
+        assert!(accepts(
+            Some("application/json, application/vnd.oci.image.index.v1+json;q=0.9"),
+            OCI_INDEX
+        ));
+        assert!(!accepts(Some(DOCKER_MANIFEST), OCI_INDEX));
+    }
+}

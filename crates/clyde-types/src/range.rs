@@ -1,0 +1,210 @@
+//! HTTP `Range` requests (RFC 9110 §14), single ranges of the `bytes` unit.
+
+use std::ops::Range;
+
+/// A syntactically valid single byte-range request, before the size is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeRequest {
+    /// `bytes=first-last` (inclusive).
+    Bounded { first: u64, last: u64 },
+    /// `bytes=first-`.
+    From { first: u64 },
+    /// `bytes=-len`: the last `len` bytes.
+    Suffix { len: u64 },
+}
+
+/// Why a `Range` header cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    #[error("malformed Range header; expected bytes=FIRST-LAST, bytes=FIRST- or bytes=-SUFFIX")]
+    Malformed,
+    #[error("multiple ranges in one request are not supported; ask for one range at a time")]
+    Multiple,
+    #[error("range is outside the blob of {size} bytes")]
+    Unsatisfiable { size: u64 },
+}
+
+/// A resolved, satisfiable byte range: `start..end` of a blob of `size` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteRange {
+    pub start: u64,
+    pub end: u64,
+    pub size: u64,
+}
+
+const MAX_RANGE_HEADER: usize = 256;
+
+impl RangeRequest {
+    /// Parses a `Range` header value.
+    pub fn parse(value: &str) -> Result<Self, RangeError> {
+        if value.len() > MAX_RANGE_HEADER {
+            return Err(RangeError::Malformed);
+        }
+        let spec = value
+            .trim()
+            .strip_prefix("bytes=")
+            .ok_or(RangeError::Malformed)?;
+        if spec.contains(',') {
+            return Err(RangeError::Multiple);
+        }
+        let (first, last) = spec.trim().split_once('-').ok_or(RangeError::Malformed)?;
+        let number = |s: &str| -> Result<u64, RangeError> {
+            if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(RangeError::Malformed);
+            }
+            s.parse().map_err(|_| RangeError::Malformed)
+        };
+        match (first.trim(), last.trim()) {
+            ("", len) => Ok(Self::Suffix { len: number(len)? }),
+            (first, "") => Ok(Self::From {
+                first: number(first)?,
+            }),
+            (first, last) => {
+                let (first, last) = (number(first)?, number(last)?);
+                if last < first {
+                    return Err(RangeError::Malformed);
+                }
+                Ok(Self::Bounded { first, last })
+            }
+        }
+    }
+
+    /// The bytes this request selects of a blob of `size` bytes.
+    pub fn resolve(self, size: u64) -> Result<ByteRange, RangeError> {
+        let unsatisfiable = RangeError::Unsatisfiable { size };
+        let (start, end) = match self {
+            Self::Bounded { first, last } => (first, last.saturating_add(1).min(size)),
+            Self::From { first } => (first, size),
+            Self::Suffix { len } => (size.saturating_sub(len), size),
+        };
+        if start >= size || start >= end {
+            return Err(unsatisfiable);
+        }
+        Ok(ByteRange { start, end, size })
+    }
+}
+
+impl ByteRange {
+    /// The whole blob.
+    pub fn full(size: u64) -> Self {
+        Self {
+            start: 0,
+            end: size,
+            size,
+        }
+    }
+
+    /// Number of bytes selected.
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// Whether no byte is selected.
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    /// Whether this is the whole blob.
+    pub fn is_full(&self) -> bool {
+        self.start == 0 && self.end == self.size
+    }
+
+    /// The `Content-Range` header value for a `206` answer.
+    pub fn content_range(&self) -> String {
+        format!("bytes {}-{}/{}", self.start, self.end - 1, self.size)
+    }
+
+    /// As a half-open std range.
+    pub fn as_range(&self) -> Range<u64> {
+        self.start..self.end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_forms() {
+        assert_eq!(
+            RangeRequest::parse("bytes=0-9"),
+            Ok(RangeRequest::Bounded { first: 0, last: 9 })
+        );
+        assert_eq!(
+            RangeRequest::parse("bytes=5-"),
+            Ok(RangeRequest::From { first: 5 })
+        );
+        assert_eq!(
+            RangeRequest::parse("bytes=-5"),
+            Ok(RangeRequest::Suffix { len: 5 })
+        );
+        assert_eq!(
+            RangeRequest::parse("bytes=0-1,4-5"),
+            Err(RangeError::Multiple)
+        );
+        for bad in [
+            "bytes=",
+            "bytes=-",
+            "bytes=a-b",
+            "items=0-1",
+            "bytes=9-1",
+            "bytes=+1-2",
+            "bytes=0-99999999999999999999999",
+        ] {
+            assert_eq!(
+                RangeRequest::parse(bad),
+                Err(RangeError::Malformed),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn resolves_against_size() {
+        let r = RangeRequest::parse("bytes=0-99")
+            .unwrap()
+            .resolve(10)
+            .unwrap();
+        assert_eq!((r.start, r.end), (0, 10));
+        assert_eq!(r.content_range(), "bytes 0-9/10");
+        let r = RangeRequest::parse("bytes=-3")
+            .unwrap()
+            .resolve(10)
+            .unwrap();
+        assert_eq!((r.start, r.end), (7, 10));
+        let r = RangeRequest::parse("bytes=-30")
+            .unwrap()
+            .resolve(10)
+            .unwrap();
+        assert_eq!((r.start, r.end), (0, 10));
+    }
+
+    #[test]
+    fn range_past_end_is_unsatisfiable() {
+        assert_eq!(
+            RangeRequest::parse("bytes=10-").unwrap().resolve(10),
+            Err(RangeError::Unsatisfiable { size: 10 })
+        );
+        assert_eq!(
+            RangeRequest::parse("bytes=-0").unwrap().resolve(10),
+            Err(RangeError::Unsatisfiable { size: 10 })
+        );
+        assert!(
+            RangeRequest::parse("bytes=0-0")
+                .unwrap()
+                .resolve(0)
+                .is_err()
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn resolved_ranges_are_inside(s in "bytes=[0-9]{0,4}-[0-9]{0,4}", size in 0u64..20000) {
+            if let Ok(req) = RangeRequest::parse(&s) {
+                if let Ok(r) = req.resolve(size) {
+                    proptest::prop_assert!(r.start < r.end && r.end <= size);
+                }
+            }
+        }
+    }
+}

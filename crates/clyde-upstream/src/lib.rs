@@ -1,0 +1,422 @@
+//! Clyde's client for upstream registries.
+//!
+//! One `reqwest` client per configured registry (its own TLS settings), anonymous or basic
+//! access, the bearer-token challenge flow with tokens cached per scope until they expire,
+//! and retries with backoff on connection errors and `5xx` answers (only before any body
+//! byte was handed out, so a retry never duplicates bytes).
+
+mod auth;
+mod config;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clyde_types::{Digest, Reference, Registry, Repository, media};
+use futures_util::{Stream, StreamExt};
+use reqwest::{Method, StatusCode, header};
+
+pub use config::{AuthConfig, RegistryConfig, TlsConfig, UpstreamConfig};
+
+/// What went wrong talking to an upstream; decides the mirror's answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("the upstream registry has no such content")]
+    NotFound,
+    #[error(
+        "the upstream registry refused our credentials ({0}); check [registries.auth] in the config"
+    )]
+    Unauthorized(String),
+    #[error("the upstream registry {registry} is unreachable: {reason}")]
+    Unreachable { registry: String, reason: String },
+    #[error("the upstream registry answered {status} for {url}")]
+    Status { status: u16, url: String },
+    #[error("the upstream registry sent something unexpected: {0}")]
+    Protocol(String),
+    #[error("the upstream registry's manifest is larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("registry {0} is misconfigured: {1}")]
+    Config(String, String),
+}
+
+impl UpstreamError {
+    /// Whether another attempt at the same upstream might succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unreachable { .. })
+            || matches!(self, Self::Status { status, .. } if *status >= 500)
+    }
+}
+
+/// A byte stream from an upstream.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
+
+/// The answer to a manifest `HEAD`.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    pub digest: Option<Digest>,
+    pub media_type: Option<String>,
+    pub size: Option<u64>,
+}
+
+/// A manifest as the upstream sent it.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+/// A blob body (or part of it) from an upstream.
+pub struct BlobBody {
+    /// The blob's total size.
+    pub size: u64,
+    /// The bytes the stream carries.
+    pub range: Range<u64>,
+    pub stream: ByteStream,
+}
+
+/// Clients for every upstream registry.
+pub struct Upstream {
+    config: UpstreamConfig,
+    clients: std::sync::Mutex<HashMap<String, Arc<RegistryClient>>>,
+    tokens: auth::TokenCache,
+}
+
+struct RegistryClient {
+    registry: Registry,
+    base: String,
+    http: reqwest::Client,
+    auth: Option<(String, String)>,
+}
+
+impl Upstream {
+    /// Builds the clients; fails on unreadable TLS files or credentials.
+    pub fn new(config: UpstreamConfig) -> Result<Self, UpstreamError> {
+        let upstream = Self {
+            config,
+            clients: Default::default(),
+            tokens: auth::TokenCache::default(),
+        };
+        for r in &upstream.config.registries {
+            let registry = Registry::parse(&r.name)
+                .map_err(|e| UpstreamError::Config(r.name.clone(), e.to_string()))?;
+            upstream.client(&registry)?;
+        }
+        Ok(upstream)
+    }
+
+    fn client(&self, registry: &Registry) -> Result<Arc<RegistryClient>, UpstreamError> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(registry.as_str()) {
+            return Ok(c.clone());
+        }
+        let rc = self
+            .config
+            .registries
+            .iter()
+            .find(|r| r.name.eq_ignore_ascii_case(registry.as_str()));
+        let client = Arc::new(config::build_client(&self.config, registry, rc)?);
+        clients.insert(registry.as_str().to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// `HEAD` of a manifest, bounded by `timeout`.
+    pub async fn head_manifest(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        reference: &Reference,
+        accept: Option<&str>,
+        timeout: Duration,
+    ) -> Result<ManifestHead, UpstreamError> {
+        let client = self.client(registry)?;
+        let url = format!("{}/v2/{}/manifests/{}", client.base, repository, reference);
+        let accept = accept.unwrap_or(media::DEFAULT_MANIFEST_ACCEPT).to_string();
+        let headers = [(header::ACCEPT, accept)];
+        let fut = self.send(&client, repository, Method::HEAD, &url, &headers);
+        let resp = tokio::time::timeout(timeout, fut).await.map_err(|_| {
+            UpstreamError::Unreachable {
+                registry: registry.to_string(),
+                reason: "HEAD timed out".into(),
+            }
+        })??;
+        let headers = resp.headers();
+        Ok(ManifestHead {
+            digest: header_str(headers, "docker-content-digest").and_then(|d| d.parse().ok()),
+            media_type: header_str(headers, "content-type").map(str::to_string),
+            size: resp.content_length(),
+        })
+    }
+
+    /// `GET` of a manifest; its digest is verified when the reference is a digest.
+    pub async fn get_manifest(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Manifest, UpstreamError> {
+        let client = self.client(registry)?;
+        let url = format!("{}/v2/{}/manifests/{}", client.base, repository, reference);
+        let accept = accept.unwrap_or(media::DEFAULT_MANIFEST_ACCEPT).to_string();
+        let resp = self
+            .send(
+                &client,
+                repository,
+                Method::GET,
+                &url,
+                &[(header::ACCEPT, accept)],
+            )
+            .await?;
+        if resp
+            .content_length()
+            .is_some_and(|l| l > media::MAX_MANIFEST_BYTES)
+        {
+            return Err(UpstreamError::TooLarge(media::MAX_MANIFEST_BYTES));
+        }
+        let media_type = header_str(resp.headers(), "content-type")
+            .unwrap_or(media::OCI_MANIFEST)
+            .to_string();
+        let mut body = resp.bytes_stream();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| unreachable_err(registry, &e))?;
+            if (bytes.len() + chunk.len()) as u64 > media::MAX_MANIFEST_BYTES {
+                return Err(UpstreamError::TooLarge(media::MAX_MANIFEST_BYTES));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let digest = Digest::of(&bytes);
+        if let Reference::Digest(expected) = reference {
+            if *expected != digest {
+                return Err(UpstreamError::Protocol(format!(
+                    "manifest {expected} hashes to {digest}"
+                )));
+            }
+        }
+        Ok(Manifest {
+            bytes: Bytes::from(bytes),
+            media_type,
+            digest,
+        })
+    }
+
+    /// The size of a blob, by `HEAD`.
+    pub async fn head_blob(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        digest: &Digest,
+    ) -> Result<u64, UpstreamError> {
+        let client = self.client(registry)?;
+        let url = format!("{}/v2/{}/blobs/{}", client.base, repository, digest);
+        let resp = self
+            .send(&client, repository, Method::HEAD, &url, &[])
+            .await?;
+        resp.content_length()
+            .ok_or_else(|| UpstreamError::Protocol("blob HEAD without Content-Length".into()))
+    }
+
+    /// Streams a blob, or the part `range` of it (`end == u64::MAX`: to the end).
+    pub async fn get_blob(
+        &self,
+        registry: &Registry,
+        repository: &Repository,
+        digest: &Digest,
+        range: Option<Range<u64>>,
+    ) -> Result<BlobBody, UpstreamError> {
+        let client = self.client(registry)?;
+        let url = format!("{}/v2/{}/blobs/{}", client.base, repository, digest);
+        let mut headers = Vec::new();
+        if let Some(r) = &range {
+            let value = if r.end == u64::MAX {
+                format!("bytes={}-", r.start)
+            } else {
+                format!("bytes={}-{}", r.start, r.end.saturating_sub(1))
+            };
+            headers.push((header::RANGE, value));
+        }
+        let resp = self
+            .send(&client, repository, Method::GET, &url, &headers)
+            .await?;
+        let registry_name = registry.to_string();
+        let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
+        let (size, got) = if partial {
+            let cr = header_str(resp.headers(), "content-range")
+                .ok_or_else(|| UpstreamError::Protocol("206 without Content-Range".into()))?;
+            parse_content_range(cr)
+                .ok_or_else(|| UpstreamError::Protocol(format!("bad Content-Range {cr:?}")))?
+        } else {
+            let size = resp
+                .content_length()
+                .ok_or_else(|| UpstreamError::Protocol("blob without Content-Length".into()))?;
+            (size, 0..size)
+        };
+        let want = range.map_or(0..size, |r| r.start..r.end.min(size));
+        if want.start < got.start || (size > 0 && want.start >= size) {
+            return Err(UpstreamError::Protocol(format!(
+                "asked for {want:?}, got {got:?} of {size}"
+            )));
+        }
+        let stream = resp.bytes_stream().map(move |r| {
+            r.map_err(|e| UpstreamError::Unreachable {
+                registry: registry_name.clone(),
+                reason: e.to_string(),
+            })
+        });
+        // An upstream that ignores Range sends from an earlier offset: skip up to what we asked.
+        let stream = skip_bytes(Box::pin(stream), want.start - got.start);
+        Ok(BlobBody {
+            size,
+            range: want.start..got.end.min(size),
+            stream,
+        })
+    }
+
+    async fn send(
+        &self,
+        client: &RegistryClient,
+        repository: &Repository,
+        method: Method,
+        url: &str,
+        headers: &[(header::HeaderName, String)],
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let scope = format!("repository:{repository}:pull");
+        let mut challenged = false;
+        let mut attempt = 0u32;
+        loop {
+            let mut req = client.http.request(method.clone(), url);
+            for (name, value) in headers {
+                req = req.header(name, value);
+            }
+            if let Some(auth) = self.tokens.header(client.registry.as_str(), &scope) {
+                req = req.header(header::AUTHORIZATION, auth);
+            }
+            let result = req.send().await;
+            let resp = match result {
+                Ok(resp) => resp,
+                Err(e)
+                    if attempt < self.config.retries
+                        && (e.is_connect() || e.is_request())
+                        && !e.is_timeout() =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(backoff(attempt)).await;
+                    continue;
+                }
+                Err(e) => return Err(unreachable_err(&client.registry, &e)),
+            };
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && !challenged {
+                challenged = true;
+                let challenge = header_str(resp.headers(), "www-authenticate")
+                    .unwrap_or("")
+                    .to_string();
+                self.tokens
+                    .answer(
+                        &client.http,
+                        client.registry.as_str(),
+                        &scope,
+                        &challenge,
+                        client.auth.as_ref(),
+                    )
+                    .await?;
+                continue;
+            }
+            if status.is_server_error() && attempt < self.config.retries {
+                attempt += 1;
+                tokio::time::sleep(backoff(attempt)).await;
+                continue;
+            }
+            return match status {
+                s if s.is_success() => Ok(resp),
+                StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                    Err(UpstreamError::Unauthorized(status.to_string()))
+                }
+                s => Err(UpstreamError::Status {
+                    status: s.as_u16(),
+                    url: url.to_string(),
+                }),
+            };
+        }
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(50 * 3u64.pow(attempt.saturating_sub(1).min(5)))
+}
+
+fn unreachable_err(registry: &Registry, e: &reqwest::Error) -> UpstreamError {
+    let mut reason = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    UpstreamError::Unreachable {
+        registry: registry.to_string(),
+        reason,
+    }
+}
+
+fn header_str<'a>(headers: &'a header::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Parses `bytes FIRST-LAST/SIZE` into the size and the half-open range.
+fn parse_content_range(value: &str) -> Option<(u64, Range<u64>)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (span, size) = rest.split_once('/')?;
+    let (first, last) = span.split_once('-')?;
+    let (first, last, size): (u64, u64, u64) =
+        (first.parse().ok()?, last.parse().ok()?, size.parse().ok()?);
+    (first <= last && last < size).then_some((size, first..last + 1))
+}
+
+fn skip_bytes(stream: ByteStream, skip: u64) -> ByteStream {
+    if skip == 0 {
+        return stream;
+    }
+    let mut remaining = skip;
+    Box::pin(stream.filter_map(move |chunk| {
+        let out = match chunk {
+            Ok(mut bytes) if remaining > 0 => {
+                let n = remaining.min(bytes.len() as u64);
+                remaining -= n;
+                let rest = bytes.split_off(n as usize);
+                (!rest.is_empty()).then_some(Ok(rest))
+            }
+            other => Some(other),
+        };
+        std::future::ready(out)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_parsing() {
+        assert_eq!(parse_content_range("bytes 0-9/100"), Some((100, 0..10)));
+        assert_eq!(parse_content_range("bytes 9-0/100"), None);
+        assert_eq!(parse_content_range("bytes 0-100/100"), None);
+        assert_eq!(parse_content_range("bytes */100"), None);
+    }
+
+    #[tokio::test]
+    async fn skipping_ignored_range_prefix() {
+        let chunks: Vec<Result<Bytes, UpstreamError>> = vec![
+            Ok(Bytes::from_static(b"abc")),
+            Ok(Bytes::from_static(b"defg")),
+        ];
+        let s = skip_bytes(Box::pin(futures_util::stream::iter(chunks)), 4);
+        let out: Vec<Bytes> = s.map(|r| r.unwrap()).collect().await;
+        assert_eq!(out.concat(), b"efg");
+    }
+}

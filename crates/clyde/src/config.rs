@@ -1,0 +1,141 @@
+//! The agent's configuration: one serde type shared by the TOML file and the flags.
+//! Flags override the file; the file overrides the defaults written here.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clyde_upstream::RegistryConfig;
+use serde::Deserialize;
+
+/// Default config file, read when it exists.
+pub const DEFAULT_CONFIG: &str = "/etc/clyde/config.toml";
+
+/// Everything `clyde serve` can be told, with its default.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where blobs and metadata live (`/var/lib/clyde`).
+    pub data_dir: PathBuf,
+    /// `error`, `warn`, `info` (default), `debug`, `trace`, or a tracing filter.
+    pub log_level: String,
+    /// `text` (default) or `json`.
+    pub log_format: String,
+    /// The OCI API for containerd (`127.0.0.1:30021`).
+    pub mirror_addr: String,
+    /// The HTTP port peers fetch from (`0.0.0.0:30022`).
+    pub peer_addr: String,
+    /// libp2p listen multiaddrs (`/ip4/0.0.0.0/tcp/30023`).
+    pub p2p_addr: Vec<String>,
+    /// `/metrics`, `/healthz`, `/readyz` (`0.0.0.0:30024`).
+    pub metrics_addr: String,
+    /// Peer multiaddrs to join.
+    pub bootstrap: Vec<String>,
+    /// `NAME:PORT` of a headless Service whose records are peers.
+    pub bootstrap_dns: Vec<String>,
+    /// `pull-through` (default) or `p2p-only`.
+    pub mode: String,
+    /// Never contact the upstream.
+    pub air_gapped: bool,
+    /// Evict least-recently-used blobs above this many bytes.
+    pub cache_max_bytes: Option<u64>,
+    /// containerd's socket (`/run/containerd/containerd.sock`); empty disables.
+    pub containerd_socket: String,
+    /// The containerd namespace whose content is shared (`k8s.io`).
+    pub containerd_namespace: String,
+    /// Piece size in bytes (4 MiB).
+    pub piece_size: u64,
+    /// How long a tag is served before it is re-checked upstream (`5m`).
+    #[serde(with = "humantime_serde")]
+    pub tag_ttl: Duration,
+    /// Re-check `latest` on every request.
+    pub always_pull_latest: bool,
+    /// Bound on the `HEAD` that re-checks a tag (`2s`).
+    #[serde(with = "humantime_serde")]
+    pub tag_check_timeout: Duration,
+    /// Upstream connect timeout (`3s`).
+    #[serde(with = "humantime_serde")]
+    pub upstream_connect_timeout: Duration,
+    /// Longest upstream silence mid-answer (`30s`).
+    #[serde(with = "humantime_serde")]
+    pub upstream_read_timeout: Duration,
+    /// Upstream registries with their endpoint, auth and TLS.
+    pub registries: Vec<RegistryConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("/var/lib/clyde"),
+            log_level: "info".into(),
+            log_format: "text".into(),
+            mirror_addr: "127.0.0.1:30021".into(),
+            peer_addr: "0.0.0.0:30022".into(),
+            p2p_addr: vec!["/ip4/0.0.0.0/tcp/30023".into()],
+            metrics_addr: "0.0.0.0:30024".into(),
+            bootstrap: Vec::new(),
+            bootstrap_dns: Vec::new(),
+            mode: "pull-through".into(),
+            air_gapped: false,
+            cache_max_bytes: None,
+            containerd_socket: "/run/containerd/containerd.sock".into(),
+            containerd_namespace: "k8s.io".into(),
+            piece_size: clyde_types::piece::DEFAULT_PIECE_SIZE,
+            tag_ttl: Duration::from_secs(300),
+            always_pull_latest: false,
+            tag_check_timeout: Duration::from_secs(2),
+            upstream_connect_timeout: Duration::from_secs(3),
+            upstream_read_timeout: Duration::from_secs(30),
+            registries: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the file named by `--config`, or the default file when it exists, or defaults.
+    pub fn load(path: Option<&PathBuf>) -> anyhow::Result<Self> {
+        let path = match path {
+            Some(p) => p.clone(),
+            None if std::path::Path::new(DEFAULT_CONFIG).exists() => PathBuf::from(DEFAULT_CONFIG),
+            None => return Ok(Self::default()),
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config {} is invalid: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_spec_keys_and_registries() {
+        let c: Config = toml::from_str(
+            r#"
+            mirror_addr = "127.0.0.1:1"
+            air_gapped = true
+            tag_ttl = "10s"
+            [[registries]]
+            name = "reg.example:5000"
+            scheme = "http"
+            [registries.auth]
+            username = "u"
+            password = "p"
+            [registries.tls]
+            insecure_skip_verify = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.mirror_addr, "127.0.0.1:1");
+        assert!(c.air_gapped);
+        assert_eq!(c.tag_ttl, Duration::from_secs(10));
+        assert_eq!(c.registries[0].name, "reg.example:5000");
+        assert_eq!(c.mode, "pull-through");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(toml::from_str::<Config>("mirrorr_addr = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,163 @@
+//! `clyde`: the agent and its command line.
+
+mod config;
+mod containerd_config;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "clyde",
+    about = "Peer-to-peer, node-local container image distribution agent",
+    disable_version_flag = true
+)]
+struct Cli {
+    /// TOML config file (default /etc/clyde/config.toml when it exists)
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Where blobs and metadata live (default /var/lib/clyde)
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// error, warn, info, debug, trace, or a tracing filter
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    /// Log line format
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: the registry mirror for containerd
+    Serve(ServeArgs),
+    /// Write containerd hosts.toml files that point registries at the mirror
+    ContainerdConfig(containerd_config::ContainerdConfigArgs),
+    /// Print version, git commit and build date
+    Version,
+}
+
+/// Flags of `clyde serve`; each overrides the config key of the same name.
+#[derive(Args, Default)]
+pub struct ServeArgs {
+    /// OCI API for containerd [default: 127.0.0.1:30021]
+    #[arg(long)]
+    mirror_addr: Option<String>,
+    /// HTTP port peers fetch from [default: 0.0.0.0:30022]
+    #[arg(long)]
+    peer_addr: Option<String>,
+    /// libp2p listen multiaddr, repeatable [default: /ip4/0.0.0.0/tcp/30023]
+    #[arg(long)]
+    p2p_addr: Vec<String>,
+    /// /metrics, /healthz, /readyz [default: 0.0.0.0:30024]
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    /// A peer multiaddr to join, repeatable
+    #[arg(long)]
+    bootstrap: Vec<String>,
+    /// NAME:PORT of a headless Service whose records are peers, repeatable
+    #[arg(long)]
+    bootstrap_dns: Vec<String>,
+    /// pull-through, or p2p-only (never contact the upstream)
+    #[arg(long, value_parser = ["pull-through", "p2p-only"])]
+    mode: Option<String>,
+    /// Never contact the upstream; serve cached tags as they are
+    #[arg(long)]
+    air_gapped: bool,
+    /// Evict least-recently-used blobs above this many bytes
+    #[arg(long)]
+    cache_max_bytes: Option<u64>,
+    /// containerd's gRPC socket; "" disables
+    #[arg(long)]
+    containerd_socket: Option<String>,
+    /// The containerd namespace whose content is shared [default: k8s.io]
+    #[arg(long)]
+    containerd_namespace: Option<String>,
+    /// Piece size in bytes [default: 4194304]
+    #[arg(long)]
+    piece_size: Option<u64>,
+    /// How long a tag is served before it is re-checked upstream, e.g. 30s [default: 5m]
+    #[arg(long)]
+    tag_ttl: Option<humantime::Duration>,
+    /// Re-check the `latest` tag upstream on every request
+    #[arg(long)]
+    always_pull_latest: bool,
+}
+
+impl ServeArgs {
+    fn apply(self, c: &mut Config) {
+        fn set<T>(slot: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
+        set(&mut c.mirror_addr, self.mirror_addr);
+        set(&mut c.peer_addr, self.peer_addr);
+        set(&mut c.metrics_addr, self.metrics_addr);
+        set(&mut c.mode, self.mode);
+        set(&mut c.containerd_socket, self.containerd_socket);
+        set(&mut c.containerd_namespace, self.containerd_namespace);
+        set(&mut c.piece_size, self.piece_size);
+        set(&mut c.tag_ttl, self.tag_ttl.map(Into::into));
+        if self.cache_max_bytes.is_some() {
+            c.cache_max_bytes = self.cache_max_bytes;
+        }
+        if !self.p2p_addr.is_empty() {
+            c.p2p_addr = self.p2p_addr;
+        }
+        c.bootstrap.extend(self.bootstrap);
+        c.bootstrap_dns.extend(self.bootstrap_dns);
+        c.air_gapped |= self.air_gapped;
+        c.always_pull_latest |= self.always_pull_latest;
+    }
+}
+
+fn init_logs(level: &str, format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut config = Config::load(cli.config.as_ref())?;
+    if let Some(d) = cli.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(l) = cli.log_level {
+        config.log_level = l;
+    }
+    if let Some(f) = cli.log_format {
+        config.log_format = f;
+    }
+    match cli.command {
+        Command::Version => {
+            println!("clyde {}", env!("CARGO_PKG_VERSION"));
+            println!("commit {}", env!("CLYDE_GIT_COMMIT"));
+            println!("built {}", env!("CLYDE_BUILD_DATE"));
+            Ok(())
+        }
+        Command::ContainerdConfig(args) => containerd_config::run(&args),
+        Command::Serve(args) => {
+            args.apply(&mut config);
+            init_logs(&config.log_level, &config.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(serve::run(config))
+        }
+    }
+}
