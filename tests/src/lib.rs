@@ -1,1 +1,118 @@
-//! stub
+//! Clyde's integration test kit: real parts on free loopback ports.
+//!
+//! - [`Registry`]: Debian's `docker-registry` (CNCF distribution), with a JSON log that
+//!   counts the bytes it served.
+//! - [`TestImage`]: random, incompressible images written as an OCI layout and pushed
+//!   with `skopeo` (single- or multi-arch, OCI or Docker media types).
+//! - [`Agent`]: a `clyde serve` process.
+//! - [`Containerd`]: a real containerd with its own root, state and socket.
+//! - [`SlowProxy`]: a rate-limited TCP relay, for faults a real part cannot make on demand.
+//!
+//! A missing binary fails the test with what to install; nothing is skipped.
+
+pub mod agent;
+pub mod containerd;
+pub mod image;
+pub mod proxy;
+pub mod registry;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub use agent::Agent;
+pub use containerd::Containerd;
+pub use image::{ImageFormat, TestImage};
+pub use proxy::SlowProxy;
+pub use registry::Registry;
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// The absolute path of a program, or a panic that says which package provides it.
+pub fn require(program: &str, package: &str) -> PathBuf {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+    {
+        let p = Path::new(dir).join(program);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{program} is not installed: run `apt-get install {package}` (scripts/test does it)");
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(5);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// sha256 of bytes as `sha256:<hex>`.
+pub fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// A blocking HTTP client with no proxy and generous timeouts.
+pub fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(120))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("http client")
+}
+
+/// Every file under `dir/blobs/sha256` hashes to its name.
+pub fn assert_store_verified(data_dir: &Path) -> usize {
+    let dir = data_dir.join("blobs/sha256");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("blobs dir") {
+        let entry = entry.expect("entry");
+        let bytes = std::fs::read(entry.path()).expect("read blob");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        assert_eq!(
+            sha256(&bytes),
+            format!("sha256:{name}"),
+            "corrupt blob in the store: {}",
+            entry.path().display()
+        );
+        n += 1;
+    }
+    n
+}

@@ -1,0 +1,144 @@
+//! A `clyde serve` process.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::{free_port, http, wait_for};
+
+/// The `clyde` binary: `$CLYDE_BIN`, or the one built beside the test executable.
+pub fn clyde_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CLYDE_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = profile_dir.join("clyde");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build --bin clyde` first (scripts/test does it)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running agent on 127.0.0.1 with its own data dir.
+pub struct Agent {
+    dir: TempDir,
+    port: u16,
+    args: Vec<String>,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl Agent {
+    /// Starts `clyde serve` with `config` (TOML) and extra flags; waits until `/v2/` answers.
+    pub fn start(config: &str, args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("clyde-agent")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::write(dir.path().join("config.toml"), config).expect("write config");
+        let mut a = Self {
+            dir,
+            port: free_port(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            runs: 0,
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        self.runs += 1;
+        let log = File::create(self.dir.path().join(format!("agent.{}.log", self.runs)))
+            .expect("agent log");
+        let child = Command::new(clyde_bin())
+            .arg("serve")
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--log-level", "debug", "--containerd-socket", ""])
+            .arg("--mirror-addr")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start clyde");
+        self.child = Some(child);
+        let url = format!("{}/v2/", self.url());
+        let client = http();
+        let child = self.child.as_mut().expect("child");
+        wait_for("clyde to answer /v2/", Duration::from_secs(30), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("clyde exited early with {status}");
+            }
+            client
+                .get(&url)
+                .send()
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        });
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The agent's data dir.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Kills the process with SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops it with SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        crate::run(&mut Command::new("kill").arg("-TERM").arg(c.id().to_string()));
+        c.wait().expect("wait")
+    }
+
+    /// Starts it again on the same port and data dir, with new extra flags.
+    pub fn restart(&mut self, args: &[&str]) {
+        self.kill9();
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        self.spawn();
+    }
+
+    /// Everything it logged.
+    pub fn log(&self) -> String {
+        (1..=self.runs)
+            .map(|r| {
+                std::fs::read_to_string(self.dir.path().join(format!("agent.{r}.log")))
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,158 @@
+//! A real containerd with its own root, state and socket.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::{require, run, wait_for};
+
+/// A running containerd (no CRI plugin) in a temp dir.
+pub struct Containerd {
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+const NAMESPACE: &str = "clyde-test";
+
+impl Containerd {
+    /// Starts containerd and waits until `ctr version` answers.
+    pub fn start() -> Self {
+        let bin = require("containerd", "containerd");
+        require("ctr", "containerd");
+        let dir = tempfile::Builder::new()
+            .prefix("clyde-ctrd")
+            .tempdir()
+            .expect("tempdir");
+        let p = dir.path();
+        std::fs::write(
+            p.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  address = \"{sock}.debug\"\n",
+                root = p.join("root").display(),
+                state = p.join("state").display(),
+                sock = p.join("c.sock").display(),
+            ),
+        )
+        .expect("containerd config");
+        let log = File::create(p.join("containerd.log")).expect("log");
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(p.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let c = Self {
+            dir,
+            child: Some(child),
+        };
+        wait_for("containerd to answer", Duration::from_secs(30), || {
+            c.ctr(&["version"])
+                .status()
+                .ok()
+                .filter(|s| s.success())
+                .map(|_| ())
+        });
+        c
+    }
+
+    /// A `ctr` command against this containerd, in the test namespace.
+    pub fn ctr(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", NAMESPACE])
+            .args(args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd
+    }
+
+    /// containerd's gRPC socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("c.sock")
+    }
+
+    /// A fresh hosts dir for `--hosts-dir`.
+    pub fn hosts_dir(&self) -> PathBuf {
+        let d = self.dir.path().join("certs.d");
+        std::fs::create_dir_all(&d).expect("hosts dir");
+        d
+    }
+
+    /// `ctr images pull --hosts-dir DIR REF`; returns whether it succeeded and its output.
+    pub fn pull(&self, hosts_dir: &Path, reference: &str, extra: &[&str]) -> (bool, String) {
+        let mut args = vec![
+            "images",
+            "pull",
+            "--hosts-dir",
+            hosts_dir.to_str().expect("utf8"),
+        ];
+        args.extend(extra);
+        args.push(reference);
+        let out = self.ctr(&args).output().expect("ctr");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// Removes an image and its content (garbage collected synchronously).
+    pub fn remove(&self, reference: &str) {
+        run(&mut self.ctr(&["images", "rm", "--sync", reference]));
+    }
+
+    /// Digests in the content store.
+    pub fn content(&self) -> Vec<String> {
+        run(&mut self.ctr(&["content", "ls", "--quiet"]))
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The target digest of an image, as `ctr images ls` shows it.
+    pub fn image_digest(&self, reference: &str) -> Option<String> {
+        let out = run(&mut self.ctr(&["images", "ls"]));
+        out.lines()
+            .find(|l| l.starts_with(&format!("{reference} ")))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find(|w| w.starts_with("sha256:"))
+                    .map(str::to_string)
+            })
+    }
+
+    /// containerd's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Unmount anything containerd left mounted under its root, so the temp dir can go.
+        let root = self.dir.path().to_string_lossy().into_owned();
+        if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
+            let mut points: Vec<&str> = mounts
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .filter(|m| m.starts_with(&root))
+                .collect();
+            points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+            for m in points {
+                let _ = Command::new("umount").arg("-l").arg(m).status();
+            }
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! The mirror API against a real upstream registry, without containerd.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use clyde_tests::{
+    Agent, ImageFormat, Registry, SlowProxy, TestImage, assert_store_verified, http, sha256,
+};
+
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+const MIB: usize = 1024 * 1024;
+
+fn get(url: &str, headers: &[(&str, &str)]) -> reqwest::blocking::Response {
+    let mut req = http().get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+fn header(r: &reqwest::blocking::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn blob_direct(reg: &Registry, repo: &str, digest: &str) -> Vec<u8> {
+    get(
+        &format!("http://{}/v2/{repo}/blobs/{digest}", reg.addr()),
+        &[],
+    )
+    .bytes()
+    .expect("blob")
+    .to_vec()
+}
+
+/// Sends a raw request line (paths a client library would normalise) and returns the status.
+fn raw_status(agent: &Agent, request: &str) -> u16 {
+    let mut s = TcpStream::connect(agent.addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(request.as_bytes()).expect("write");
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn manifests_are_served_byte_for_byte_for_every_media_type() {
+    let reg = Registry::start();
+    TestImage::multi_arch(&[1000, 2000]).push(&reg, "team/oci", "v1", ImageFormat::Oci);
+    TestImage::multi_arch(&[1000]).push(&reg, "team/docker", "v1", ImageFormat::Docker);
+    TestImage::single(&[3000]).push(&reg, "deep/er/name", "v1", ImageFormat::Docker);
+    let agent = Agent::start("", &[]);
+
+    let root = get(&format!("{}/v2/", agent.url()), &[]);
+    assert_eq!(root.status(), 200);
+    assert_eq!(
+        header(&root, "docker-distribution-api-version"),
+        "registry/2.0"
+    );
+
+    for repo in ["team/oci", "team/docker", "deep/er/name"] {
+        let direct = get(
+            &format!("http://{}/v2/{repo}/manifests/v1", reg.addr()),
+            &[("accept", ACCEPT)],
+        );
+        let (d_type, d_digest) = (
+            header(&direct, "content-type"),
+            header(&direct, "docker-content-digest"),
+        );
+        let d_bytes = direct.bytes().expect("body");
+        assert_eq!(sha256(&d_bytes), d_digest);
+        for url in [
+            format!("{}/v2/{repo}/manifests/v1?ns={}", agent.url(), reg.addr()),
+            format!(
+                "{}/v2/{repo}/manifests/{d_digest}?ns={}",
+                agent.url(),
+                reg.addr()
+            ),
+        ] {
+            for _ in 0..2 {
+                let via = get(&url, &[("accept", ACCEPT)]);
+                assert_eq!(via.status(), 200, "{url}");
+                assert_eq!(header(&via, "content-type"), d_type, "{url}");
+                assert_eq!(header(&via, "docker-content-digest"), d_digest, "{url}");
+                assert_eq!(via.bytes().expect("body"), d_bytes, "{url}");
+            }
+        }
+        let head = http()
+            .head(format!(
+                "{}/v2/{repo}/manifests/v1?ns={}",
+                agent.url(),
+                reg.addr()
+            ))
+            .header("accept", ACCEPT)
+            .send()
+            .expect("head");
+        assert_eq!(head.status(), 200);
+        assert_eq!(header(&head, "content-length"), d_bytes.len().to_string());
+        assert_eq!(header(&head, "docker-content-digest"), d_digest);
+    }
+    assert!(assert_store_verified(&agent.data_dir()) >= 3);
+}
+
+#[test]
+fn ranges_on_uncached_and_cached_blobs_return_exactly_those_bytes() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[3 * MIB]);
+    img.push(&reg, "app", "v1", ImageFormat::Oci);
+    let layer = &img.layers[0];
+    let want = blob_direct(&reg, "app", &layer.digest);
+    let size = want.len();
+    let agent = Agent::start("", &["--piece-size", "1048576"]);
+    let url = format!(
+        "{}/v2/app/blobs/{}?ns={}",
+        agent.url(),
+        layer.digest,
+        reg.addr()
+    );
+
+    // Uncached: a small range in the middle comes back first, exact.
+    let r = get(&url, &[("range", "bytes=1500000-1500099")]);
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        header(&r, "content-range"),
+        format!("bytes 1500000-1500099/{size}")
+    );
+    assert_eq!(header(&r, "accept-ranges"), "bytes");
+    assert_eq!(r.bytes().expect("body"), want[1500000..1500100]);
+
+    // The full blob, reusing what is already held.
+    let r = get(&url, &[]);
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "docker-content-digest"), layer.digest);
+    assert_eq!(r.bytes().expect("body").to_vec(), want);
+
+    for (range, expect) in [
+        ("bytes=0-0", &want[0..1]),
+        ("bytes=-10", &want[size - 10..]),
+        ("bytes=1048570-", &want[1048570..]),
+        (&*format!("bytes=10-{}", size * 2), &want[10..]),
+    ] {
+        let r = get(&url, &[("range", range)]);
+        assert_eq!(r.status(), 206, "{range}");
+        assert_eq!(r.bytes().expect("body"), expect, "{range}");
+    }
+    for bad in [
+        format!("bytes={size}-"),
+        "bytes=a-b".to_string(),
+        "bytes=0-1,3-4".to_string(),
+        "bytes=-0".to_string(),
+    ] {
+        let r = get(&url, &[("range", &bad)]);
+        assert_eq!(r.status(), 416, "{bad}");
+    }
+    let r = get(&url, &[("range", &format!("bytes={size}-"))]);
+    assert_eq!(header(&r, "content-range"), format!("bytes */{size}"));
+    assert_store_verified(&agent.data_dir());
+    assert!(
+        agent
+            .data_dir()
+            .join("blobs/sha256")
+            .join(layer.digest.trim_start_matches("sha256:"))
+            .exists()
+    );
+}
+
+#[test]
+fn misses_are_404_and_bad_input_is_400_and_writes_nothing() {
+    let reg = Registry::start();
+    let agent = Agent::start("", &[]);
+    let ns = reg.addr();
+    let unknown = sha256(b"nothing");
+
+    let r = get(
+        &format!("{}/v2/app/blobs/{unknown}?ns={ns}", agent.url()),
+        &[],
+    );
+    assert_eq!(r.status(), 404);
+    assert!(r.text().expect("body").contains("BLOB_UNKNOWN"));
+    let r = get(
+        &format!("{}/v2/app/manifests/nope?ns={ns}", agent.url()),
+        &[],
+    );
+    assert_eq!(r.status(), 404);
+    assert!(r.text().expect("body").contains("MANIFEST_UNKNOWN"));
+
+    // An upstream nobody listens on: a fast 404, so containerd falls back.
+    let dead = format!("127.0.0.1:{}", clyde_tests::free_port());
+    let started = Instant::now();
+    let r = get(
+        &format!("{}/v2/app/manifests/v1?ns={dead}", agent.url()),
+        &[],
+    );
+    assert_eq!(r.status(), 404);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    for (path, code) in [
+        ("/v2/app/blobs/sha256:zz", "DIGEST_INVALID"),
+        ("/v2/app/blobs/sha512:00", "DIGEST_INVALID"),
+        ("/v2/Upper/manifests/v1", "NAME_INVALID"),
+        ("/v2/app/manifests/-bad", "TAG_INVALID"),
+    ] {
+        let r = get(&format!("{}{path}?ns={ns}", agent.url()), &[]);
+        assert_eq!(r.status(), 400, "{path}");
+        assert!(r.text().expect("body").contains(code), "{path}");
+    }
+    let r = get(
+        &format!("{}/v2/app/manifests/v1?ns=..%2Fetc", agent.url()),
+        &[],
+    );
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        raw_status(
+            &agent,
+            "GET /v2/../../etc/manifests/v1 HTTP/1.1\r\nhost: x\r\n\r\n"
+        ),
+        400
+    );
+    assert_eq!(
+        raw_status(
+            &agent,
+            "GET /v2/a/..%2F..%2Fb/manifests/v1 HTTP/1.1\r\nhost: x\r\n\r\n"
+        ),
+        400
+    );
+    assert_eq!(
+        raw_status(
+            &agent,
+            "DELETE /v2/app/manifests/v1 HTTP/1.1\r\nhost: x\r\n\r\n"
+        ),
+        405
+    );
+    let huge = format!(
+        "GET /v2/ HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(200 * 1024)
+    );
+    let status = raw_status(&agent, &huge);
+    assert!(
+        status == 431 || status == 400 || status == 0,
+        "oversize header answered {status}"
+    );
+    let long = format!(
+        "GET /v2/{}/manifests/v1 HTTP/1.1\r\nhost: x\r\n\r\n",
+        "a/".repeat(3000)
+    );
+    assert_eq!(raw_status(&agent, &long), 414);
+
+    // Still healthy, and nothing was stored.
+    assert_eq!(get(&format!("{}/v2/", agent.url()), &[]).status(), 200);
+    assert_eq!(assert_store_verified(&agent.data_dir()), 0);
+    assert_eq!(
+        std::fs::read_dir(agent.data_dir().join("partial/sha256"))
+            .expect("dir")
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn sixteen_concurrent_gets_of_an_uncached_blob_fetch_it_upstream_once() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[64 * MIB]);
+    img.push(&reg, "big", "v1", ImageFormat::Oci);
+    let layer = img.layers[0].clone();
+    let agent = Agent::start("", &[]);
+    let url = format!(
+        "{}/v2/big/blobs/{}?ns={}",
+        agent.url(),
+        layer.digest,
+        reg.addr()
+    );
+    let barrier = Arc::new(Barrier::new(16));
+    let readers: Vec<_> = (0..16)
+        .map(|_| {
+            let (url, barrier) = (url.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let r = get(&url, &[]);
+                assert_eq!(r.status(), 200);
+                sha256(&r.bytes().expect("body"))
+            })
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().expect("reader"), layer.digest);
+    }
+    let served = reg.wait_blob_bytes(&layer.digest, layer.size);
+    assert_eq!(
+        served,
+        layer.size,
+        "the upstream served the blob's bytes {:.2} times",
+        served as f64 / layer.size as f64
+    );
+}
+
+#[test]
+fn bytes_reach_the_client_while_the_blob_still_arrives() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[24 * MIB]);
+    img.push(&reg, "slow", "v1", ImageFormat::Oci);
+    let layer = img.layers[0].clone();
+    let proxy = SlowProxy::start(&reg.addr(), 8 * MIB as u64);
+    let config = format!(
+        "[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n",
+        reg.addr(),
+        proxy.addr()
+    );
+    let agent = Agent::start(&config, &[]);
+    let url = format!(
+        "{}/v2/slow/blobs/{}?ns={}",
+        agent.url(),
+        layer.digest,
+        reg.addr()
+    );
+    let started = Instant::now();
+    let mut r = get(&url, &[]);
+    let mut first = [0u8; 1];
+    r.read_exact(&mut first).expect("first byte");
+    let first_byte = started.elapsed();
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).expect("body");
+    let total = started.elapsed();
+    let mut all = first.to_vec();
+    all.extend(rest);
+    assert_eq!(sha256(&all), layer.digest);
+    // 24 MiB at 8 MiB/s takes about 3 s; the first byte must not wait for the whole blob.
+    assert!(
+        first_byte * 4 < total,
+        "first byte after {first_byte:?}, whole blob after {total:?}"
+    );
+}
+
+#[test]
+fn kill_9_mid_download_then_restart_resumes_and_stores_nothing_corrupt() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[40 * MIB]);
+    img.push(&reg, "crash", "v1", ImageFormat::Oci);
+    let layer = img.layers[0].clone();
+    let proxy = SlowProxy::start(&reg.addr(), 16 * MIB as u64);
+    let config = format!(
+        "[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n",
+        reg.addr(),
+        proxy.addr()
+    );
+    let mut agent = Agent::start(&config, &[]);
+    let url = format!(
+        "{}/v2/crash/blobs/{}?ns={}",
+        agent.url(),
+        layer.digest,
+        reg.addr()
+    );
+
+    let mut r = get(&url, &[]);
+    let mut got = vec![0u8; 14 * MIB];
+    r.read_exact(&mut got).expect("first part");
+    agent.kill9();
+    drop(r);
+    assert_store_verified(&agent.data_dir());
+
+    agent.restart(&[]);
+    let body = get(&url, &[]).bytes().expect("body");
+    assert_eq!(sha256(&body), layer.digest);
+    assert_eq!(&body[..got.len()], &got[..]);
+    assert!(
+        agent.log().contains("resuming partial blob"),
+        "the restart did not resume:\n{}",
+        agent.log()
+    );
+    let served = reg.wait_blob_bytes(&layer.digest, layer.size);
+    assert!(
+        served < layer.size * 2,
+        "upstream sent {served} bytes for a {} byte blob",
+        layer.size
+    );
+    assert!(assert_store_verified(&agent.data_dir()) >= 1);
+}
