@@ -17,11 +17,7 @@ pub fn clyde_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = profile_dir.join("clyde");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build --bin clyde` first (scripts/test does it)",
-        bin.display()
-    );
+    assert!(bin.is_file(), "{} is missing: run `cargo build --bin clyde` first (scripts/test does it)", bin.display());
     bin
 }
 
@@ -37,26 +33,17 @@ pub struct Agent {
 impl Agent {
     /// Starts `clyde serve` with `config` (TOML) and extra flags; waits until `/v2/` answers.
     pub fn start(config: &str, args: &[&str]) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("clyde-agent")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("clyde-agent").tempdir().expect("tempdir");
         std::fs::write(dir.path().join("config.toml"), config).expect("write config");
-        let mut a = Self {
-            dir,
-            port: free_port(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            child: None,
-            runs: 0,
-        };
+        let mut a =
+            Self { dir, port: free_port(), args: args.iter().map(|s| s.to_string()).collect(), child: None, runs: 0 };
         a.spawn();
         a
     }
 
     fn spawn(&mut self) {
         self.runs += 1;
-        let log = File::create(self.dir.path().join(format!("agent.{}.log", self.runs)))
-            .expect("agent log");
+        let log = File::create(self.dir.path().join(format!("agent.{}.log", self.runs))).expect("agent log");
         let child = Command::new(clyde_bin())
             .arg("serve")
             .arg("--config")
@@ -80,12 +67,7 @@ impl Agent {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("clyde exited early with {status}");
             }
-            client
-                .get(&url)
-                .send()
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(|_| ())
+            client.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ())
         });
     }
 
@@ -115,7 +97,7 @@ impl Agent {
     /// Stops it with SIGTERM and waits for a clean exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("running");
-        crate::run(&mut Command::new("kill").arg("-TERM").arg(c.id().to_string()));
+        crate::run(Command::new("kill").arg("-TERM").arg(c.id().to_string()));
         c.wait().expect("wait")
     }
 
@@ -129,10 +111,7 @@ impl Agent {
     /// Everything it logged.
     pub fn log(&self) -> String {
         (1..=self.runs)
-            .map(|r| {
-                std::fs::read_to_string(self.dir.path().join(format!("agent.{r}.log")))
-                    .unwrap_or_default()
-            })
+            .map(|r| std::fs::read_to_string(self.dir.path().join(format!("agent.{r}.log"))).unwrap_or_default())
             .collect()
     }
 }

@@ -22,10 +22,7 @@ impl Containerd {
     pub fn start() -> Self {
         let bin = require("containerd", "containerd");
         require("ctr", "containerd");
-        let dir = tempfile::Builder::new()
-            .prefix("clyde-ctrd")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("clyde-ctrd").tempdir().expect("tempdir");
         let p = dir.path();
         std::fs::write(
             p.join("config.toml"),
@@ -46,16 +43,9 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .expect("start containerd");
-        let c = Self {
-            dir,
-            child: Some(child),
-        };
+        let c = Self { dir, child: Some(child) };
         wait_for("containerd to answer", Duration::from_secs(30), || {
-            c.ctr(&["version"])
-                .status()
-                .ok()
-                .filter(|s| s.success())
-                .map(|_| ())
+            c.ctr(&["version"]).status().ok().filter(|s| s.success()).map(|_| ())
         });
         c
     }
@@ -63,10 +53,7 @@ impl Containerd {
     /// A `ctr` command against this containerd, in the test namespace.
     pub fn ctr(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("ctr");
-        cmd.arg("--address")
-            .arg(self.socket())
-            .args(["--namespace", NAMESPACE])
-            .args(args);
+        cmd.arg("--address").arg(self.socket()).args(["--namespace", NAMESPACE]).args(args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd
     }
@@ -85,22 +72,13 @@ impl Containerd {
 
     /// `ctr images pull --hosts-dir DIR REF`; returns whether it succeeded and its output.
     pub fn pull(&self, hosts_dir: &Path, reference: &str, extra: &[&str]) -> (bool, String) {
-        let mut args = vec![
-            "images",
-            "pull",
-            "--hosts-dir",
-            hosts_dir.to_str().expect("utf8"),
-        ];
+        let mut args = vec!["images", "pull", "--hosts-dir", hosts_dir.to_str().expect("utf8")];
         args.extend(extra);
         args.push(reference);
         let out = self.ctr(&args).output().expect("ctr");
         (
             out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
         )
     }
 
@@ -111,10 +89,7 @@ impl Containerd {
 
     /// Digests in the content store.
     pub fn content(&self) -> Vec<String> {
-        run(&mut self.ctr(&["content", "ls", "--quiet"]))
-            .lines()
-            .map(str::to_string)
-            .collect()
+        run(&mut self.ctr(&["content", "ls", "--quiet"])).lines().map(str::to_string).collect()
     }
 
     /// The target digest of an image, as `ctr images ls` shows it.
@@ -122,11 +97,7 @@ impl Containerd {
         let out = run(&mut self.ctr(&["images", "ls"]));
         out.lines()
             .find(|l| l.starts_with(&format!("{reference} ")))
-            .and_then(|l| {
-                l.split_whitespace()
-                    .find(|w| w.starts_with("sha256:"))
-                    .map(str::to_string)
-            })
+            .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")).map(str::to_string))
     }
 
     /// containerd's log.
@@ -144,11 +115,8 @@ impl Drop for Containerd {
         // Unmount anything containerd left mounted under its root, so the temp dir can go.
         let root = self.dir.path().to_string_lossy().into_owned();
         if let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") {
-            let mut points: Vec<&str> = mounts
-                .lines()
-                .filter_map(|l| l.split_whitespace().nth(1))
-                .filter(|m| m.starts_with(&root))
-                .collect();
+            let mut points: Vec<&str> =
+                mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|m| m.starts_with(&root)).collect();
             points.sort_by_key(|p| std::cmp::Reverse(p.len()));
             for m in points {
                 let _ = Command::new("umount").arg("-l").arg(m).status();

@@ -45,14 +45,9 @@ fn random(len: usize) -> Vec<u8> {
 
 fn write_blob(dir: &Path, bytes: &[u8]) -> Blob {
     let digest = sha256(bytes);
-    let path = dir
-        .join("blobs/sha256")
-        .join(digest.trim_start_matches("sha256:"));
+    let path = dir.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
     std::fs::write(path, bytes).expect("write blob");
-    Blob {
-        digest,
-        size: bytes.len() as u64,
-    }
+    Blob { digest, size: bytes.len() as u64 }
 }
 
 /// A tar.gz layer holding one file of `size` random bytes; returns (blob bytes, diff id).
@@ -62,8 +57,7 @@ fn layer(size: usize, name: &str) -> (Vec<u8>, String) {
     header.set_size(size as u64);
     header.set_mode(0o644);
     header.set_cksum();
-    tar.append_data(&mut header, name, random(size).as_slice())
-        .expect("tar");
+    tar.append_data(&mut header, name, random(size).as_slice()).expect("tar");
     let tar = tar.into_inner().expect("tar");
     let diff_id = sha256(&tar);
     // Stored (level 0) gzip: random data does not compress, and this is fast.
@@ -84,16 +78,9 @@ impl TestImage {
     }
 
     fn build(layer_sizes: &[usize], arches: &[&str]) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("clyde-image")
-            .tempdir()
-            .expect("tempdir");
+        let dir = tempfile::Builder::new().prefix("clyde-image").tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("blobs/sha256")).expect("mkdir");
-        std::fs::write(
-            dir.path().join("oci-layout"),
-            r#"{"imageLayoutVersion":"1.0.0"}"#,
-        )
-        .expect("oci-layout");
+        std::fs::write(dir.path().join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("oci-layout");
         let mut layers = Vec::new();
         let mut manifests = Vec::new();
         for arch in arches {
@@ -133,16 +120,8 @@ impl TestImage {
         let mut top = top;
         top["annotations"] = json!({"org.opencontainers.image.ref.name": TAG});
         let index = json!({"schemaVersion": 2, "manifests": [top]});
-        std::fs::write(
-            dir.path().join("index.json"),
-            serde_json::to_vec(&index).expect("json"),
-        )
-        .expect("index.json");
-        Self {
-            dir,
-            layers,
-            multi_arch: arches.len() > 1,
-        }
+        std::fs::write(dir.path().join("index.json"), serde_json::to_vec(&index).expect("json")).expect("index.json");
+        Self { dir, layers, multi_arch: arches.len() > 1 }
     }
 
     /// Pushes it as `registry/repo:tag` with `skopeo copy --all`.

@@ -29,19 +29,12 @@ pub use registry::Registry;
 
 /// A free TCP port on 127.0.0.1 (bound and released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
 }
 
 /// The absolute path of a program, or a panic that says which package provides it.
 pub fn require(program: &str, package: &str) -> PathBuf {
-    for dir in std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-    {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/sbin"]) {
         let p = Path::new(dir).join(program);
         if p.is_file() {
             return p;
@@ -68,9 +61,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
 
 /// Runs a command, panicking with its output when it fails.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd:?} failed ({}):\n{}\n{}",
@@ -106,12 +97,7 @@ pub fn assert_store_verified(data_dir: &Path) -> usize {
         let entry = entry.expect("entry");
         let bytes = std::fs::read(entry.path()).expect("read blob");
         let name = entry.file_name().to_string_lossy().into_owned();
-        assert_eq!(
-            sha256(&bytes),
-            format!("sha256:{name}"),
-            "corrupt blob in the store: {}",
-            entry.path().display()
-        );
+        assert_eq!(sha256(&bytes), format!("sha256:{name}"), "corrupt blob in the store: {}", entry.path().display());
         n += 1;
     }
     n

@@ -29,10 +29,7 @@ impl SlowProxy {
                 let Ok(server) = TcpStream::connect(&target) else {
                     continue;
                 };
-                let (c2, s2) = (
-                    client.try_clone().expect("clone"),
-                    server.try_clone().expect("clone"),
-                );
+                let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
                 std::thread::spawn(move || pump(c2, s2, u64::MAX));
                 std::thread::spawn(move || pump(server, client, bytes_per_sec));
             }

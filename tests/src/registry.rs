@@ -20,16 +20,8 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry on a free port and waits until `/v2/` answers.
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("clyde-registry")
-            .tempdir()
-            .expect("tempdir");
-        let mut r = Self {
-            dir,
-            port: free_port(),
-            child: None,
-            generation: 0,
-        };
+        let dir = tempfile::Builder::new().prefix("clyde-registry").tempdir().expect("tempdir");
+        let mut r = Self { dir, port: free_port(), child: None, generation: 0 };
         r.spawn();
         r
     }
@@ -60,18 +52,9 @@ impl Registry {
         self.child = Some(child);
         let url = format!("http://{}/v2/", self.addr());
         let client = http();
-        wait_for(
-            "the registry to answer /v2/",
-            Duration::from_secs(30),
-            || {
-                client
-                    .get(&url)
-                    .send()
-                    .ok()
-                    .filter(|r| r.status().is_success())
-                    .map(|_| ())
-            },
-        );
+        wait_for("the registry to answer /v2/", Duration::from_secs(30), || {
+            client.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ())
+        });
     }
 
     fn log_path(&self, generation: u32) -> PathBuf {
@@ -121,6 +104,11 @@ impl Registry {
         out
     }
 
+    /// Everything the registry logged.
+    pub fn log(&self) -> String {
+        (1..=self.generation).map(|g| std::fs::read_to_string(self.log_path(g)).unwrap_or_default()).collect()
+    }
+
     /// Bytes of this blob the registry sent in answers to `GET`s, from its log.
     pub fn blob_bytes_served(&self, digest: &str) -> u64 {
         self.requests()
@@ -133,11 +121,9 @@ impl Registry {
     /// Waits until the log shows `GET`s of this blob adding up to at least `bytes`, then
     /// a little longer for stragglers, and returns the total.
     pub fn wait_blob_bytes(&self, digest: &str, bytes: u64) -> u64 {
-        wait_for(
-            "the registry to log the blob's transfer",
-            Duration::from_secs(30),
-            || (self.blob_bytes_served(digest) >= bytes).then_some(()),
-        );
+        wait_for("the registry to log the blob's transfer", Duration::from_secs(30), || {
+            (self.blob_bytes_served(digest) >= bytes).then_some(())
+        });
         std::thread::sleep(Duration::from_millis(300));
         self.blob_bytes_served(digest)
     }

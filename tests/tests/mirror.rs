@@ -5,9 +5,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use clyde_tests::{
-    Agent, ImageFormat, Registry, SlowProxy, TestImage, assert_store_verified, http, sha256,
-};
+use clyde_tests::{Agent, ImageFormat, Registry, SlowProxy, TestImage, assert_store_verified, http, sha256};
 
 const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -23,36 +21,22 @@ fn get(url: &str, headers: &[(&str, &str)]) -> reqwest::blocking::Response {
 }
 
 fn header(r: &reqwest::blocking::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string()
+    r.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
 }
 
 fn blob_direct(reg: &Registry, repo: &str, digest: &str) -> Vec<u8> {
-    get(
-        &format!("http://{}/v2/{repo}/blobs/{digest}", reg.addr()),
-        &[],
-    )
-    .bytes()
-    .expect("blob")
-    .to_vec()
+    get(&format!("http://{}/v2/{repo}/blobs/{digest}", reg.addr()), &[]).bytes().expect("blob").to_vec()
 }
 
 /// Sends a raw request line (paths a client library would normalise) and returns the status.
 fn raw_status(agent: &Agent, request: &str) -> u16 {
     let mut s = TcpStream::connect(agent.addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
     s.write_all(request.as_bytes()).expect("write");
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf).unwrap_or(0);
     let head = String::from_utf8_lossy(&buf[..n]).to_string();
-    head.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0)
+    head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
 #[test]
@@ -65,29 +49,16 @@ fn manifests_are_served_byte_for_byte_for_every_media_type() {
 
     let root = get(&format!("{}/v2/", agent.url()), &[]);
     assert_eq!(root.status(), 200);
-    assert_eq!(
-        header(&root, "docker-distribution-api-version"),
-        "registry/2.0"
-    );
+    assert_eq!(header(&root, "docker-distribution-api-version"), "registry/2.0");
 
     for repo in ["team/oci", "team/docker", "deep/er/name"] {
-        let direct = get(
-            &format!("http://{}/v2/{repo}/manifests/v1", reg.addr()),
-            &[("accept", ACCEPT)],
-        );
-        let (d_type, d_digest) = (
-            header(&direct, "content-type"),
-            header(&direct, "docker-content-digest"),
-        );
+        let direct = get(&format!("http://{}/v2/{repo}/manifests/v1", reg.addr()), &[("accept", ACCEPT)]);
+        let (d_type, d_digest) = (header(&direct, "content-type"), header(&direct, "docker-content-digest"));
         let d_bytes = direct.bytes().expect("body");
         assert_eq!(sha256(&d_bytes), d_digest);
         for url in [
             format!("{}/v2/{repo}/manifests/v1?ns={}", agent.url(), reg.addr()),
-            format!(
-                "{}/v2/{repo}/manifests/{d_digest}?ns={}",
-                agent.url(),
-                reg.addr()
-            ),
+            format!("{}/v2/{repo}/manifests/{d_digest}?ns={}", agent.url(), reg.addr()),
         ] {
             for _ in 0..2 {
                 let via = get(&url, &[("accept", ACCEPT)]);
@@ -98,11 +69,7 @@ fn manifests_are_served_byte_for_byte_for_every_media_type() {
             }
         }
         let head = http()
-            .head(format!(
-                "{}/v2/{repo}/manifests/v1?ns={}",
-                agent.url(),
-                reg.addr()
-            ))
+            .head(format!("{}/v2/{repo}/manifests/v1?ns={}", agent.url(), reg.addr()))
             .header("accept", ACCEPT)
             .send()
             .expect("head");
@@ -122,20 +89,12 @@ fn ranges_on_uncached_and_cached_blobs_return_exactly_those_bytes() {
     let want = blob_direct(&reg, "app", &layer.digest);
     let size = want.len();
     let agent = Agent::start("", &["--piece-size", "1048576"]);
-    let url = format!(
-        "{}/v2/app/blobs/{}?ns={}",
-        agent.url(),
-        layer.digest,
-        reg.addr()
-    );
+    let url = format!("{}/v2/app/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
 
     // Uncached: a small range in the middle comes back first, exact.
     let r = get(&url, &[("range", "bytes=1500000-1500099")]);
     assert_eq!(r.status(), 206);
-    assert_eq!(
-        header(&r, "content-range"),
-        format!("bytes 1500000-1500099/{size}")
-    );
+    assert_eq!(header(&r, "content-range"), format!("bytes 1500000-1500099/{size}"));
     assert_eq!(header(&r, "accept-ranges"), "bytes");
     assert_eq!(r.bytes().expect("body"), want[1500000..1500100]);
 
@@ -155,25 +114,15 @@ fn ranges_on_uncached_and_cached_blobs_return_exactly_those_bytes() {
         assert_eq!(r.status(), 206, "{range}");
         assert_eq!(r.bytes().expect("body"), expect, "{range}");
     }
-    for bad in [
-        format!("bytes={size}-"),
-        "bytes=a-b".to_string(),
-        "bytes=0-1,3-4".to_string(),
-        "bytes=-0".to_string(),
-    ] {
+    for bad in [format!("bytes={size}-"), "bytes=a-b".to_string(), "bytes=0-1,3-4".to_string(), "bytes=-0".to_string()]
+    {
         let r = get(&url, &[("range", &bad)]);
         assert_eq!(r.status(), 416, "{bad}");
     }
     let r = get(&url, &[("range", &format!("bytes={size}-"))]);
     assert_eq!(header(&r, "content-range"), format!("bytes */{size}"));
     assert_store_verified(&agent.data_dir());
-    assert!(
-        agent
-            .data_dir()
-            .join("blobs/sha256")
-            .join(layer.digest.trim_start_matches("sha256:"))
-            .exists()
-    );
+    assert!(agent.data_dir().join("blobs/sha256").join(layer.digest.trim_start_matches("sha256:")).exists());
 }
 
 #[test]
@@ -183,32 +132,19 @@ fn misses_are_404_and_bad_input_is_400_and_writes_nothing() {
     let ns = reg.addr();
     let unknown = sha256(b"nothing");
 
-    let r = get(
-        &format!("{}/v2/app/blobs/{unknown}?ns={ns}", agent.url()),
-        &[],
-    );
+    let r = get(&format!("{}/v2/app/blobs/{unknown}?ns={ns}", agent.url()), &[]);
     assert_eq!(r.status(), 404);
     assert!(r.text().expect("body").contains("BLOB_UNKNOWN"));
-    let r = get(
-        &format!("{}/v2/app/manifests/nope?ns={ns}", agent.url()),
-        &[],
-    );
+    let r = get(&format!("{}/v2/app/manifests/nope?ns={ns}", agent.url()), &[]);
     assert_eq!(r.status(), 404);
     assert!(r.text().expect("body").contains("MANIFEST_UNKNOWN"));
 
     // An upstream nobody listens on: a fast 404, so containerd falls back.
     let dead = format!("127.0.0.1:{}", clyde_tests::free_port());
     let started = Instant::now();
-    let r = get(
-        &format!("{}/v2/app/manifests/v1?ns={dead}", agent.url()),
-        &[],
-    );
+    let r = get(&format!("{}/v2/app/manifests/v1?ns={dead}", agent.url()), &[]);
     assert_eq!(r.status(), 404);
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
 
     for (path, code) in [
         ("/v2/app/blobs/sha256:zz", "DIGEST_INVALID"),
@@ -220,56 +156,21 @@ fn misses_are_404_and_bad_input_is_400_and_writes_nothing() {
         assert_eq!(r.status(), 400, "{path}");
         assert!(r.text().expect("body").contains(code), "{path}");
     }
-    let r = get(
-        &format!("{}/v2/app/manifests/v1?ns=..%2Fetc", agent.url()),
-        &[],
-    );
+    let r = get(&format!("{}/v2/app/manifests/v1?ns=..%2Fetc", agent.url()), &[]);
     assert_eq!(r.status(), 400);
-    assert_eq!(
-        raw_status(
-            &agent,
-            "GET /v2/../../etc/manifests/v1 HTTP/1.1\r\nhost: x\r\n\r\n"
-        ),
-        400
-    );
-    assert_eq!(
-        raw_status(
-            &agent,
-            "GET /v2/a/..%2F..%2Fb/manifests/v1 HTTP/1.1\r\nhost: x\r\n\r\n"
-        ),
-        400
-    );
-    assert_eq!(
-        raw_status(
-            &agent,
-            "DELETE /v2/app/manifests/v1 HTTP/1.1\r\nhost: x\r\n\r\n"
-        ),
-        405
-    );
-    let huge = format!(
-        "GET /v2/ HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
-        "a".repeat(200 * 1024)
-    );
+    assert_eq!(raw_status(&agent, "GET /v2/../../etc/manifests/v1 HTTP/1.1\r\nhost: x\r\n\r\n"), 400);
+    assert_eq!(raw_status(&agent, "GET /v2/a/..%2F..%2Fb/manifests/v1 HTTP/1.1\r\nhost: x\r\n\r\n"), 400);
+    assert_eq!(raw_status(&agent, "DELETE /v2/app/manifests/v1 HTTP/1.1\r\nhost: x\r\n\r\n"), 405);
+    let huge = format!("GET /v2/ HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n", "a".repeat(200 * 1024));
     let status = raw_status(&agent, &huge);
-    assert!(
-        status == 431 || status == 400 || status == 0,
-        "oversize header answered {status}"
-    );
-    let long = format!(
-        "GET /v2/{}/manifests/v1 HTTP/1.1\r\nhost: x\r\n\r\n",
-        "a/".repeat(3000)
-    );
+    assert!(status == 431 || status == 400 || status == 0, "oversize header answered {status}");
+    let long = format!("GET /v2/{}/manifests/v1 HTTP/1.1\r\nhost: x\r\n\r\n", "a/".repeat(3000));
     assert_eq!(raw_status(&agent, &long), 414);
 
     // Still healthy, and nothing was stored.
     assert_eq!(get(&format!("{}/v2/", agent.url()), &[]).status(), 200);
     assert_eq!(assert_store_verified(&agent.data_dir()), 0);
-    assert_eq!(
-        std::fs::read_dir(agent.data_dir().join("partial/sha256"))
-            .expect("dir")
-            .count(),
-        0
-    );
+    assert_eq!(std::fs::read_dir(agent.data_dir().join("partial/sha256")).expect("dir").count(), 0);
 }
 
 #[test]
@@ -279,12 +180,7 @@ fn sixteen_concurrent_gets_of_an_uncached_blob_fetch_it_upstream_once() {
     img.push(&reg, "big", "v1", ImageFormat::Oci);
     let layer = img.layers[0].clone();
     let agent = Agent::start("", &[]);
-    let url = format!(
-        "{}/v2/big/blobs/{}?ns={}",
-        agent.url(),
-        layer.digest,
-        reg.addr()
-    );
+    let url = format!("{}/v2/big/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
     let barrier = Arc::new(Barrier::new(16));
     let readers: Vec<_> = (0..16)
         .map(|_| {
@@ -316,18 +212,9 @@ fn bytes_reach_the_client_while_the_blob_still_arrives() {
     img.push(&reg, "slow", "v1", ImageFormat::Oci);
     let layer = img.layers[0].clone();
     let proxy = SlowProxy::start(&reg.addr(), 8 * MIB as u64);
-    let config = format!(
-        "[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n",
-        reg.addr(),
-        proxy.addr()
-    );
+    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
     let agent = Agent::start(&config, &[]);
-    let url = format!(
-        "{}/v2/slow/blobs/{}?ns={}",
-        agent.url(),
-        layer.digest,
-        reg.addr()
-    );
+    let url = format!("{}/v2/slow/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
     let started = Instant::now();
     let mut r = get(&url, &[]);
     let mut first = [0u8; 1];
@@ -340,10 +227,7 @@ fn bytes_reach_the_client_while_the_blob_still_arrives() {
     all.extend(rest);
     assert_eq!(sha256(&all), layer.digest);
     // 24 MiB at 8 MiB/s takes about 3 s; the first byte must not wait for the whole blob.
-    assert!(
-        first_byte * 4 < total,
-        "first byte after {first_byte:?}, whole blob after {total:?}"
-    );
+    assert!(first_byte * 4 < total, "first byte after {first_byte:?}, whole blob after {total:?}");
 }
 
 #[test]
@@ -353,18 +237,9 @@ fn kill_9_mid_download_then_restart_resumes_and_stores_nothing_corrupt() {
     img.push(&reg, "crash", "v1", ImageFormat::Oci);
     let layer = img.layers[0].clone();
     let proxy = SlowProxy::start(&reg.addr(), 16 * MIB as u64);
-    let config = format!(
-        "[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n",
-        reg.addr(),
-        proxy.addr()
-    );
+    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
     let mut agent = Agent::start(&config, &[]);
-    let url = format!(
-        "{}/v2/crash/blobs/{}?ns={}",
-        agent.url(),
-        layer.digest,
-        reg.addr()
-    );
+    let url = format!("{}/v2/crash/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
 
     let mut r = get(&url, &[]);
     let mut got = vec![0u8; 14 * MIB];
@@ -377,16 +252,8 @@ fn kill_9_mid_download_then_restart_resumes_and_stores_nothing_corrupt() {
     let body = get(&url, &[]).bytes().expect("body");
     assert_eq!(sha256(&body), layer.digest);
     assert_eq!(&body[..got.len()], &got[..]);
-    assert!(
-        agent.log().contains("resuming partial blob"),
-        "the restart did not resume:\n{}",
-        agent.log()
-    );
+    assert!(agent.log().contains("resuming partial blob"), "the restart did not resume:\n{}", agent.log());
     let served = reg.wait_blob_bytes(&layer.digest, layer.size);
-    assert!(
-        served < layer.size * 2,
-        "upstream sent {served} bytes for a {} byte blob",
-        layer.size
-    );
+    assert!(served < layer.size * 2, "upstream sent {served} bytes for a {} byte blob", layer.size);
     assert!(assert_store_verified(&agent.data_dir()) >= 1);
 }

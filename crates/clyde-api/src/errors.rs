@@ -39,11 +39,7 @@ pub(crate) fn answer(status: StatusCode, code: ErrorCode, message: &str) -> Resp
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
     let mut r = Response::new(full(bytes.clone()));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     r
 }

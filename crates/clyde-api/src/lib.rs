@@ -5,6 +5,8 @@
 //! goes no further), then the [`Resolver`] says where the bytes come from and this module
 //! only shapes the answer: headers, status, `Range`, and a streamed body.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
+
 mod errors;
 mod query;
 
@@ -82,9 +84,7 @@ pub async fn serve(
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed_unsync()
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
 fn empty() -> Body {
@@ -92,28 +92,16 @@ fn empty() -> Body {
 }
 
 /// Handles one request; never fails (errors become OCI error answers).
-pub async fn handle(
-    resolver: &Resolver,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-) -> Response<Body> {
+pub async fn handle(resolver: &Resolver, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let (mut response, source) = route(resolver, &req).await;
-    response.headers_mut().insert(
-        "docker-distribution-api-version",
-        HeaderValue::from_static("registry/2.0"),
-    );
+    response.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
     if method == Method::HEAD {
         *response.body_mut() = empty();
     }
-    let bytes = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("0")
-        .to_string();
+    let bytes = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("0").to_string();
     tracing::debug!(%method, %path, status = response.status().as_u16(), bytes, source, latency_ms = started.elapsed().as_secs_f64() * 1e3, %peer, "request");
     response
 }
@@ -130,22 +118,12 @@ async fn route(resolver: &Resolver, req: &Request<Incoming>) -> (Response<Body>,
         );
     }
     if req.uri().to_string().len() > MAX_URI_LEN {
-        return (
-            errors::answer(
-                StatusCode::URI_TOO_LONG,
-                ErrorCode::NameInvalid,
-                "request path too long",
-            ),
-            "-",
-        );
+        return (errors::answer(StatusCode::URI_TOO_LONG, ErrorCode::NameInvalid, "request path too long"), "-");
     }
     let ns = match query::param(req.uri().query(), "ns") {
         Ok(ns) => ns,
         Err(msg) => {
-            return (
-                errors::answer(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, msg),
-                "-",
-            );
+            return (errors::answer(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, msg), "-");
         }
     };
     let parsed = match ApiPath::parse(req.uri().path(), ns.as_deref()) {
@@ -155,23 +133,10 @@ async fn route(resolver: &Resolver, req: &Request<Incoming>) -> (Response<Body>,
     let (origin, resource) = match parsed {
         ApiPath::Root => {
             let mut r = Response::new(full("{}"));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             return (r, "local");
         }
-        ApiPath::Content {
-            registry,
-            repository,
-            resource,
-        } => (
-            Origin {
-                registry,
-                repository,
-            },
-            resource,
-        ),
+        ApiPath::Content { registry, repository, resource } => (Origin { registry, repository }, resource),
     };
     match resource {
         Resource::Manifest(reference) => manifest(resolver, req, &origin, &reference).await,
@@ -181,12 +146,8 @@ async fn route(resolver: &Resolver, req: &Request<Incoming>) -> (Response<Body>,
 
 fn path_error(e: &PathError) -> Response<Body> {
     let (status, code) = match e {
-        PathError::NotV2 | PathError::UnknownEndpoint => {
-            (StatusCode::NOT_FOUND, ErrorCode::Unsupported)
-        }
-        PathError::BadName(_) | PathError::BadRegistry(_) => {
-            (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid)
-        }
+        PathError::NotV2 | PathError::UnknownEndpoint => (StatusCode::NOT_FOUND, ErrorCode::Unsupported),
+        PathError::BadName(_) | PathError::BadRegistry(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
         PathError::BadTag(_) => (StatusCode::BAD_REQUEST, ErrorCode::TagInvalid),
         PathError::BadDigest(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
     };
@@ -198,11 +159,7 @@ fn resolve_error(e: &ResolveError, miss: ErrorCode) -> Response<Body> {
         errors::answer(StatusCode::NOT_FOUND, miss, &e.to_string())
     } else {
         tracing::error!(error = %e, "internal error");
-        errors::answer(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Unknown,
-            &e.to_string(),
-        )
+        errors::answer(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown, &e.to_string())
     }
 }
 
@@ -212,20 +169,16 @@ async fn manifest(
     origin: &Origin,
     reference: &Reference,
 ) -> (Response<Body>, &'static str) {
-    let accept = req
-        .headers()
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok());
-    let m = match resolver.manifest(origin, reference, accept).await {
+    // Go clients send one `Accept` line per media type: join them all.
+    let accept: Vec<&str> = req.headers().get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
+    let accept = (!accept.is_empty()).then(|| accept.join(", "));
+    let m = match resolver.manifest(origin, reference, accept.as_deref()).await {
         Ok(m) => m,
         Err(e) => return (resolve_error(&e, ErrorCode::ManifestUnknown), "-"),
     };
     let mut r = Response::new(full(m.bytes.clone()));
     let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_LENGTH,
-        HeaderValue::from(m.bytes.len() as u64),
-    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len() as u64));
     if let Ok(v) = HeaderValue::from_str(&m.media_type) {
         h.insert(header::CONTENT_TYPE, v);
     }
@@ -248,22 +201,15 @@ async fn blob(
     origin: &Origin,
     digest: &clyde_types::Digest,
 ) -> (Response<Body>, &'static str) {
-    let range = match req.headers().get(header::RANGE).map(|v| {
-        v.to_str()
-            .map_err(|_| RangeError::Malformed)
-            .and_then(RangeRequest::parse)
-    }) {
+    let range = match req
+        .headers()
+        .get(header::RANGE)
+        .map(|v| v.to_str().map_err(|_| RangeError::Malformed).and_then(RangeRequest::parse))
+    {
         None => None,
         Some(Ok(r)) => Some(r),
         Some(Err(e)) => {
-            return (
-                errors::answer(
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    ErrorCode::RangeInvalid,
-                    &e.to_string(),
-                ),
-                "-",
-            );
+            return (errors::answer(StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::RangeInvalid, &e.to_string()), "-");
         }
     };
     if req.method() == Method::HEAD {
@@ -294,22 +240,14 @@ async fn blob(
 }
 
 fn unsatisfiable(size: u64, e: &RangeError) -> Response<Body> {
-    let mut r = errors::answer(
-        StatusCode::RANGE_NOT_SATISFIABLE,
-        ErrorCode::RangeInvalid,
-        &e.to_string(),
-    );
+    let mut r = errors::answer(StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::RangeInvalid, &e.to_string());
     if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
         r.headers_mut().insert(header::CONTENT_RANGE, v);
     }
     r
 }
 
-fn blob_head(
-    size: u64,
-    digest: &clyde_types::Digest,
-    range: Option<RangeRequest>,
-) -> Response<Body> {
+fn blob_head(size: u64, digest: &clyde_types::Digest, range: Option<RangeRequest>) -> Response<Body> {
     let selected = match range.map(|r| r.resolve(size)) {
         None => ByteRange::full(size),
         Some(Ok(r)) => r,
@@ -320,12 +258,7 @@ fn blob_head(
     r
 }
 
-fn blob_headers(
-    r: &mut Response<Body>,
-    digest: &clyde_types::Digest,
-    selected: ByteRange,
-    ranged: bool,
-) {
+fn blob_headers(r: &mut Response<Body>, digest: &clyde_types::Digest, selected: ByteRange, ranged: bool) {
     if ranged {
         *r.status_mut() = StatusCode::PARTIAL_CONTENT;
         if let Ok(v) = HeaderValue::from_str(&selected.content_range()) {
@@ -334,10 +267,7 @@ fn blob_headers(
     }
     let h = r.headers_mut();
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(selected.len()));
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     insert_digest(h, &digest.to_string());
 }

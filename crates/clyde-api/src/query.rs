@@ -19,9 +19,7 @@ fn decode(s: &str) -> Result<String, &'static str> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .ok_or("truncated percent-escape in query")?;
+                let hex = bytes.get(i + 1..i + 3).ok_or("truncated percent-escape in query")?;
                 let hex = std::str::from_utf8(hex).map_err(|_| "bad percent-escape in query")?;
                 out.push(u8::from_str_radix(hex, 16).map_err(|_| "bad percent-escape in query")?);
                 i += 3;
@@ -45,10 +43,7 @@ mod tests {
 
     #[test]
     fn decodes_ns() {
-        assert_eq!(
-            param(Some("ns=reg.example%3A5000"), "ns"),
-            Ok(Some("reg.example:5000".into()))
-        );
+        assert_eq!(param(Some("ns=reg.example%3A5000"), "ns"), Ok(Some("reg.example:5000".into())));
         assert_eq!(param(Some("a=1&ns=x"), "ns"), Ok(Some("x".into())));
         assert_eq!(param(Some("a=1"), "ns"), Ok(None));
         assert!(param(Some("ns=%zz"), "ns").is_err());

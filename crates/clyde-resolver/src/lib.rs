@@ -3,6 +3,8 @@
 //! Blobs go through [`transfer`]: one job per digest, whatever the number of readers.
 //! Manifests and tags go through [`manifest`], which applies the tag freshness rules.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
+
 mod manifest;
 pub mod transfer;
 
@@ -64,9 +66,7 @@ pub enum ResolveError {
     Upstream(#[from] UpstreamError),
     #[error("not cached, and this agent is air-gapped")]
     AirGapped,
-    #[error(
-        "the cached manifest's media type {0} is not in the client's Accept, and the upstream cannot be asked"
-    )]
+    #[error("the cached manifest's media type {0} is not in the client's Accept, and the upstream cannot be asked")]
     NotAcceptable(String),
     #[error("{0}")]
     Store(Arc<StoreError>),
@@ -105,14 +105,7 @@ impl Resolver {
     /// A resolver over `store` and `upstream`.
     pub fn new(store: Store, upstream: Arc<Upstream>, config: ResolverConfig) -> Self {
         let transfers = transfer::Transfers::new(store.clone(), upstream.clone(), config.clone());
-        Self {
-            inner: Arc::new(Inner {
-                store,
-                upstream,
-                config,
-                transfers,
-            }),
-        }
+        Self { inner: Arc::new(Inner { store, upstream, config, transfers }) }
     }
 
     /// The store.
@@ -131,20 +124,11 @@ impl Resolver {
         if self.inner.config.air_gapped {
             return Err(ResolveError::AirGapped);
         }
-        Ok(self
-            .inner
-            .upstream
-            .head_blob(&origin.registry, &origin.repository, digest)
-            .await?)
+        Ok(self.inner.upstream.head_blob(&origin.registry, &origin.repository, digest).await?)
     }
 
     /// Where the bytes of a blob come from: the store's file, or a transfer in progress.
-    pub async fn blob(
-        &self,
-        origin: &Origin,
-        digest: &Digest,
-        first_byte: u64,
-    ) -> Result<BlobSource, ResolveError> {
+    pub async fn blob(&self, origin: &Origin, digest: &Digest, first_byte: u64) -> Result<BlobSource, ResolveError> {
         if let Some(file) = self.inner.store.open_blob(digest)? {
             return Ok(BlobSource::Local(file));
         }

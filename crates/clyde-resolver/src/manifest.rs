@@ -28,11 +28,7 @@ fn references(bytes: &[u8]) -> Vec<Digest> {
     };
     let mut out = Vec::new();
     let mut push = |v: &serde_json::Value| {
-        if let Some(d) = v
-            .get("digest")
-            .and_then(|d| d.as_str())
-            .and_then(|d| d.parse().ok())
-        {
+        if let Some(d) = v.get("digest").and_then(|d| d.as_str()).and_then(|d| d.parse().ok()) {
             out.push(d);
         }
     };
@@ -40,12 +36,7 @@ fn references(bytes: &[u8]) -> Vec<Digest> {
         push(config);
     }
     for list in ["layers", "manifests"] {
-        for item in doc
-            .get(list)
-            .and_then(|l| l.as_array())
-            .into_iter()
-            .flatten()
-        {
+        for item in doc.get(list).and_then(|l| l.as_array()).into_iter().flatten() {
             push(item);
         }
     }
@@ -66,10 +57,7 @@ impl Resolver {
         }
     }
 
-    async fn cached_manifest(
-        &self,
-        digest: &Digest,
-    ) -> Result<Option<ServedManifest>, ResolveError> {
+    async fn cached_manifest(&self, digest: &Digest) -> Result<Option<ServedManifest>, ResolveError> {
         let store = &self.inner.store;
         let Some(record) = store.manifest(digest)? else {
             return Ok(None);
@@ -77,12 +65,7 @@ impl Resolver {
         let Some(bytes) = store.read_blob(digest).await? else {
             return Ok(None);
         };
-        Ok(Some(ServedManifest {
-            bytes,
-            media_type: record.media_type,
-            digest: *digest,
-            source: "local",
-        }))
+        Ok(Some(ServedManifest { bytes, media_type: record.media_type, digest: *digest, source: "local" }))
     }
 
     async fn manifest_by_digest(
@@ -97,8 +80,7 @@ impl Resolver {
         if self.inner.config.air_gapped {
             return Err(ResolveError::AirGapped);
         }
-        self.fetch_manifest(origin, &Reference::Digest(*digest), accept)
-            .await
+        self.fetch_manifest(origin, &Reference::Digest(*digest), accept).await
     }
 
     async fn manifest_by_tag(
@@ -111,10 +93,7 @@ impl Resolver {
         let key = tag_key(origin, tag);
         let record = self.inner.store.tag(&key)?;
         let cached = match &record {
-            Some(r) => self
-                .cached_manifest(&r.digest)
-                .await?
-                .filter(|m| media::accepts(accept, &m.media_type)),
+            Some(r) => self.cached_manifest(&r.digest).await?.filter(|m| media::accepts(accept, &m.media_type)),
             None => None,
         };
         if config.air_gapped {
@@ -125,14 +104,10 @@ impl Resolver {
             };
         }
         let Some(cached) = cached else {
-            return self
-                .fetch_manifest(origin, &Reference::Tag(tag.to_string()), accept)
-                .await;
+            return self.fetch_manifest(origin, &Reference::Tag(tag.to_string()), accept).await;
         };
         let recheck_always = config.always_pull_latest && tag == "latest";
-        let fresh = record
-            .as_ref()
-            .is_some_and(|r| r.checked_at + config.tag_ttl.as_secs() > unix_now());
+        let fresh = record.as_ref().is_some_and(|r| r.checked_at + config.tag_ttl.as_secs() > unix_now());
         if fresh && !recheck_always {
             return Ok(cached);
         }
@@ -140,37 +115,22 @@ impl Resolver {
         let head = self
             .inner
             .upstream
-            .head_manifest(
-                &origin.registry,
-                &origin.repository,
-                &reference,
-                accept,
-                config.tag_check_timeout,
-            )
+            .head_manifest(&origin.registry, &origin.repository, &reference, accept, config.tag_check_timeout)
             .await;
         match head {
             Ok(h) if h.digest == Some(cached.digest) => {
-                let record = TagRecord {
-                    digest: cached.digest,
-                    media_type: cached.media_type.clone(),
-                    checked_at: unix_now(),
-                };
+                let record =
+                    TagRecord { digest: cached.digest, media_type: cached.media_type.clone(), checked_at: unix_now() };
                 self.inner.store.put_tag(key, record).await?;
                 Ok(cached)
             }
             Ok(h) => {
                 if let Some(m) = match h.digest {
-                    Some(d) => self
-                        .cached_manifest(&d)
-                        .await?
-                        .filter(|m| media::accepts(accept, &m.media_type)),
+                    Some(d) => self.cached_manifest(&d).await?.filter(|m| media::accepts(accept, &m.media_type)),
                     None => None,
                 } {
-                    let record = TagRecord {
-                        digest: m.digest,
-                        media_type: m.media_type.clone(),
-                        checked_at: unix_now(),
-                    };
+                    let record =
+                        TagRecord { digest: m.digest, media_type: m.media_type.clone(), checked_at: unix_now() };
                     self.inner.store.put_tag(key, record).await?;
                     return Ok(m);
                 }
@@ -191,11 +151,7 @@ impl Resolver {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<ServedManifest, ResolveError> {
-        let m = self
-            .inner
-            .upstream
-            .get_manifest(&origin.registry, &origin.repository, reference, accept)
-            .await?;
+        let m = self.inner.upstream.get_manifest(&origin.registry, &origin.repository, reference, accept).await?;
         let store = &self.inner.store;
         store.put_blob(m.digest, m.bytes.clone()).await?;
         let now = unix_now();
@@ -211,19 +167,10 @@ impl Resolver {
         };
         store.put_manifest(m.digest, record).await?;
         if let Reference::Tag(tag) = reference {
-            let record = TagRecord {
-                digest: m.digest,
-                media_type: m.media_type.clone(),
-                checked_at: now,
-            };
+            let record = TagRecord { digest: m.digest, media_type: m.media_type.clone(), checked_at: now };
             store.put_tag(tag_key(origin, tag), record).await?;
         }
-        Ok(ServedManifest {
-            bytes: m.bytes,
-            media_type: m.media_type,
-            digest: m.digest,
-            source: "upstream",
-        })
+        Ok(ServedManifest { bytes: m.bytes, media_type: m.media_type, digest: m.digest, source: "upstream" })
     }
 }
 
@@ -235,9 +182,7 @@ mod tests {
     fn finds_config_layers_and_children() {
         let d1 = Digest::of(b"1");
         let d2 = Digest::of(b"2");
-        let doc = format!(
-            r#"{{"config":{{"digest":"{d1}"}},"layers":[{{"digest":"{d2}"}},{{"digest":"bad"}}]}}"#
-        );
+        let doc = format!(r#"{{"config":{{"digest":"{d1}"}},"layers":[{{"digest":"{d2}"}},{{"digest":"bad"}}]}}"#);
         assert_eq!(references(doc.as_bytes()), vec![d1, d2]);
         let idx = format!(r#"{{"manifests":[{{"digest":"{d1}"}}]}}"#);
         assert_eq!(references(idx.as_bytes()), vec![d1]);

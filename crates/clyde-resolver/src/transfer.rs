@@ -72,26 +72,12 @@ pub fn plan_fill(size: u64, written: &IntervalSet, claims: &[ClaimView]) -> Vec<
 }
 
 /// What to do for a reader that needs byte `offset`.
-pub fn plan_demand(
-    offset: u64,
-    size: u64,
-    written: &IntervalSet,
-    claims: &[ClaimView],
-    steal_distance: u64,
-) -> Demand {
+pub fn plan_demand(offset: u64, size: u64, written: &IntervalSet, claims: &[ClaimView], steal_distance: u64) -> Demand {
     if offset >= size || written.contains(offset) {
         return Demand::Wait;
     }
-    if let Some((index, c)) = claims
-        .iter()
-        .enumerate()
-        .find(|(_, c)| c.cursor <= offset && offset < c.end)
-    {
-        return if offset - c.cursor <= steal_distance {
-            Demand::Wait
-        } else {
-            Demand::Steal { index }
-        };
+    if let Some((index, c)) = claims.iter().enumerate().find(|(_, c)| c.cursor <= offset && offset < c.end) {
+        return if offset - c.cursor <= steal_distance { Demand::Wait } else { Demand::Steal { index } };
     }
     let all = covered(written, claims);
     match all.first_gap(offset..size) {
@@ -107,10 +93,7 @@ struct Claim {
 
 impl Claim {
     fn view(&self) -> ClaimView {
-        ClaimView {
-            cursor: self.cursor.load(Ordering::Acquire),
-            end: self.end.load(Ordering::Acquire),
-        }
+        ClaimView { cursor: self.cursor.load(Ordering::Acquire), end: self.end.load(Ordering::Acquire) }
     }
 }
 
@@ -140,17 +123,8 @@ pub(crate) struct Transfers {
 impl Transfers {
     pub(crate) fn new(store: Store, upstream: Arc<Upstream>, config: ResolverConfig) -> Self {
         let (shutdown, _) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            upstream,
-            config,
-            tasks: TaskTracker::new(),
-            shutdown,
-        });
-        Self {
-            store,
-            shared,
-            jobs: Mutex::new(HashMap::new()),
-        }
+        let shared = Arc::new(Shared { upstream, config, tasks: TaskTracker::new(), shutdown });
+        Self { store, shared, jobs: Mutex::new(HashMap::new()) }
     }
 
     fn jobs(&self) -> MutexGuard<'_, HashMap<Digest, JobCell>> {
@@ -167,18 +141,15 @@ impl Transfers {
     /// The running job for `digest`, if any (without starting one).
     pub(crate) async fn running(&self, digest: &Digest) -> Result<Option<Arc<Job>>, ResolveError> {
         let cell = self.jobs().get(digest).cloned();
-        if let Some(Ok(job)) = cell.as_ref().and_then(|c| c.get()) {
-            if job.partial.outcome() == Outcome::Pending {
-                return Ok(Some(job.clone()));
-            }
+        if let Some(Ok(job)) = cell.as_ref().and_then(|c| c.get())
+            && job.partial.outcome() == Outcome::Pending
+        {
+            return Ok(Some(job.clone()));
         }
         Ok(None)
     }
 
-    pub(crate) async fn size_if_running(
-        &self,
-        digest: &Digest,
-    ) -> Result<Option<u64>, ResolveError> {
+    pub(crate) async fn size_if_running(&self, digest: &Digest) -> Result<Option<u64>, ResolveError> {
         Ok(self.running(digest).await?.map(|j| j.partial.size()))
     }
 
@@ -191,10 +162,7 @@ impl Transfers {
     ) -> Result<BlobSource, ResolveError> {
         for _ in 0..3 {
             let cell = self.jobs().entry(*digest).or_default().clone();
-            let result = cell
-                .get_or_init(|| self.start(origin, digest, first_byte))
-                .await
-                .clone();
+            let result = cell.get_or_init(|| self.start(origin, digest, first_byte)).await.clone();
             match result {
                 Ok(job) if job.partial.outcome() == Outcome::Pending => {
                     return Ok(BlobSource::Transfer(job));
@@ -211,17 +179,10 @@ impl Transfers {
                 }
             }
         }
-        Err(ResolveError::Transfer(format!(
-            "the transfer of {digest} keeps failing"
-        )))
+        Err(ResolveError::Transfer(format!("the transfer of {digest} keeps failing")))
     }
 
-    async fn start(
-        &self,
-        origin: &Origin,
-        digest: &Digest,
-        first_byte: u64,
-    ) -> Result<Arc<Job>, ResolveError> {
+    async fn start(&self, origin: &Origin, digest: &Digest, first_byte: u64) -> Result<Arc<Job>, ResolveError> {
         if let Some(partial) = self.store.existing_partial(digest).await? {
             let job = Job::new(origin.clone(), partial, self.shared.clone());
             job.fill();
@@ -229,12 +190,7 @@ impl Transfers {
         }
         let (registry, repository) = (&origin.registry, &origin.repository);
         let body = if first_byte > 0 {
-            match self
-                .shared
-                .upstream
-                .get_blob(registry, repository, digest, Some(first_byte..u64::MAX))
-                .await
-            {
+            match self.shared.upstream.get_blob(registry, repository, digest, Some(first_byte..u64::MAX)).await {
                 Err(UpstreamError::Status { status: 416, .. }) => None,
                 other => Some(other?),
             }
@@ -243,12 +199,7 @@ impl Transfers {
         };
         let body = match body {
             Some(body) => body,
-            None => {
-                self.shared
-                    .upstream
-                    .get_blob(registry, repository, digest, None)
-                    .await?
-            }
+            None => self.shared.upstream.get_blob(registry, repository, digest, None).await?,
         };
         let partial = self.store.partial(digest, body.size).await?;
         let job = Job::new(origin.clone(), partial, self.shared.clone());
@@ -271,12 +222,7 @@ impl Transfers {
 
 impl Job {
     fn new(origin: Origin, partial: Arc<PartialBlob>, shared: Arc<Shared>) -> Arc<Self> {
-        Arc::new(Self {
-            origin,
-            partial,
-            claims: Mutex::new(Vec::new()),
-            shared,
-        })
+        Arc::new(Self { origin, partial, claims: Mutex::new(Vec::new()), shared })
     }
 
     fn claims(&self) -> MutexGuard<'_, Vec<Arc<Claim>>> {
@@ -289,10 +235,7 @@ impl Job {
     }
 
     fn spawn_claim(self: &Arc<Self>, range: Range<u64>, stream: Option<ByteStream>) {
-        let claim = Arc::new(Claim {
-            cursor: AtomicU64::new(range.start),
-            end: AtomicU64::new(range.end),
-        });
+        let claim = Arc::new(Claim { cursor: AtomicU64::new(range.start), end: AtomicU64::new(range.end) });
         self.claims().push(claim.clone());
         let job = self.clone();
         let mut shutdown = self.shared.shutdown.subscribe();
@@ -326,13 +269,8 @@ impl Job {
         let action = {
             let claims = self.claims();
             let views: Vec<ClaimView> = claims.iter().map(|c| c.view()).collect();
-            let demand = plan_demand(
-                offset,
-                self.size(),
-                &self.partial.written(),
-                &views,
-                self.shared.config.steal_distance,
-            );
+            let demand =
+                plan_demand(offset, self.size(), &self.partial.written(), &views, self.shared.config.steal_distance);
             match demand {
                 Demand::Wait => None,
                 Demand::Steal { index } => {
@@ -361,12 +299,7 @@ impl Job {
                 None => self
                     .shared
                     .upstream
-                    .get_blob(
-                        &self.origin.registry,
-                        &self.origin.repository,
-                        &digest,
-                        Some(view.cursor..view.end),
-                    )
+                    .get_blob(&self.origin.registry, &self.origin.repository, &digest, Some(view.cursor..view.end))
                     .await
                     .map(|b| b.stream),
             };
@@ -378,9 +311,7 @@ impl Job {
             failures += 1;
             let permanent = !error.is_transient() && !matches!(error, UpstreamError::Protocol(_));
             if permanent || failures >= self.shared.config.transfer_attempts {
-                self.partial
-                    .fail(&format!("upstream transfer failed: {error}"))
-                    .await;
+                self.partial.fail(&format!("upstream transfer failed: {error}")).await;
                 return;
             }
             tracing::info!(%digest, %error, attempt = failures, "blob transfer broke; resuming with Range");
@@ -397,10 +328,7 @@ impl Job {
                 return if view.cursor >= view.end {
                     Ok(())
                 } else {
-                    Err(UpstreamError::Protocol(format!(
-                        "body ended at {} before {}",
-                        view.cursor, view.end
-                    )))
+                    Err(UpstreamError::Protocol(format!("body ended at {} before {}", view.cursor, view.end)))
                 };
             };
             batch.extend_from_slice(&first?);
@@ -418,10 +346,7 @@ impl Job {
             let data = batch.split_to(take).freeze();
             batch.clear();
             if !data.is_empty() {
-                self.partial
-                    .write_at(cursor, data)
-                    .await
-                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                self.partial.write_at(cursor, data).await.map_err(|e| UpstreamError::Protocol(e.to_string()))?;
                 claim.cursor.store(cursor + take as u64, Ordering::Release);
             }
             if cursor + take as u64 >= end {
@@ -462,34 +387,28 @@ impl BlobSource {
     /// Streams `range` of the blob; an error ends the response abnormally.
     pub fn stream(self, range: ByteRange) -> BlobStream {
         let state = (self, range.start, range.end);
-        Box::pin(futures_util::stream::unfold(
-            state,
-            |(source, pos, end)| async move {
-                if pos >= end {
-                    return None;
-                }
-                let len = (end - pos).min(READ_CHUNK);
-                let read = match &source {
-                    Self::Local(file) => file.read_at(pos, len).await,
-                    Self::Transfer(job) => {
-                        if job.partial.written_from(pos) == pos {
-                            job.demand(pos);
-                        }
-                        job.partial.read_at(pos, len).await
+        Box::pin(futures_util::stream::unfold(state, |(source, pos, end)| async move {
+            if pos >= end {
+                return None;
+            }
+            let len = (end - pos).min(READ_CHUNK);
+            let read = match &source {
+                Self::Local(file) => file.read_at(pos, len).await,
+                Self::Transfer(job) => {
+                    if job.partial.written_from(pos) == pos {
+                        job.demand(pos);
                     }
-                };
-                match read {
-                    Ok(bytes) => {
-                        let next = pos + bytes.len() as u64;
-                        Some((Ok(bytes), (source, next, end)))
-                    }
-                    Err(e) => Some((
-                        Err(std::io::Error::other(e.to_string())),
-                        (source, end, end),
-                    )),
+                    job.partial.read_at(pos, len).await
                 }
-            },
-        ))
+            };
+            match read {
+                Ok(bytes) => {
+                    let next = pos + bytes.len() as u64;
+                    Some((Ok(bytes), (source, next, end)))
+                }
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), (source, end, end))),
+            }
+        }))
     }
 }
 
@@ -507,57 +426,27 @@ mod tests {
 
     #[test]
     fn fill_claims_only_unheld_bytes() {
-        let claims = [ClaimView {
-            cursor: 10,
-            end: 50,
-        }];
-        assert_eq!(
-            plan_fill(100, &set(&[0..10, 60..70]), &claims),
-            vec![50..60, 70..100]
-        );
-        assert_eq!(
-            plan_fill(100, &set(&[0..100]), &[]),
-            Vec::<Range<u64>>::new()
-        );
+        let claims = [ClaimView { cursor: 10, end: 50 }];
+        assert_eq!(plan_fill(100, &set(&[0..10, 60..70]), &claims), vec![50..60, 70..100]);
+        assert_eq!(plan_fill(100, &set(&[0..100]), &[]), Vec::<Range<u64>>::new());
     }
 
     #[test]
     fn readers_near_a_claim_wait() {
-        let claims = [ClaimView {
-            cursor: 0,
-            end: 100,
-        }];
-        assert_eq!(
-            plan_demand(10, 100, &IntervalSet::new(), &claims, 16),
-            Demand::Wait
-        );
+        let claims = [ClaimView { cursor: 0, end: 100 }];
+        assert_eq!(plan_demand(10, 100, &IntervalSet::new(), &claims, 16), Demand::Wait);
     }
 
     #[test]
     fn readers_far_ahead_steal_the_tail() {
-        let claims = [ClaimView {
-            cursor: 0,
-            end: 100,
-        }];
-        assert_eq!(
-            plan_demand(50, 100, &IntervalSet::new(), &claims, 16),
-            Demand::Steal { index: 0 }
-        );
+        let claims = [ClaimView { cursor: 0, end: 100 }];
+        assert_eq!(plan_demand(50, 100, &IntervalSet::new(), &claims, 16), Demand::Steal { index: 0 });
     }
 
     #[test]
     fn unclaimed_bytes_get_a_claim_to_the_next_held_byte() {
-        let claims = [ClaimView {
-            cursor: 80,
-            end: 100,
-        }];
-        assert_eq!(
-            plan_demand(30, 100, &set(&[0..20]), &claims, 16),
-            Demand::Claim(30..80)
-        );
-        assert_eq!(
-            plan_demand(5, 100, &set(&[0..20]), &claims, 16),
-            Demand::Wait
-        );
+        let claims = [ClaimView { cursor: 80, end: 100 }];
+        assert_eq!(plan_demand(30, 100, &set(&[0..20]), &claims, 16), Demand::Claim(30..80));
+        assert_eq!(plan_demand(5, 100, &set(&[0..20]), &claims, 16), Demand::Wait);
     }
 }

@@ -7,6 +7,8 @@
 //! - `tmp/`: small writes before their rename; emptied at start.
 //! - `meta.redb`: tags, manifests, blobs, and the durable pieces of partial blobs.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
+
 mod meta;
 mod partial;
 
@@ -41,11 +43,7 @@ pub enum StoreError {
     #[error("content does not match its digest {0}")]
     DigestMismatch(Digest),
     #[error("blob {digest} is already arriving with size {existing}, not {requested}")]
-    SizeConflict {
-        digest: Digest,
-        existing: u64,
-        requested: u64,
-    },
+    SizeConflict { digest: Digest, existing: u64, requested: u64 },
     #[error("background task failed: {0}")]
     Join(String),
 }
@@ -98,9 +96,7 @@ struct Inner {
 }
 
 pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -146,9 +142,7 @@ impl Store {
 
     /// The size of the complete blob, if the store holds it.
     pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
-        std::fs::metadata(self.blob_path(digest))
-            .ok()
-            .map(|m| m.len())
+        std::fs::metadata(self.blob_path(digest)).ok().map(|m| m.len())
     }
 
     /// Opens a complete blob.
@@ -156,10 +150,7 @@ impl Store {
         match File::open(self.blob_path(digest)) {
             Ok(file) => {
                 let size = file.metadata()?.len();
-                Ok(Some(BlobFile {
-                    file: Arc::new(file),
-                    size,
-                }))
+                Ok(Some(BlobFile { file: Arc::new(file), size }))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
@@ -187,33 +178,20 @@ impl Store {
             if to.exists() {
                 return Ok(());
             }
-            let tmp = store.inner.root.join("tmp").join(format!(
-                "{}.{}",
-                digest.hex(),
-                std::process::id()
-            ));
+            let tmp = store.inner.root.join("tmp").join(format!("{}.{}", digest.hex(), std::process::id()));
             let mut file = File::create(&tmp)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
             std::fs::rename(&tmp, &to)?;
             sync_dir(to.parent().unwrap_or(&store.inner.root))?;
-            store.inner.meta.complete_blob(
-                &digest,
-                &BlobRecord {
-                    size: bytes.len() as u64,
-                    created: now_secs(),
-                },
-            )
+            store.inner.meta.complete_blob(&digest, &BlobRecord { size: bytes.len() as u64, created: now_secs() })
         })
         .await
         .map_err(StoreError::join)?
     }
 
     /// The blob still arriving with this digest, if any (also one a previous run left).
-    pub async fn existing_partial(
-        &self,
-        digest: &Digest,
-    ) -> Result<Option<Arc<PartialBlob>>, StoreError> {
+    pub async fn existing_partial(&self, digest: &Digest) -> Result<Option<Arc<PartialBlob>>, StoreError> {
         let mut partials = self.inner.partials.lock().await;
         if let Some(p) = partials.get(digest) {
             return Ok(Some(p.clone()));
@@ -225,11 +203,7 @@ impl Store {
             self.inner.meta.remove_partial(digest)?;
             return Ok(None);
         }
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(self.partial_path(digest))
-        {
+        let file = match std::fs::OpenOptions::new().read(true).write(true).open(self.partial_path(digest)) {
             Ok(f) if f.metadata()?.len() == record.size => f,
             _ => {
                 self.inner.meta.remove_partial(digest)?;
@@ -242,28 +216,14 @@ impl Store {
             durable[*i as usize] = true;
         }
         tracing::info!(%digest, pieces = record.durable.len(), of = layout.count(), "resuming partial blob");
-        Ok(Some(self.adopt(
-            &mut partials,
-            digest,
-            layout,
-            file,
-            durable,
-        )))
+        Ok(Some(self.adopt(&mut partials, digest, layout, file, durable)))
     }
 
     /// The partial blob for `digest`: the one already arriving, one to resume, or a new one.
-    pub async fn partial(
-        &self,
-        digest: &Digest,
-        size: u64,
-    ) -> Result<Arc<PartialBlob>, StoreError> {
+    pub async fn partial(&self, digest: &Digest, size: u64) -> Result<Arc<PartialBlob>, StoreError> {
         if let Some(p) = self.existing_partial(digest).await? {
             if p.size() != size {
-                return Err(StoreError::SizeConflict {
-                    digest: *digest,
-                    existing: p.size(),
-                    requested: size,
-                });
+                return Err(StoreError::SizeConflict { digest: *digest, existing: p.size(), requested: size });
             }
             return Ok(p);
         }
@@ -279,19 +239,9 @@ impl Store {
             .truncate(true)
             .open(self.partial_path(digest))?;
         file.set_len(size)?;
-        let record = PartialRecord {
-            size,
-            piece_size: layout.piece_size(),
-            durable: Vec::new(),
-        };
+        let record = PartialRecord { size, piece_size: layout.piece_size(), durable: Vec::new() };
         self.inner.meta.put_partial(digest, &record)?;
-        Ok(self.adopt(
-            &mut partials,
-            digest,
-            layout,
-            file,
-            vec![false; layout.count() as usize],
-        ))
+        Ok(self.adopt(&mut partials, digest, layout, file, vec![false; layout.count() as usize]))
     }
 
     fn adopt(
@@ -303,27 +253,15 @@ impl Store {
         durable: Vec<bool>,
     ) -> Arc<PartialBlob> {
         let path = self.partial_path(digest);
-        let blob = Arc::new(PartialBlob::new(
-            self.clone(),
-            *digest,
-            layout,
-            file,
-            path,
-            durable,
-        ));
+        let blob = Arc::new(PartialBlob::new(self.clone(), *digest, layout, file, path, durable));
         partials.insert(*digest, blob.clone());
-        self.inner
-            .tasks
-            .spawn(blob.clone().finish(self.inner.shutdown.subscribe()));
+        self.inner.tasks.spawn(blob.clone().finish(self.inner.shutdown.subscribe()));
         blob
     }
 
     async fn forget_partial(&self, blob: &PartialBlob) {
         let mut partials = self.inner.partials.lock().await;
-        if partials
-            .get(&blob.digest())
-            .is_some_and(|p| std::ptr::eq(p.as_ref(), blob))
-        {
+        if partials.get(&blob.digest()).is_some_and(|p| std::ptr::eq(p.as_ref(), blob)) {
             partials.remove(&blob.digest());
         }
     }
@@ -334,18 +272,11 @@ impl Store {
     async fn discard_partial(&self, blob: &PartialBlob) -> Result<(), StoreError> {
         let digest = blob.digest();
         let mut partials = self.inner.partials.lock().await;
-        if !partials
-            .get(&digest)
-            .is_some_and(|p| std::ptr::eq(p.as_ref(), blob))
-        {
+        if !partials.get(&digest).is_some_and(|p| std::ptr::eq(p.as_ref(), blob)) {
             return Ok(());
         }
         partials.remove(&digest);
-        let aside = self
-            .inner
-            .root
-            .join("tmp")
-            .join(format!("{}.discarded", digest.hex()));
+        let aside = self.inner.root.join("tmp").join(format!("{}.discarded", digest.hex()));
         match std::fs::rename(blob.path(), &aside) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -365,9 +296,7 @@ impl Store {
     /// Records where a tag points.
     pub async fn put_tag(&self, key: String, record: TagRecord) -> Result<(), StoreError> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.inner.meta.put_tag(&key, &record))
-            .await
-            .map_err(StoreError::join)?
+        tokio::task::spawn_blocking(move || store.inner.meta.put_tag(&key, &record)).await.map_err(StoreError::join)?
     }
 
     /// All tags.
@@ -381,11 +310,7 @@ impl Store {
     }
 
     /// Records a cached manifest.
-    pub async fn put_manifest(
-        &self,
-        digest: Digest,
-        record: ManifestRecord,
-    ) -> Result<(), StoreError> {
+    pub async fn put_manifest(&self, digest: Digest, record: ManifestRecord) -> Result<(), StoreError> {
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.inner.meta.put_manifest(&digest, &record))
             .await

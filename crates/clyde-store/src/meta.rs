@@ -87,39 +87,23 @@ impl Meta {
         let Some(value) = table.get(key).map_err(db_err)? else {
             return Ok(None);
         };
-        serde_json::from_slice(value.value())
-            .map(Some)
-            .map_err(db_err)
+        serde_json::from_slice(value.value()).map(Some).map_err(db_err)
     }
 
-    fn put<T: Serialize>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-        key: &str,
-        value: &T,
-    ) -> Result<(), StoreError> {
+    fn put<T: Serialize>(&self, table: TableDefinition<&str, &[u8]>, key: &str, value: &T) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(value).map_err(db_err)?;
         let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(table)
-            .map_err(db_err)?
-            .insert(key, bytes.as_slice())
-            .map_err(db_err)?;
+        txn.open_table(table).map_err(db_err)?.insert(key, bytes.as_slice()).map_err(db_err)?;
         txn.commit().map_err(db_err)
     }
 
-    fn all<T: DeserializeOwned>(
-        &self,
-        table: TableDefinition<&str, &[u8]>,
-    ) -> Result<Vec<(String, T)>, StoreError> {
+    fn all<T: DeserializeOwned>(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<(String, T)>, StoreError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let table = txn.open_table(table).map_err(db_err)?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(db_err)? {
             let (k, v) = entry.map_err(db_err)?;
-            out.push((
-                k.value().to_string(),
-                serde_json::from_slice(v.value()).map_err(db_err)?,
-            ));
+            out.push((k.value().to_string(), serde_json::from_slice(v.value()).map_err(db_err)?));
         }
         Ok(out)
     }
@@ -136,11 +120,7 @@ impl Meta {
         self.get(MANIFESTS, &digest.to_string())
     }
 
-    pub(crate) fn put_manifest(
-        &self,
-        digest: &Digest,
-        record: &ManifestRecord,
-    ) -> Result<(), StoreError> {
+    pub(crate) fn put_manifest(&self, digest: &Digest, record: &ManifestRecord) -> Result<(), StoreError> {
         self.put(MANIFESTS, &digest.to_string(), record)
     }
 
@@ -156,41 +136,24 @@ impl Meta {
         self.get(PARTIALS, &digest.to_string())
     }
 
-    pub(crate) fn put_partial(
-        &self,
-        digest: &Digest,
-        record: &PartialRecord,
-    ) -> Result<(), StoreError> {
+    pub(crate) fn put_partial(&self, digest: &Digest, record: &PartialRecord) -> Result<(), StoreError> {
         self.put(PARTIALS, &digest.to_string(), record)
     }
 
     pub(crate) fn remove_partial(&self, digest: &Digest) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(PARTIALS)
-            .map_err(db_err)?
-            .remove(digest.to_string().as_str())
-            .map_err(db_err)?;
+        txn.open_table(PARTIALS).map_err(db_err)?.remove(digest.to_string().as_str()).map_err(db_err)?;
         txn.commit().map_err(db_err)
     }
 
     /// Records a blob as complete and forgets its partial state, in one transaction.
-    pub(crate) fn complete_blob(
-        &self,
-        digest: &Digest,
-        record: &BlobRecord,
-    ) -> Result<(), StoreError> {
+    pub(crate) fn complete_blob(&self, digest: &Digest, record: &BlobRecord) -> Result<(), StoreError> {
         let key = digest.to_string();
         let bytes = serde_json::to_vec(record).map_err(db_err)?;
         let txn = self.db.begin_write().map_err(db_err)?;
         {
-            txn.open_table(PARTIALS)
-                .map_err(db_err)?
-                .remove(key.as_str())
-                .map_err(db_err)?;
-            txn.open_table(BLOBS)
-                .map_err(db_err)?
-                .insert(key.as_str(), bytes.as_slice())
-                .map_err(db_err)?;
+            txn.open_table(PARTIALS).map_err(db_err)?.remove(key.as_str()).map_err(db_err)?;
+            txn.open_table(BLOBS).map_err(db_err)?.insert(key.as_str(), bytes.as_slice()).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)
     }

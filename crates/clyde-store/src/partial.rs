@@ -69,11 +69,7 @@ impl PartialBlob {
             layout,
             file: Arc::new(file),
             path,
-            state: Mutex::new(State {
-                written,
-                durable,
-                outcome: Outcome::Pending,
-            }),
+            state: Mutex::new(State { written, durable, outcome: Outcome::Pending }),
             changed,
             store,
         }
@@ -125,9 +121,7 @@ impl PartialBlob {
 
     /// Writes `data` at `offset`; readers waiting for those bytes wake up.
     pub async fn write_at(&self, offset: u64, data: Bytes) -> Result<(), StoreError> {
-        let end = offset
-            .checked_add(data.len() as u64)
-            .ok_or(StoreError::OutOfBounds)?;
+        let end = offset.checked_add(data.len() as u64).ok_or(StoreError::OutOfBounds)?;
         if end > self.size() {
             return Err(StoreError::OutOfBounds);
         }
@@ -135,9 +129,7 @@ impl PartialBlob {
             return Err(StoreError::Finished);
         }
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset))
-            .await
-            .map_err(StoreError::join)??;
+        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset)).await.map_err(StoreError::join)??;
         self.state().written.insert(offset..end);
         self.notify();
         Ok(())
@@ -159,11 +151,7 @@ impl PartialBlob {
                 // The last byte is held back until the whole blob verified, so a reader of a
                 // blob that turns out corrupt never sees a response end as if complete.
                 let verified = state.outcome == Outcome::Complete;
-                let held = if !verified && offset + available == self.size() {
-                    1
-                } else {
-                    0
-                };
+                let held = if !verified && offset + available == self.size() { 1 } else { 0 };
                 if available > held {
                     break available - held;
                 }
@@ -224,8 +212,7 @@ impl PartialBlob {
         }
         let (got, ok) = verifier.finish();
         if !ok {
-            self.fail(&format!("digest mismatch: bytes hash to {got}"))
-                .await;
+            self.fail(&format!("digest mismatch: bytes hash to {got}")).await;
             return;
         }
         if let Err(e) = self.commit().await {
@@ -237,9 +224,7 @@ impl PartialBlob {
         let newly: Vec<u64> = {
             let state = self.state();
             (0..self.layout.count())
-                .filter(|&i| {
-                    !state.durable[i as usize] && state.written.covers(self.layout.bounds(i))
-                })
+                .filter(|&i| !state.durable[i as usize] && state.written.covers(self.layout.bounds(i)))
                 .collect()
         };
         if newly.is_empty() {
@@ -247,15 +232,9 @@ impl PartialBlob {
         }
         let record = {
             let state = self.state();
-            let mut durable: Vec<u64> = (0..self.layout.count())
-                .filter(|&i| state.durable[i as usize])
-                .collect();
+            let mut durable: Vec<u64> = (0..self.layout.count()).filter(|&i| state.durable[i as usize]).collect();
             durable.extend(&newly);
-            PartialRecord {
-                size: self.size(),
-                piece_size: self.layout.piece_size(),
-                durable,
-            }
+            PartialRecord { size: self.size(), piece_size: self.layout.piece_size(), durable }
         };
         let (file, store, digest) = (self.file.clone(), self.store.clone(), self.digest);
         tokio::task::spawn_blocking(move || {
@@ -283,25 +262,14 @@ impl PartialBlob {
     }
 
     async fn commit(&self) -> Result<(), StoreError> {
-        let (file, store, digest, from) = (
-            self.file.clone(),
-            self.store.clone(),
-            self.digest,
-            self.path.clone(),
-        );
+        let (file, store, digest, from) = (self.file.clone(), self.store.clone(), self.digest, self.path.clone());
         let size = self.size();
         tokio::task::spawn_blocking(move || {
             file.sync_data()?;
             let to = store.blob_path(&digest);
             std::fs::rename(&from, &to)?;
             sync_dir(to.parent().unwrap_or(store.root()))?;
-            store.inner.meta.complete_blob(
-                &digest,
-                &BlobRecord {
-                    size,
-                    created: now_secs(),
-                },
-            )
+            store.inner.meta.complete_blob(&digest, &BlobRecord { size, created: now_secs() })
         })
         .await
         .map_err(StoreError::join)??;
@@ -313,11 +281,7 @@ impl PartialBlob {
     }
 }
 
-pub(crate) async fn read_file_at(
-    file: Arc<File>,
-    offset: u64,
-    len: u64,
-) -> Result<Bytes, StoreError> {
+pub(crate) async fn read_file_at(file: Arc<File>, offset: u64, len: u64) -> Result<Bytes, StoreError> {
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0u8; len as usize];
         file.read_exact_at(&mut buf, offset)?;

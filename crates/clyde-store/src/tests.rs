@@ -36,12 +36,8 @@ async fn out_of_order_pieces_commit_after_verification() {
         })
     };
     let cut = 100 * 1024;
-    p.write_at(cut as u64, Bytes::copy_from_slice(&data[cut..]))
-        .await
-        .unwrap();
-    p.write_at(0, Bytes::copy_from_slice(&data[..cut]))
-        .await
-        .unwrap();
+    p.write_at(cut as u64, Bytes::copy_from_slice(&data[cut..])).await.unwrap();
+    p.write_at(0, Bytes::copy_from_slice(&data[..cut])).await.unwrap();
     assert_eq!(reader.await.unwrap(), data);
     assert_eq!(wait_outcome(&p).await, Outcome::Complete);
     assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
@@ -72,18 +68,10 @@ async fn durable_pieces_survive_a_reopen() {
     {
         let store = Store::open(dir.path(), 64 * 1024).unwrap();
         let p = store.partial(&digest, data.len() as u64).await.unwrap();
-        p.write_at(0, Bytes::copy_from_slice(&data[..128 * 1024 + 5]))
-            .await
-            .unwrap();
+        p.write_at(0, Bytes::copy_from_slice(&data[..128 * 1024 + 5])).await.unwrap();
         // Wait until the finisher recorded the two whole pieces.
         for _ in 0..200 {
-            if store
-                .inner
-                .meta
-                .partial(&digest)
-                .unwrap()
-                .is_some_and(|r| r.durable.len() == 2)
-            {
+            if store.inner.meta.partial(&digest).unwrap().is_some_and(|r| r.durable.len() == 2) {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -91,15 +79,9 @@ async fn durable_pieces_survive_a_reopen() {
         store.shutdown().await;
     }
     let store = Store::open(dir.path(), 64 * 1024).unwrap();
-    let p = store
-        .existing_partial(&digest)
-        .await
-        .unwrap()
-        .expect("resumable");
+    let p = store.existing_partial(&digest).await.unwrap().expect("resumable");
     assert_eq!(p.written().spans(), &[0..128 * 1024]);
-    p.write_at(128 * 1024, Bytes::copy_from_slice(&data[128 * 1024..]))
-        .await
-        .unwrap();
+    p.write_at(128 * 1024, Bytes::copy_from_slice(&data[128 * 1024..])).await.unwrap();
     assert_eq!(wait_outcome(&p).await, Outcome::Complete);
     assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
 }
@@ -109,21 +91,10 @@ async fn put_blob_rejects_wrong_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), 64 * 1024).unwrap();
     let d = Digest::of(b"manifest");
-    assert!(
-        store
-            .put_blob(d, Bytes::from_static(b"other"))
-            .await
-            .is_err()
-    );
+    assert!(store.put_blob(d, Bytes::from_static(b"other")).await.is_err());
     assert!(store.read_blob(&d).await.unwrap().is_none());
-    store
-        .put_blob(d, Bytes::from_static(b"manifest"))
-        .await
-        .unwrap();
-    assert_eq!(
-        store.read_blob(&d).await.unwrap().unwrap(),
-        Bytes::from_static(b"manifest")
-    );
+    store.put_blob(d, Bytes::from_static(b"manifest")).await.unwrap();
+    assert_eq!(store.read_blob(&d).await.unwrap().unwrap(), Bytes::from_static(b"manifest"));
 }
 
 #[tokio::test]

@@ -52,11 +52,7 @@ impl FromStr for Digest {
         if algorithm != "sha256" {
             return Err(DigestError::UnsupportedAlgorithm(truncate(algorithm)));
         }
-        if encoded.len() != 64
-            || !encoded
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
+        if encoded.len() != 64 || !encoded.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
             return Err(DigestError::BadHex);
         }
         let mut out = [0u8; 32];
@@ -104,11 +100,7 @@ pub struct DigestVerifier {
 impl DigestVerifier {
     /// Starts verifying bytes that should hash to `expected`.
     pub fn new(expected: Digest) -> Self {
-        Self {
-            expected,
-            hasher: Sha256::new(),
-            len: 0,
-        }
+        Self { expected, hasher: Sha256::new(), len: 0 }
     }
 
     /// Feeds the next bytes, in order.
@@ -149,22 +141,10 @@ mod tests {
 
     #[test]
     fn rejects_uppercase_short_and_other_algorithms() {
-        assert_eq!(
-            EMPTY
-                .to_uppercase()
-                .replace("SHA256", "sha256")
-                .parse::<Digest>(),
-            Err(DigestError::BadHex)
-        );
+        assert_eq!(EMPTY.to_uppercase().replace("SHA256", "sha256").parse::<Digest>(), Err(DigestError::BadHex));
         assert_eq!("sha256:abc".parse::<Digest>(), Err(DigestError::BadHex));
-        assert!(matches!(
-            "sha512:00".parse::<Digest>(),
-            Err(DigestError::UnsupportedAlgorithm(_))
-        ));
-        assert!(matches!(
-            "e3b0".parse::<Digest>(),
-            Err(DigestError::MissingAlgorithm(_))
-        ));
+        assert!(matches!("sha512:00".parse::<Digest>(), Err(DigestError::UnsupportedAlgorithm(_))));
+        assert!(matches!("e3b0".parse::<Digest>(), Err(DigestError::MissingAlgorithm(_))));
         assert!("sha256:../../../../etc/passwd".parse::<Digest>().is_err());
     }
 

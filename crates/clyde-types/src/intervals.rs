@@ -60,10 +60,7 @@ impl IntervalSet {
             let end = self.covered_from(pos);
             if end == pos {
                 let i = self.spans.partition_point(|s| s.end <= pos);
-                let gap_end = self
-                    .spans
-                    .get(i)
-                    .map_or(within.end, |s| s.start.min(within.end));
+                let gap_end = self.spans.get(i).map_or(within.end, |s| s.start.min(within.end));
                 return Some(pos..gap_end);
             }
             pos = end;

@@ -4,6 +4,8 @@
 //! headers) is parsed here into a type that can only hold a valid value, so the adapters
 //! never pass raw strings to the store or the upstream client.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
+
 pub mod digest;
 pub mod intervals;
 pub mod media;

@@ -38,10 +38,7 @@ mod tests {
     fn accept_matching() {
         assert!(accepts(None, OCI_INDEX));
         assert!(accepts(Some("*/*"), OCI_INDEX));
-        assert!(accepts(
-            Some("application/json, application/vnd.oci.image.index.v1+json;q=0.9"),
-            OCI_INDEX
-        ));
+        assert!(accepts(Some("application/json, application/vnd.oci.image.index.v1+json;q=0.9"), OCI_INDEX));
         assert!(!accepts(Some(DOCKER_MANIFEST), OCI_INDEX));
     }
 }

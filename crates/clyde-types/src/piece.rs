@@ -49,11 +49,7 @@ impl PieceLayout {
     /// The pieces entirely inside `range`.
     pub fn pieces_within(&self, range: Range<u64>) -> Range<u64> {
         let first = range.start.div_ceil(self.piece_size);
-        let last = if range.end >= self.size {
-            self.count()
-        } else {
-            range.end / self.piece_size
-        };
+        let last = if range.end >= self.size { self.count() } else { range.end / self.piece_size };
         first..last.max(first)
     }
 }

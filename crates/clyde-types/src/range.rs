@@ -40,10 +40,7 @@ impl RangeRequest {
         if value.len() > MAX_RANGE_HEADER {
             return Err(RangeError::Malformed);
         }
-        let spec = value
-            .trim()
-            .strip_prefix("bytes=")
-            .ok_or(RangeError::Malformed)?;
+        let spec = value.trim().strip_prefix("bytes=").ok_or(RangeError::Malformed)?;
         if spec.contains(',') {
             return Err(RangeError::Multiple);
         }
@@ -56,9 +53,7 @@ impl RangeRequest {
         };
         match (first.trim(), last.trim()) {
             ("", len) => Ok(Self::Suffix { len: number(len)? }),
-            (first, "") => Ok(Self::From {
-                first: number(first)?,
-            }),
+            (first, "") => Ok(Self::From { first: number(first)? }),
             (first, last) => {
                 let (first, last) = (number(first)?, number(last)?);
                 if last < first {
@@ -87,11 +82,7 @@ impl RangeRequest {
 impl ByteRange {
     /// The whole blob.
     pub fn full(size: u64) -> Self {
-        Self {
-            start: 0,
-            end: size,
-            size,
-        }
+        Self { start: 0, end: size, size }
     }
 
     /// Number of bytes selected.
@@ -126,22 +117,10 @@ mod tests {
 
     #[test]
     fn parses_the_three_forms() {
-        assert_eq!(
-            RangeRequest::parse("bytes=0-9"),
-            Ok(RangeRequest::Bounded { first: 0, last: 9 })
-        );
-        assert_eq!(
-            RangeRequest::parse("bytes=5-"),
-            Ok(RangeRequest::From { first: 5 })
-        );
-        assert_eq!(
-            RangeRequest::parse("bytes=-5"),
-            Ok(RangeRequest::Suffix { len: 5 })
-        );
-        assert_eq!(
-            RangeRequest::parse("bytes=0-1,4-5"),
-            Err(RangeError::Multiple)
-        );
+        assert_eq!(RangeRequest::parse("bytes=0-9"), Ok(RangeRequest::Bounded { first: 0, last: 9 }));
+        assert_eq!(RangeRequest::parse("bytes=5-"), Ok(RangeRequest::From { first: 5 }));
+        assert_eq!(RangeRequest::parse("bytes=-5"), Ok(RangeRequest::Suffix { len: 5 }));
+        assert_eq!(RangeRequest::parse("bytes=0-1,4-5"), Err(RangeError::Multiple));
         for bad in [
             "bytes=",
             "bytes=-",
@@ -151,59 +130,33 @@ mod tests {
             "bytes=+1-2",
             "bytes=0-99999999999999999999999",
         ] {
-            assert_eq!(
-                RangeRequest::parse(bad),
-                Err(RangeError::Malformed),
-                "{bad}"
-            );
+            assert_eq!(RangeRequest::parse(bad), Err(RangeError::Malformed), "{bad}");
         }
     }
 
     #[test]
     fn resolves_against_size() {
-        let r = RangeRequest::parse("bytes=0-99")
-            .unwrap()
-            .resolve(10)
-            .unwrap();
+        let r = RangeRequest::parse("bytes=0-99").unwrap().resolve(10).unwrap();
         assert_eq!((r.start, r.end), (0, 10));
         assert_eq!(r.content_range(), "bytes 0-9/10");
-        let r = RangeRequest::parse("bytes=-3")
-            .unwrap()
-            .resolve(10)
-            .unwrap();
+        let r = RangeRequest::parse("bytes=-3").unwrap().resolve(10).unwrap();
         assert_eq!((r.start, r.end), (7, 10));
-        let r = RangeRequest::parse("bytes=-30")
-            .unwrap()
-            .resolve(10)
-            .unwrap();
+        let r = RangeRequest::parse("bytes=-30").unwrap().resolve(10).unwrap();
         assert_eq!((r.start, r.end), (0, 10));
     }
 
     #[test]
     fn range_past_end_is_unsatisfiable() {
-        assert_eq!(
-            RangeRequest::parse("bytes=10-").unwrap().resolve(10),
-            Err(RangeError::Unsatisfiable { size: 10 })
-        );
-        assert_eq!(
-            RangeRequest::parse("bytes=-0").unwrap().resolve(10),
-            Err(RangeError::Unsatisfiable { size: 10 })
-        );
-        assert!(
-            RangeRequest::parse("bytes=0-0")
-                .unwrap()
-                .resolve(0)
-                .is_err()
-        );
+        assert_eq!(RangeRequest::parse("bytes=10-").unwrap().resolve(10), Err(RangeError::Unsatisfiable { size: 10 }));
+        assert_eq!(RangeRequest::parse("bytes=-0").unwrap().resolve(10), Err(RangeError::Unsatisfiable { size: 10 }));
+        assert!(RangeRequest::parse("bytes=0-0").unwrap().resolve(0).is_err());
     }
 
     proptest::proptest! {
         #[test]
         fn resolved_ranges_are_inside(s in "bytes=[0-9]{0,4}-[0-9]{0,4}", size in 0u64..20000) {
-            if let Ok(req) = RangeRequest::parse(&s) {
-                if let Ok(r) = req.resolve(size) {
-                    proptest::prop_assert!(r.start < r.end && r.end <= size);
-                }
+            if let Ok(r) = RangeRequest::parse(&s).and_then(|req| req.resolve(size)) {
+                proptest::prop_assert!(r.start < r.end && r.end <= size);
             }
         }
     }

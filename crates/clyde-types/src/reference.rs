@@ -39,11 +39,7 @@ pub enum ApiPath {
     /// `/v2/`: the API version check.
     Root,
     /// A manifest or blob of a repository in a registry.
-    Content {
-        registry: Registry,
-        repository: Repository,
-        resource: Resource,
-    },
+    Content { registry: Registry, repository: Repository, resource: Resource },
 }
 
 /// Why a request path or reference is not acceptable.
@@ -51,19 +47,13 @@ pub enum ApiPath {
 pub enum PathError {
     #[error("path is not under /v2/")]
     NotV2,
-    #[error(
-        "no such endpoint; this mirror serves /v2/<name>/manifests/<reference> and /v2/<name>/blobs/<digest>"
-    )]
+    #[error("no such endpoint; this mirror serves /v2/<name>/manifests/<reference> and /v2/<name>/blobs/<digest>")]
     UnknownEndpoint,
-    #[error(
-        "invalid repository name {0:?}: lowercase alphanumerics separated by '/', '.', '_', '__' or '-'"
-    )]
+    #[error("invalid repository name {0:?}: lowercase alphanumerics separated by '/', '.', '_', '__' or '-'")]
     BadName(String),
     #[error("invalid registry {0:?}: expected host[:port]")]
     BadRegistry(String),
-    #[error(
-        "invalid tag {0:?}: up to 128 characters of [A-Za-z0-9_.-], not starting with '.' or '-'"
-    )]
+    #[error("invalid tag {0:?}: up to 128 characters of [A-Za-z0-9_.-], not starting with '.' or '-'")]
     BadTag(String),
     #[error("invalid digest: {0}")]
     BadDigest(#[from] DigestError),
@@ -76,14 +66,8 @@ fn clip(s: &str) -> String {
 impl Registry {
     /// Parses `host[:port]`, also `[v6]:port`.
     pub fn parse(s: &str) -> Result<Self, PathError> {
-        let ok_chars = s
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
-        if s.is_empty()
-            || s.len() > MAX_REGISTRY_LEN
-            || !ok_chars
-            || s.starts_with(['.', '-', ':'])
-            || s.contains("..")
+        let ok_chars = s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+        if s.is_empty() || s.len() > MAX_REGISTRY_LEN || !ok_chars || s.starts_with(['.', '-', ':']) || s.contains("..")
         {
             return Err(PathError::BadRegistry(clip(s)));
         }
@@ -181,8 +165,7 @@ impl Reference {
         let ok = !b.is_empty()
             && b.len() <= 128
             && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
         if !ok {
             return Err(PathError::BadTag(clip(s)));
         }
@@ -223,16 +206,9 @@ impl ApiPath {
             }
             None => (Registry(DEFAULT_REGISTRY.to_string()), name.join("/")),
         };
-        let name = if registry.as_str() == DEFAULT_REGISTRY && !name.contains('/') {
-            format!("library/{name}")
-        } else {
-            name
-        };
-        Ok(Self::Content {
-            registry,
-            repository: Repository::parse(&name)?,
-            resource,
-        })
+        let name =
+            if registry.as_str() == DEFAULT_REGISTRY && !name.contains('/') { format!("library/{name}") } else { name };
+        Ok(Self::Content { registry, repository: Repository::parse(&name)?, resource })
     }
 }
 
@@ -244,11 +220,9 @@ mod tests {
 
     fn content(path: &str, ns: Option<&str>) -> (String, String, Resource) {
         match ApiPath::parse(path, ns).unwrap() {
-            ApiPath::Content {
-                registry,
-                repository,
-                resource,
-            } => (registry.to_string(), repository.to_string(), resource),
+            ApiPath::Content { registry, repository, resource } => {
+                (registry.to_string(), repository.to_string(), resource)
+            }
             ApiPath::Root => panic!("root"),
         }
     }
@@ -272,14 +246,8 @@ mod tests {
     #[test]
     fn root_and_unknown_endpoints() {
         assert_eq!(ApiPath::parse("/v2/", None), Ok(ApiPath::Root));
-        assert_eq!(
-            ApiPath::parse("/v2/app/tags/list", None),
-            Err(PathError::UnknownEndpoint)
-        );
-        assert_eq!(
-            ApiPath::parse("/v2/app/manifests", None),
-            Err(PathError::UnknownEndpoint)
-        );
+        assert_eq!(ApiPath::parse("/v2/app/tags/list", None), Err(PathError::UnknownEndpoint));
+        assert_eq!(ApiPath::parse("/v2/app/manifests", None), Err(PathError::UnknownEndpoint));
         assert_eq!(ApiPath::parse("/v1/x", None), Err(PathError::NotV2));
     }
 

@@ -68,10 +68,7 @@ impl TokenCache {
     }
 
     fn store(&self, registry: &str, scope: &str, value: String, ttl: Duration) {
-        self.lock().insert(
-            (registry.to_string(), scope.to_string()),
-            (value, Instant::now() + ttl),
-        );
+        self.lock().insert((registry.to_string(), scope.to_string()), (value, Instant::now() + ttl));
     }
 
     /// Answers a `WWW-Authenticate` challenge, caching the resulting `Authorization`.
@@ -84,28 +81,19 @@ impl TokenCache {
         credentials: Option<&(String, String)>,
     ) -> Result<(), UpstreamError> {
         let refused = |why: &str| UpstreamError::Unauthorized(why.to_string());
-        let (scheme, params) =
-            parse_challenge(challenge).ok_or_else(|| refused("unparsable WWW-Authenticate"))?;
-        let basic = credentials.map(|(u, p)| {
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
-            )
-        });
+        let (scheme, params) = parse_challenge(challenge).ok_or_else(|| refused("unparsable WWW-Authenticate"))?;
+        let basic = credentials
+            .map(|(u, p)| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
         match scheme.as_str() {
             "basic" => {
-                let value = basic
-                    .ok_or_else(|| refused("registry wants basic auth and none is configured"))?;
+                let value = basic.ok_or_else(|| refused("registry wants basic auth and none is configured"))?;
                 self.store(registry, scope, value, Duration::from_secs(3600));
                 Ok(())
             }
             "bearer" => {
-                let realm = params
-                    .get("realm")
-                    .ok_or_else(|| refused("bearer challenge without realm"))?;
-                let mut req = http
-                    .get(realm.as_str())
-                    .query(&[("scope", params.get("scope").map_or(scope, String::as_str))]);
+                let realm = params.get("realm").ok_or_else(|| refused("bearer challenge without realm"))?;
+                let mut req =
+                    http.get(realm.as_str()).query(&[("scope", params.get("scope").map_or(scope, String::as_str))]);
                 if let Some(service) = params.get("service") {
                     req = req.query(&[("service", service)]);
                 }
@@ -117,18 +105,11 @@ impl TokenCache {
                     reason: format!("token service: {e}"),
                 })?;
                 if !resp.status().is_success() {
-                    return Err(refused(&format!(
-                        "token service answered {}",
-                        resp.status()
-                    )));
+                    return Err(refused(&format!("token service answered {}", resp.status())));
                 }
                 let body: TokenResponse = resp.json_or_err().await?;
-                let token = body
-                    .token
-                    .or(body.access_token)
-                    .ok_or_else(|| refused("token service sent no token"))?;
-                let ttl =
-                    Duration::from_secs(body.expires_in.unwrap_or(60).saturating_sub(5).max(1));
+                let token = body.token.or(body.access_token).ok_or_else(|| refused("token service sent no token"))?;
+                let ttl = Duration::from_secs(body.expires_in.unwrap_or(60).saturating_sub(5).max(1));
                 self.store(registry, scope, format!("Bearer {token}"), ttl);
                 Ok(())
             }
@@ -143,12 +124,8 @@ trait JsonOrErr {
 
 impl JsonOrErr for reqwest::Response {
     async fn json_or_err<T: serde::de::DeserializeOwned>(self) -> Result<T, UpstreamError> {
-        let bytes = self
-            .bytes()
-            .await
-            .map_err(|e| UpstreamError::Protocol(format!("token body: {e}")))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| UpstreamError::Protocol(format!("token body: {e}")))
+        let bytes = self.bytes().await.map_err(|e| UpstreamError::Protocol(format!("token body: {e}")))?;
+        serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Protocol(format!("token body: {e}")))
     }
 }
 
@@ -158,7 +135,10 @@ mod tests {
 
     #[test]
     fn parses_bearer_challenge() {
-        let (s, p) = parse_challenge(r#"Bearer realm="https://auth.example/token",service="reg.example",scope="repository:a/b:pull,push""#).unwrap();
+        let (s, p) = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="reg.example",scope="repository:a/b:pull,push""#,
+        )
+        .unwrap();
         assert_eq!(s, "bearer");
         assert_eq!(p["realm"], "https://auth.example/token");
         assert_eq!(p["service"], "reg.example");

@@ -79,12 +79,8 @@ impl Default for UpstreamConfig {
 }
 
 fn read(name: &str, what: &str, path: &PathBuf) -> Result<Vec<u8>, UpstreamError> {
-    std::fs::read(path).map_err(|e| {
-        UpstreamError::Config(
-            name.to_string(),
-            format!("cannot read {what} {}: {e}", path.display()),
-        )
-    })
+    std::fs::read(path)
+        .map_err(|e| UpstreamError::Config(name.to_string(), format!("cannot read {what} {}: {e}", path.display())))
 }
 
 pub(crate) fn build_client(
@@ -109,8 +105,8 @@ pub(crate) fn build_client(
         .user_agent(concat!("clyde/", env!("CARGO_PKG_VERSION")));
     if let Some(tls) = rc.and_then(|r| r.tls.as_ref()) {
         if let Some(ca) = &tls.ca {
-            for cert in reqwest::Certificate::from_pem_bundle(&read(name, "ca", ca)?)
-                .map_err(|e| bad(format!("ca: {e}")))?
+            for cert in
+                reqwest::Certificate::from_pem_bundle(&read(name, "ca", ca)?).map_err(|e| bad(format!("ca: {e}")))?
             {
                 builder = builder.add_root_certificate(cert);
             }
@@ -120,10 +116,8 @@ pub(crate) fn build_client(
                 let mut pem = read(name, "cert", cert)?;
                 pem.push(b'\n');
                 pem.extend(read(name, "key", key)?);
-                builder = builder.identity(
-                    reqwest::Identity::from_pem(&pem)
-                        .map_err(|e| bad(format!("client identity: {e}")))?,
-                );
+                builder = builder
+                    .identity(reqwest::Identity::from_pem(&pem).map_err(|e| bad(format!("client identity: {e}")))?);
             }
             (None, None) => {}
             _ => return Err(bad("tls.cert and tls.key must be given together".into())),
@@ -139,26 +133,15 @@ pub(crate) fn build_client(
                 (Some(p), None) => p.clone(),
                 (None, Some(f)) => {
                     let raw = read(name, "password_file", f)?;
-                    String::from_utf8_lossy(&raw)
-                        .lines()
-                        .next()
-                        .unwrap_or("")
-                        .to_string()
+                    String::from_utf8_lossy(&raw).lines().next().unwrap_or("").to_string()
                 }
                 _ => {
-                    return Err(bad(
-                        "auth needs exactly one of password or password_file".into()
-                    ));
+                    return Err(bad("auth needs exactly one of password or password_file".into()));
                 }
             };
             Some((a.username.clone(), password))
         }
     };
     let http = builder.build().map_err(|e| bad(e.to_string()))?;
-    Ok(RegistryClient {
-        registry: registry.clone(),
-        base: format!("{scheme}://{endpoint}"),
-        http,
-        auth,
-    })
+    Ok(RegistryClient { registry: registry.clone(), base: format!("{scheme}://{endpoint}"), http, auth })
 }

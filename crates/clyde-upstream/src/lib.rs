@@ -5,6 +5,8 @@
 //! and retries with backoff on connection errors and `5xx` answers (only before any body
 //! byte was handed out, so a retry never duplicates bytes).
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
+
 mod auth;
 mod config;
 
@@ -26,9 +28,7 @@ pub use config::{AuthConfig, RegistryConfig, TlsConfig, UpstreamConfig};
 pub enum UpstreamError {
     #[error("the upstream registry has no such content")]
     NotFound,
-    #[error(
-        "the upstream registry refused our credentials ({0}); check [registries.auth] in the config"
-    )]
+    #[error("the upstream registry refused our credentials ({0}); check [registries.auth] in the config")]
     Unauthorized(String),
     #[error("the upstream registry {registry} is unreachable: {reason}")]
     Unreachable { registry: String, reason: String },
@@ -45,8 +45,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Whether another attempt at the same upstream might succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unreachable { .. })
-            || matches!(self, Self::Status { status, .. } if *status >= 500)
+        matches!(self, Self::Unreachable { .. }) || matches!(self, Self::Status { status, .. } if *status >= 500)
     }
 }
 
@@ -95,14 +94,10 @@ struct RegistryClient {
 impl Upstream {
     /// Builds the clients; fails on unreadable TLS files or credentials.
     pub fn new(config: UpstreamConfig) -> Result<Self, UpstreamError> {
-        let upstream = Self {
-            config,
-            clients: Default::default(),
-            tokens: auth::TokenCache::default(),
-        };
+        let upstream = Self { config, clients: Default::default(), tokens: auth::TokenCache::default() };
         for r in &upstream.config.registries {
-            let registry = Registry::parse(&r.name)
-                .map_err(|e| UpstreamError::Config(r.name.clone(), e.to_string()))?;
+            let registry =
+                Registry::parse(&r.name).map_err(|e| UpstreamError::Config(r.name.clone(), e.to_string()))?;
             upstream.client(&registry)?;
         }
         Ok(upstream)
@@ -113,11 +108,7 @@ impl Upstream {
         if let Some(c) = clients.get(registry.as_str()) {
             return Ok(c.clone());
         }
-        let rc = self
-            .config
-            .registries
-            .iter()
-            .find(|r| r.name.eq_ignore_ascii_case(registry.as_str()));
+        let rc = self.config.registries.iter().find(|r| r.name.eq_ignore_ascii_case(registry.as_str()));
         let client = Arc::new(config::build_client(&self.config, registry, rc)?);
         clients.insert(registry.as_str().to_string(), client.clone());
         Ok(client)
@@ -137,11 +128,9 @@ impl Upstream {
         let accept = accept.unwrap_or(media::DEFAULT_MANIFEST_ACCEPT).to_string();
         let headers = [(header::ACCEPT, accept)];
         let fut = self.send(&client, repository, Method::HEAD, &url, &headers);
-        let resp = tokio::time::timeout(timeout, fut).await.map_err(|_| {
-            UpstreamError::Unreachable {
-                registry: registry.to_string(),
-                reason: "HEAD timed out".into(),
-            }
+        let resp = tokio::time::timeout(timeout, fut).await.map_err(|_| UpstreamError::Unreachable {
+            registry: registry.to_string(),
+            reason: "HEAD timed out".into(),
         })??;
         let headers = resp.headers();
         Ok(ManifestHead {
@@ -162,24 +151,11 @@ impl Upstream {
         let client = self.client(registry)?;
         let url = format!("{}/v2/{}/manifests/{}", client.base, repository, reference);
         let accept = accept.unwrap_or(media::DEFAULT_MANIFEST_ACCEPT).to_string();
-        let resp = self
-            .send(
-                &client,
-                repository,
-                Method::GET,
-                &url,
-                &[(header::ACCEPT, accept)],
-            )
-            .await?;
-        if resp
-            .content_length()
-            .is_some_and(|l| l > media::MAX_MANIFEST_BYTES)
-        {
+        let resp = self.send(&client, repository, Method::GET, &url, &[(header::ACCEPT, accept)]).await?;
+        if resp.content_length().is_some_and(|l| l > media::MAX_MANIFEST_BYTES) {
             return Err(UpstreamError::TooLarge(media::MAX_MANIFEST_BYTES));
         }
-        let media_type = header_str(resp.headers(), "content-type")
-            .unwrap_or(media::OCI_MANIFEST)
-            .to_string();
+        let media_type = header_str(resp.headers(), "content-type").unwrap_or(media::OCI_MANIFEST).to_string();
         let mut body = resp.bytes_stream();
         let mut bytes = Vec::new();
         while let Some(chunk) = body.next().await {
@@ -190,18 +166,12 @@ impl Upstream {
             bytes.extend_from_slice(&chunk);
         }
         let digest = Digest::of(&bytes);
-        if let Reference::Digest(expected) = reference {
-            if *expected != digest {
-                return Err(UpstreamError::Protocol(format!(
-                    "manifest {expected} hashes to {digest}"
-                )));
-            }
+        if let Reference::Digest(expected) = reference
+            && *expected != digest
+        {
+            return Err(UpstreamError::Protocol(format!("manifest {expected} hashes to {digest}")));
         }
-        Ok(Manifest {
-            bytes: Bytes::from(bytes),
-            media_type,
-            digest,
-        })
+        Ok(Manifest { bytes: Bytes::from(bytes), media_type, digest })
     }
 
     /// The size of a blob, by `HEAD`.
@@ -213,11 +183,8 @@ impl Upstream {
     ) -> Result<u64, UpstreamError> {
         let client = self.client(registry)?;
         let url = format!("{}/v2/{}/blobs/{}", client.base, repository, digest);
-        let resp = self
-            .send(&client, repository, Method::HEAD, &url, &[])
-            .await?;
-        resp.content_length()
-            .ok_or_else(|| UpstreamError::Protocol("blob HEAD without Content-Length".into()))
+        let resp = self.send(&client, repository, Method::HEAD, &url, &[]).await?;
+        resp.content_length().ok_or_else(|| UpstreamError::Protocol("blob HEAD without Content-Length".into()))
     }
 
     /// Streams a blob, or the part `range` of it (`end == u64::MAX`: to the end).
@@ -239,41 +206,28 @@ impl Upstream {
             };
             headers.push((header::RANGE, value));
         }
-        let resp = self
-            .send(&client, repository, Method::GET, &url, &headers)
-            .await?;
+        let resp = self.send(&client, repository, Method::GET, &url, &headers).await?;
         let registry_name = registry.to_string();
         let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
         let (size, got) = if partial {
             let cr = header_str(resp.headers(), "content-range")
                 .ok_or_else(|| UpstreamError::Protocol("206 without Content-Range".into()))?;
-            parse_content_range(cr)
-                .ok_or_else(|| UpstreamError::Protocol(format!("bad Content-Range {cr:?}")))?
+            parse_content_range(cr).ok_or_else(|| UpstreamError::Protocol(format!("bad Content-Range {cr:?}")))?
         } else {
-            let size = resp
-                .content_length()
-                .ok_or_else(|| UpstreamError::Protocol("blob without Content-Length".into()))?;
+            let size =
+                resp.content_length().ok_or_else(|| UpstreamError::Protocol("blob without Content-Length".into()))?;
             (size, 0..size)
         };
         let want = range.map_or(0..size, |r| r.start..r.end.min(size));
         if want.start < got.start || (size > 0 && want.start >= size) {
-            return Err(UpstreamError::Protocol(format!(
-                "asked for {want:?}, got {got:?} of {size}"
-            )));
+            return Err(UpstreamError::Protocol(format!("asked for {want:?}, got {got:?} of {size}")));
         }
         let stream = resp.bytes_stream().map(move |r| {
-            r.map_err(|e| UpstreamError::Unreachable {
-                registry: registry_name.clone(),
-                reason: e.to_string(),
-            })
+            r.map_err(|e| UpstreamError::Unreachable { registry: registry_name.clone(), reason: e.to_string() })
         });
         // An upstream that ignores Range sends from an earlier offset: skip up to what we asked.
         let stream = skip_bytes(Box::pin(stream), want.start - got.start);
-        Ok(BlobBody {
-            size,
-            range: want.start..got.end.min(size),
-            stream,
-        })
+        Ok(BlobBody { size, range: want.start..got.end.min(size), stream })
     }
 
     async fn send(
@@ -298,11 +252,7 @@ impl Upstream {
             let result = req.send().await;
             let resp = match result {
                 Ok(resp) => resp,
-                Err(e)
-                    if attempt < self.config.retries
-                        && (e.is_connect() || e.is_request())
-                        && !e.is_timeout() =>
-                {
+                Err(e) if attempt < self.config.retries && (e.is_connect() || e.is_request()) && !e.is_timeout() => {
                     attempt += 1;
                     tokio::time::sleep(backoff(attempt)).await;
                     continue;
@@ -312,17 +262,9 @@ impl Upstream {
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !challenged {
                 challenged = true;
-                let challenge = header_str(resp.headers(), "www-authenticate")
-                    .unwrap_or("")
-                    .to_string();
+                let challenge = header_str(resp.headers(), "www-authenticate").unwrap_or("").to_string();
                 self.tokens
-                    .answer(
-                        &client.http,
-                        client.registry.as_str(),
-                        &scope,
-                        &challenge,
-                        client.auth.as_ref(),
-                    )
+                    .answer(&client.http, client.registry.as_str(), &scope, &challenge, client.auth.as_ref())
                     .await?;
                 continue;
             }
@@ -337,10 +279,7 @@ impl Upstream {
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                     Err(UpstreamError::Unauthorized(status.to_string()))
                 }
-                s => Err(UpstreamError::Status {
-                    status: s.as_u16(),
-                    url: url.to_string(),
-                }),
+                s => Err(UpstreamError::Status { status: s.as_u16(), url: url.to_string() }),
             };
         }
     }
@@ -358,10 +297,7 @@ fn unreachable_err(registry: &Registry, e: &reqwest::Error) -> UpstreamError {
         reason.push_str(&s.to_string());
         source = s.source();
     }
-    UpstreamError::Unreachable {
-        registry: registry.to_string(),
-        reason,
-    }
+    UpstreamError::Unreachable { registry: registry.to_string(), reason }
 }
 
 fn header_str<'a>(headers: &'a header::HeaderMap, name: &str) -> Option<&'a str> {
@@ -373,8 +309,7 @@ fn parse_content_range(value: &str) -> Option<(u64, Range<u64>)> {
     let rest = value.trim().strip_prefix("bytes ")?;
     let (span, size) = rest.split_once('/')?;
     let (first, last) = span.split_once('-')?;
-    let (first, last, size): (u64, u64, u64) =
-        (first.parse().ok()?, last.parse().ok()?, size.parse().ok()?);
+    let (first, last, size): (u64, u64, u64) = (first.parse().ok()?, last.parse().ok()?, size.parse().ok()?);
     (first <= last && last < size).then_some((size, first..last + 1))
 }
 
@@ -411,10 +346,8 @@ mod tests {
 
     #[tokio::test]
     async fn skipping_ignored_range_prefix() {
-        let chunks: Vec<Result<Bytes, UpstreamError>> = vec![
-            Ok(Bytes::from_static(b"abc")),
-            Ok(Bytes::from_static(b"defg")),
-        ];
+        let chunks: Vec<Result<Bytes, UpstreamError>> =
+            vec![Ok(Bytes::from_static(b"abc")), Ok(Bytes::from_static(b"defg"))];
         let s = skip_bytes(Box::pin(futures_util::stream::iter(chunks)), 4);
         let out: Vec<Bytes> = s.map(|r| r.unwrap()).collect().await;
         assert_eq!(out.concat(), b"efg");

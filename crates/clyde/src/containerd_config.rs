@@ -27,26 +27,16 @@ pub struct ContainerdConfigArgs {
 }
 
 /// The hosts.toml text for one registry.
-pub fn render(
-    registry: &str,
-    mirror_url: &str,
-    existing_hosts: Option<&str>,
-) -> anyhow::Result<String> {
+pub fn render(registry: &str, mirror_url: &str, existing_hosts: Option<&str>) -> anyhow::Result<String> {
     let mut out = String::from(
         "# Written by `clyde containerd-config`: containerd asks the Clyde mirror first,\n# then the registry itself.\n",
     );
     if registry != "_default" {
         let parsed = Registry::parse(registry).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let scheme = if parsed.is_loopback() {
-            "http"
-        } else {
-            "https"
-        };
+        let scheme = if parsed.is_loopback() { "http" } else { "https" };
         out.push_str(&format!("server = \"{scheme}://{registry}\"\n"));
     }
-    out.push_str(&format!(
-        "\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-    ));
+    out.push_str(&format!("\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"));
     if let Some(hosts) = existing_hosts {
         out.push('\n');
         out.push_str(hosts);
@@ -100,17 +90,11 @@ pub fn run(args: &ContainerdConfigArgs) -> anyhow::Result<()> {
             println!("# {}\n{text}", path.display());
             continue;
         }
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         if let Some(old) = old.filter(|o| *o != text) {
             let backup = dir.join("hosts.toml.bak");
-            std::fs::write(&backup, old)
-                .with_context(|| format!("cannot back up to {}", backup.display()))?;
-            eprintln!(
-                "backed up the previous {} to {}",
-                path.display(),
-                backup.display()
-            );
+            std::fs::write(&backup, old).with_context(|| format!("cannot back up to {}", backup.display()))?;
+            eprintln!("backed up the previous {} to {}", path.display(), backup.display());
         }
         write_atomically(&path, &text)?;
         eprintln!("wrote {}", path.display());
@@ -126,9 +110,7 @@ mod tests {
     fn renders_server_and_mirror() {
         let t = render("127.0.0.1:5000", "http://127.0.0.1:30021", None).unwrap();
         assert!(t.contains("server = \"http://127.0.0.1:5000\""));
-        assert!(t.contains(
-            "[host.\"http://127.0.0.1:30021\"]\n  capabilities = [\"pull\", \"resolve\"]"
-        ));
+        assert!(t.contains("[host.\"http://127.0.0.1:30021\"]\n  capabilities = [\"pull\", \"resolve\"]"));
         let t = render("_default", "http://127.0.0.1:30021", None).unwrap();
         assert!(!t.contains("server ="));
         assert!(render("../etc", "http://x", None).is_err());
@@ -138,9 +120,6 @@ mod tests {
     fn keeps_other_hosts_but_not_the_old_mirror() {
         let old = "server = \"https://r\"\n[host.\"http://127.0.0.1:30021\"]\n  capabilities = [\"pull\"]\n[host.\"https://other\"]\n  capabilities = [\"pull\"]\n";
         let kept = existing_hosts(old, "http://127.0.0.1:30021").unwrap();
-        assert_eq!(
-            kept,
-            "[host.\"https://other\"]\n  capabilities = [\"pull\"]\n"
-        );
+        assert_eq!(kept, "[host.\"https://other\"]\n  capabilities = [\"pull\"]\n");
     }
 }

@@ -1,5 +1,7 @@
 //! `clyde`: the agent and its command line.
 
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
+
 mod config;
 mod containerd_config;
 mod serve;
@@ -119,11 +121,9 @@ impl ServeArgs {
 }
 
 fn init_logs(level: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {
@@ -154,9 +154,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             args.apply(&mut config);
             init_logs(&config.log_level, &config.log_format);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(serve::run(config))
         }
     }

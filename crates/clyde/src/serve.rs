@@ -40,10 +40,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ("cache_max_bytes", config.cache_max_bytes.is_some()),
     ] {
         if set {
-            tracing::warn!(
-                setting = what,
-                "not implemented in this version yet; ignored"
-            );
+            tracing::warn!(setting = what, "not implemented in this version yet; ignored");
         }
     }
     let listener = TcpListener::bind(&config.mirror_addr)
