@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use clyde_store::{BlobFile, Outcome, PartialBlob, Store};
 use clyde_types::{ByteRange, Digest, IntervalSet};
 use clyde_upstream::{ByteStream, Upstream, UpstreamError};
@@ -28,8 +28,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::{Origin, ResolveError, ResolverConfig};
 
-/// Bytes handed to a client per read.
-const READ_CHUNK: u64 = 512 * 1024;
+/// Bytes handed to a client per read: large enough that a cached blob costs few blocking
+/// hops, small enough that 8 concurrent readers stay far below the memory budget.
+const READ_CHUNK: u64 = 1024 * 1024;
 /// Largest batch of upstream bytes written to the store at once.
 const WRITE_BATCH: usize = 1024 * 1024;
 
@@ -321,7 +322,6 @@ impl Job {
 
     /// Writes a stream into the claim until the claim's end; `Ok` when the end was reached.
     async fn pump(&self, claim: &Claim, mut body: ByteStream) -> Result<(), UpstreamError> {
-        let mut batch = BytesMut::new();
         loop {
             let Some(first) = body.next().await else {
                 let view = claim.view();
@@ -331,29 +331,52 @@ impl Job {
                     Err(UpstreamError::Protocol(format!("body ended at {} before {}", view.cursor, view.end)))
                 };
             };
-            batch.extend_from_slice(&first?);
             // Take whatever else is ready, so a fast upstream gets few large writes and a slow
             // one still delivers each chunk to readers at once.
-            while batch.len() < WRITE_BATCH {
+            let mut chunks = vec![first?];
+            let mut batched = chunks[0].len();
+            while batched < WRITE_BATCH {
                 match body.next().now_or_never() {
-                    Some(Some(chunk)) => batch.extend_from_slice(&chunk?),
+                    Some(Some(chunk)) => {
+                        let chunk = chunk?;
+                        batched += chunk.len();
+                        chunks.push(chunk);
+                    }
                     _ => break,
                 }
             }
             let cursor = claim.cursor.load(Ordering::Acquire);
             let end = claim.end.load(Ordering::Acquire);
-            let take = (batch.len() as u64).min(end.saturating_sub(cursor)) as usize;
-            let data = batch.split_to(take).freeze();
-            batch.clear();
-            if !data.is_empty() {
-                self.partial.write_at(cursor, data).await.map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-                claim.cursor.store(cursor + take as u64, Ordering::Release);
+            let wanted = end.saturating_sub(cursor);
+            let chunks = clip(chunks, wanted);
+            let written: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+            if written > 0 {
+                self.partial
+                    .write_chunks_at(cursor, chunks)
+                    .await
+                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+                claim.cursor.store(cursor + written, Ordering::Release);
             }
-            if cursor + take as u64 >= end {
+            if cursor + written >= end {
                 return Ok(());
             }
         }
     }
+}
+
+/// The first `limit` bytes of consecutive chunks (slicing, not copying).
+fn clip(chunks: Vec<Bytes>, limit: u64) -> Vec<Bytes> {
+    let mut left = limit;
+    let mut out = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        if left == 0 {
+            break;
+        }
+        let take = (chunk.len() as u64).min(left) as usize;
+        left -= take as u64;
+        out.push(if take == chunk.len() { chunk } else { chunk.slice(..take) });
+    }
+    out
 }
 
 /// Where a blob's bytes come from for one request.

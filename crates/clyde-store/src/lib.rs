@@ -54,7 +54,7 @@ impl StoreError {
     }
 }
 
-/// A complete blob opened for reading.
+/// A complete blob opened for one reader (reads are sequential on its own file offset).
 pub struct BlobFile {
     file: Arc<File>,
     size: u64,
@@ -71,7 +71,24 @@ impl BlobFile {
         if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(StoreError::OutOfBounds);
         }
-        partial::read_file_at(self.file.clone(), offset, len).await
+        // This file handle belongs to one reader, which reads sequentially: use the file's own
+        // offset and `read_to_end`, which fills the buffer without zeroing it first.
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = &*file;
+            if f.stream_position()? != offset {
+                f.seek(SeekFrom::Start(offset))?;
+            }
+            let mut buf = Vec::with_capacity(len as usize);
+            f.take(len).read_to_end(&mut buf)?;
+            if buf.len() as u64 != len {
+                return Err(StoreError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            Ok(Bytes::from(buf))
+        })
+        .await
+        .map_err(StoreError::join)?
     }
 
     /// The open file (for zero-copy senders).

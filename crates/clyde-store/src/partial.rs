@@ -2,15 +2,19 @@
 //!
 //! Message flow: fetch tasks call [`PartialBlob::write_at`] with bytes from any offset;
 //! every write bumps a `watch` counter. Readers ([`PartialBlob::read_at`]) wait on that
-//! counter until the byte they need is written, so they stream bytes as they land. One
-//! finisher task per blob follows the same counter: it fsyncs pieces that became whole and
-//! records them (so a restart resumes from them), hashes the contiguous prefix as it grows,
-//! and at the end either commits the blob (verified, renamed into place) or discards it.
+//! counter until the byte they need is written, so they stream bytes as they land. Writes
+//! that extend the hashed prefix are hashed as they are written (no read-back in the common,
+//! in-order case). One finisher task per blob follows the same counter: every
+//! [`DURABLE_BATCH`] bytes or [`DURABLE_INTERVAL`] it fsyncs the pieces that became whole and
+//! records them (so a restart resumes from them), hashes by reading back whatever arrived out
+//! of order, and at the end either commits the blob (verified, renamed into place) or
+//! discards it.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use clyde_types::{Digest, DigestVerifier, IntervalSet, PieceLayout};
@@ -33,6 +37,8 @@ pub enum Outcome {
 struct State {
     written: IntervalSet,
     durable: Vec<bool>,
+    /// The sha256 matched; readers may have the last byte while the commit is made durable.
+    verified: bool,
     outcome: Outcome,
 }
 
@@ -44,10 +50,20 @@ pub struct PartialBlob {
     path: PathBuf,
     state: Mutex<State>,
     changed: watch::Sender<u64>,
+    verifier: Arc<Mutex<DigestVerifier>>,
     store: Store,
 }
 
 const HASH_CHUNK: u64 = 1024 * 1024;
+/// Whole pieces are fsynced and recorded once this many bytes of them are pending...
+pub const DURABLE_BATCH: u64 = 64 * 1024 * 1024;
+/// ...or once this long has passed with some pending: a crash loses at most about this much.
+pub const DURABLE_INTERVAL: Duration = Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves only plain data behind; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 impl PartialBlob {
     pub(crate) fn new(
@@ -69,15 +85,15 @@ impl PartialBlob {
             layout,
             file: Arc::new(file),
             path,
-            state: Mutex::new(State { written, durable, outcome: Outcome::Pending }),
+            state: Mutex::new(State { written, durable, verified: false, outcome: Outcome::Pending }),
             changed,
+            verifier: Arc::new(Mutex::new(DigestVerifier::new(digest))),
             store,
         }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        // A panic while holding this lock leaves only plain data behind; keep going.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     fn notify(&self) {
@@ -121,15 +137,36 @@ impl PartialBlob {
 
     /// Writes `data` at `offset`; readers waiting for those bytes wake up.
     pub async fn write_at(&self, offset: u64, data: Bytes) -> Result<(), StoreError> {
-        let end = offset.checked_add(data.len() as u64).ok_or(StoreError::OutOfBounds)?;
+        self.write_chunks_at(offset, vec![data]).await
+    }
+
+    /// Writes consecutive `chunks` starting at `offset`, in one blocking hop and without
+    /// joining them into one buffer first.
+    pub async fn write_chunks_at(&self, offset: u64, chunks: Vec<Bytes>) -> Result<(), StoreError> {
+        let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        let end = offset.checked_add(len).ok_or(StoreError::OutOfBounds)?;
         if end > self.size() {
             return Err(StoreError::OutOfBounds);
         }
         if self.state().outcome != Outcome::Pending {
             return Err(StoreError::Finished);
         }
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || file.write_all_at(&data, offset)).await.map_err(StoreError::join)??;
+        let (file, verifier) = (self.file.clone(), self.verifier.clone());
+        file_io(len, move || {
+            let mut at = offset;
+            for chunk in &chunks {
+                file.write_all_at(chunk, at)?;
+                at += chunk.len() as u64;
+            }
+            let mut v = lock(&verifier);
+            if v.len() == offset {
+                for chunk in &chunks {
+                    v.update(chunk);
+                }
+            }
+            Ok(())
+        })
+        .await?;
         self.state().written.insert(offset..end);
         self.notify();
         Ok(())
@@ -150,7 +187,7 @@ impl PartialBlob {
                 let available = (state.written.covered_from(offset) - offset).min(max);
                 // The last byte is held back until the whole blob verified, so a reader of a
                 // blob that turns out corrupt never sees a response end as if complete.
-                let verified = state.outcome == Outcome::Complete;
+                let verified = state.verified || state.outcome == Outcome::Complete;
                 let held = if !verified && offset + available == self.size() { 1 } else { 0 };
                 if available > held {
                     break available - held;
@@ -188,16 +225,12 @@ impl PartialBlob {
     /// Runs until the blob is committed or discarded: makes pieces durable, hashes, commits.
     pub(crate) async fn finish(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut rx = self.subscribe();
-        let mut verifier = DigestVerifier::new(self.digest);
+        let mut last_sync = tokio::time::Instant::now();
         loop {
             if self.outcome() != Outcome::Pending {
                 return;
             }
-            if let Err(e) = self.make_pieces_durable().await {
-                self.fail(&format!("could not persist pieces: {e}")).await;
-                return;
-            }
-            match self.hash_prefix(&mut verifier).await {
+            match self.hash_prefix().await {
                 Ok(true) => break,
                 Ok(false) => {}
                 Err(e) => {
@@ -205,19 +238,48 @@ impl PartialBlob {
                     return;
                 }
             }
+            let pending = self.pending_durable_bytes();
+            if pending >= DURABLE_BATCH || (pending > 0 && last_sync.elapsed() >= DURABLE_INTERVAL) {
+                if let Err(e) = self.make_pieces_durable().await {
+                    self.fail(&format!("could not persist pieces: {e}")).await;
+                    return;
+                }
+                last_sync = tokio::time::Instant::now();
+            }
+            let tick = async {
+                if pending > 0 {
+                    tokio::time::sleep_until(last_sync + DURABLE_INTERVAL).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
+                _ = tick => {}
                 _ = shutdown.changed() => return,
             }
         }
+        let verifier = std::mem::replace(&mut *lock(&self.verifier), DigestVerifier::new(self.digest));
         let (got, ok) = verifier.finish();
         if !ok {
             self.fail(&format!("digest mismatch: bytes hash to {got}")).await;
             return;
         }
+        // Readers get the last byte now; making the blob durable happens behind them.
+        self.state().verified = true;
+        self.notify();
         if let Err(e) = self.commit().await {
             self.fail(&format!("could not commit blob: {e}")).await;
         }
+    }
+
+    /// Bytes of whole pieces that are written but not yet durable.
+    fn pending_durable_bytes(&self) -> u64 {
+        let state = self.state();
+        (0..self.layout.count())
+            .filter(|&i| !state.durable[i as usize] && state.written.covers(self.layout.bounds(i)))
+            .map(|i| self.layout.bounds(i).end - self.layout.bounds(i).start)
+            .sum()
     }
 
     async fn make_pieces_durable(&self) -> Result<(), StoreError> {
@@ -250,15 +312,22 @@ impl PartialBlob {
         Ok(())
     }
 
-    /// Hashes whatever contiguous bytes follow what was hashed; true when all are hashed.
-    async fn hash_prefix(&self, verifier: &mut DigestVerifier) -> Result<bool, StoreError> {
-        let end = self.written_from(verifier.len());
-        while verifier.len() < end {
-            let len = (end - verifier.len()).min(HASH_CHUNK);
-            let chunk = read_file_at(self.file.clone(), verifier.len(), len).await?;
-            verifier.update(&chunk);
+    /// Hashes, by reading them back, the written bytes that follow the hashed prefix (writes
+    /// that arrived out of order); true when the whole blob is hashed.
+    async fn hash_prefix(&self) -> Result<bool, StoreError> {
+        loop {
+            let pos = lock(&self.verifier).len();
+            let end = self.written_from(pos);
+            if pos == end {
+                return Ok(pos == self.size());
+            }
+            let chunk = read_file_at(self.file.clone(), pos, (end - pos).min(HASH_CHUNK)).await?;
+            let mut v = lock(&self.verifier);
+            // A writer may have hashed these bytes meanwhile.
+            if v.len() == pos {
+                v.update(&chunk);
+            }
         }
-        Ok(verifier.len() == self.size())
     }
 
     async fn commit(&self) -> Result<(), StoreError> {
@@ -282,11 +351,25 @@ impl PartialBlob {
 }
 
 pub(crate) async fn read_file_at(file: Arc<File>, offset: u64, len: u64) -> Result<Bytes, StoreError> {
-    tokio::task::spawn_blocking(move || {
+    file_io(len, move || {
         let mut buf = vec![0u8; len as usize];
         file.read_exact_at(&mut buf, offset)?;
         Ok(Bytes::from(buf))
     })
     .await
-    .map_err(StoreError::join)?
+}
+
+/// Page-cache I/O up to this size runs on the async thread: a thread hop costs more than the
+/// copy. Larger I/O goes to the blocking pool.
+const INLINE_IO_MAX: u64 = 256 * 1024;
+
+/// Runs file I/O of `len` bytes inline when small, on the blocking pool otherwise.
+pub(crate) async fn file_io<T: Send + 'static>(
+    len: u64,
+    io: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, StoreError> {
+    if len <= INLINE_IO_MAX {
+        return Ok(io()?);
+    }
+    Ok(tokio::task::spawn_blocking(io).await.map_err(StoreError::join)??)
 }

@@ -30,6 +30,16 @@ pub fn accepts(accept: Option<&str>, media_type: &str) -> bool {
     })
 }
 
+/// The `Accept` to send upstream for a client's: the client's own when it names a manifest
+/// type, else every type Clyde knows (a client sending `*/*` or nothing accepts anything, but
+/// registries only answer with media types they see named).
+pub fn upstream_accept(client: Option<&str>) -> &str {
+    match client {
+        Some(a) if [OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST].iter().any(|t| a.contains(t)) => a,
+        _ => DEFAULT_MANIFEST_ACCEPT,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,5 +50,12 @@ mod tests {
         assert!(accepts(Some("*/*"), OCI_INDEX));
         assert!(accepts(Some("application/json, application/vnd.oci.image.index.v1+json;q=0.9"), OCI_INDEX));
         assert!(!accepts(Some(DOCKER_MANIFEST), OCI_INDEX));
+    }
+
+    #[test]
+    fn wildcard_or_missing_accept_asks_upstream_for_every_manifest_type() {
+        assert_eq!(upstream_accept(None), DEFAULT_MANIFEST_ACCEPT);
+        assert_eq!(upstream_accept(Some("*/*")), DEFAULT_MANIFEST_ACCEPT);
+        assert_eq!(upstream_accept(Some(DOCKER_MANIFEST)), DOCKER_MANIFEST);
     }
 }

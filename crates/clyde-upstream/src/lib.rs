@@ -125,7 +125,7 @@ impl Upstream {
     ) -> Result<ManifestHead, UpstreamError> {
         let client = self.client(registry)?;
         let url = format!("{}/v2/{}/manifests/{}", client.base, repository, reference);
-        let accept = accept.unwrap_or(media::DEFAULT_MANIFEST_ACCEPT).to_string();
+        let accept = media::upstream_accept(accept).to_string();
         let headers = [(header::ACCEPT, accept)];
         let fut = self.send(&client, repository, Method::HEAD, &url, &headers);
         let resp = tokio::time::timeout(timeout, fut).await.map_err(|_| UpstreamError::Unreachable {
@@ -150,7 +150,7 @@ impl Upstream {
     ) -> Result<Manifest, UpstreamError> {
         let client = self.client(registry)?;
         let url = format!("{}/v2/{}/manifests/{}", client.base, repository, reference);
-        let accept = accept.unwrap_or(media::DEFAULT_MANIFEST_ACCEPT).to_string();
+        let accept = media::upstream_accept(accept).to_string();
         let resp = self.send(&client, repository, Method::GET, &url, &[(header::ACCEPT, accept)]).await?;
         if resp.content_length().is_some_and(|l| l > media::MAX_MANIFEST_BYTES) {
             return Err(UpstreamError::TooLarge(media::MAX_MANIFEST_BYTES));

@@ -1,0 +1,56 @@
+# Shared helpers of the benchmark scripts: free ports, a cached blob, clyde and nginx on it.
+# Sourced; expects `work` (a temp dir) and appends started pids to `pids`.
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+clyde=${CLYDE_BIN:-$here/target/release/clyde}
+[ -x "$clyde" ] || { echo "build first: cargo build --release (or set CLYDE_BIN)" >&2; exit 1; }
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_url() {
+  for _ in $(seq 200); do curl -sf -o /dev/null -r 0-0 "$1" && return 0; sleep 0.05; done
+  echo "timed out waiting for $1" >&2; exit 1
+}
+
+# make_cached_blob MIB: a random blob placed in clyde's store as a complete blob; sets `hex`.
+make_cached_blob() {
+  mkdir -p "$work/data/blobs/sha256" "$work/www"
+  head -c $(($1 * 1024 * 1024)) /dev/urandom >"$work/blob"
+  hex=$(sha256sum "$work/blob" | cut -d' ' -f1)
+  mv "$work/blob" "$work/data/blobs/sha256/$hex"
+  ln "$work/data/blobs/sha256/$hex" "$work/www/blob"
+}
+
+# start_clyde: clyde serve on the data dir; sets `cport` and `clyde_pid`.
+start_clyde() {
+  cport=$(free_port)
+  "$clyde" serve --data-dir "$work/data" --mirror-addr "127.0.0.1:$cport" --containerd-socket "" --log-level warn "$@" &
+  clyde_pid=$!
+  pids+=("$clyde_pid")
+  wait_url "http://127.0.0.1:$cport/v2/"
+}
+
+# start_nginx: nginx serving $work/www with sendfile, one worker; sets `nport`.
+start_nginx() {
+  command -v nginx >/dev/null || { echo "install nginx-light" >&2; exit 1; }
+  nport=$(free_port)
+  cat >"$work/nginx.conf" <<CONF
+user root;
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx.err;
+events { worker_connections 64; }
+http {
+  sendfile on; tcp_nopush on; access_log off;
+  server { listen 127.0.0.1:$nport; root $work/www; }
+}
+CONF
+  nginx -c "$work/nginx.conf" -g 'daemon off;' &
+  pids+=($!)
+  wait_url "http://127.0.0.1:$nport/blob"
+}
+
+median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
