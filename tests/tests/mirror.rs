@@ -276,3 +276,62 @@ fn kill_9_mid_download_then_restart_resumes_and_stores_nothing_corrupt() {
     assert!(served < layer.size * 2, "upstream sent {served} bytes for a {} byte blob", layer.size);
     assert!(assert_store_verified(&agent.data_dir()) >= 1);
 }
+
+fn manifest_digest_via(agent: &Agent, reg: &Registry, repo: &str, tag: &str) -> String {
+    let r = get(&format!("{}/v2/{repo}/manifests/{tag}?ns={}", agent.url(), reg.addr()), &[("accept", ACCEPT)]);
+    assert_eq!(r.status(), 200, "{repo}:{tag}");
+    header(&r, "docker-content-digest")
+}
+
+fn manifest_digest_direct(reg: &Registry, repo: &str, tag: &str) -> String {
+    header(&get(&format!("http://{}/v2/{repo}/manifests/{tag}", reg.addr()), &[("accept", ACCEPT)]), "docker-content-digest")
+}
+
+#[test]
+fn moved_tags_are_seen_after_the_ttl_and_latest_can_always_be_rechecked() {
+    let reg = Registry::start();
+    TestImage::single(&[1000]).push(&reg, "app", "v1", ImageFormat::Oci);
+    TestImage::single(&[1000]).push(&reg, "app", "latest", ImageFormat::Oci);
+    let agent = Agent::start("", &["--tag-ttl", "2s", "--always-pull-latest"]);
+    let (v1_a, latest_a) = (manifest_digest_direct(&reg, "app", "v1"), manifest_digest_direct(&reg, "app", "latest"));
+    assert_eq!(manifest_digest_via(&agent, &reg, "app", "v1"), v1_a);
+    assert_eq!(manifest_digest_via(&agent, &reg, "app", "latest"), latest_a);
+
+    // Both tags move upstream.
+    TestImage::single(&[1000]).push(&reg, "app", "v1", ImageFormat::Oci);
+    TestImage::single(&[1000]).push(&reg, "app", "latest", ImageFormat::Oci);
+    let (v1_b, latest_b) = (manifest_digest_direct(&reg, "app", "v1"), manifest_digest_direct(&reg, "app", "latest"));
+    assert_ne!(v1_a, v1_b);
+    let moved_at = Instant::now();
+    // `latest` is re-checked at once; `v1` is served from cache until its TTL runs out.
+    assert_eq!(manifest_digest_via(&agent, &reg, "app", "latest"), latest_b);
+    let seen = manifest_digest_via(&agent, &reg, "app", "v1");
+    if moved_at.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(seen, v1_a, "a fresh tag was re-checked before its TTL");
+    }
+    clyde_tests::wait_for("the moved tag to be seen", Duration::from_secs(20), || {
+        (manifest_digest_via(&agent, &reg, "app", "v1") == v1_b).then_some(())
+    });
+    assert!(moved_at.elapsed() >= Duration::from_secs(1), "the tag moved before its TTL ran out");
+}
+
+#[test]
+fn cached_tags_are_served_when_the_upstream_is_unreachable_or_air_gapped() {
+    let mut reg = Registry::start();
+    TestImage::single(&[1000]).push(&reg, "app", "v1", ImageFormat::Oci);
+    let mut agent = Agent::start("", &["--tag-ttl", "0s"]);
+    let digest = manifest_digest_via(&agent, &reg, "app", "v1");
+    reg.stop();
+    let started = Instant::now();
+    assert_eq!(manifest_digest_via(&agent, &reg, "app", "v1"), digest);
+    assert!(started.elapsed() < Duration::from_secs(3), "the tag re-check was not bounded: {:?}", started.elapsed());
+    let r = get(&format!("{}/v2/app/manifests/v2?ns={}", agent.url(), reg.addr()), &[]);
+    assert_eq!(r.status(), 404);
+    reg.restart();
+    agent.restart(&["--air-gapped"]);
+    assert_eq!(manifest_digest_via(&agent, &reg, "app", "v1"), digest);
+    TestImage::single(&[1000]).push(&reg, "app", "v2", ImageFormat::Oci);
+    let r = get(&format!("{}/v2/app/manifests/v2?ns={}", agent.url(), reg.addr()), &[]);
+    assert_eq!(r.status(), 404, "an air-gapped agent asked the upstream");
+    assert!(reg.requests().iter().all(|(_, uri, _, ua)| !(ua.starts_with("clyde/") && uri.contains("/v2/app/manifests/v2"))));
+}
