@@ -128,7 +128,7 @@ impl TestImage {
     pub fn push(&self, registry: &Registry, repo: &str, tag: &str, format: ImageFormat) {
         let skopeo = require("skopeo", "skopeo");
         let mut cmd = Command::new(skopeo);
-        cmd.args(["copy", "--all", "--quiet", "--dest-tls-verify=false"]);
+        cmd.args(["copy", "--all", "--quiet"]).args(registry.push_flags());
         if format == ImageFormat::Docker {
             cmd.args(["--format", "v2s2"]);
         }

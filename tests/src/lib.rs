@@ -6,15 +6,19 @@
 //!   with `skopeo` (single- or multi-arch, OCI or Docker media types).
 //! - [`Agent`]: a `clyde serve` process.
 //! - [`Containerd`]: a real containerd with its own root, state and socket.
+//! - [`Pki`]: a CA, a server and a client certificate made with `openssl`.
 //! - [`SlowProxy`]: a rate-limited TCP relay, for faults a real part cannot make on demand.
+//! - [`TokenGate`]: a bearer-token front for a registry (Debian ships no token server).
 //!
 //! A missing binary fails the test with what to install; nothing is skipped.
 
 pub mod agent;
 pub mod containerd;
 pub mod image;
+pub mod pki;
 pub mod proxy;
 pub mod registry;
+pub mod token_gate;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -24,8 +28,10 @@ use std::time::{Duration, Instant};
 pub use agent::Agent;
 pub use containerd::Containerd;
 pub use image::{ImageFormat, TestImage};
+pub use pki::Pki;
 pub use proxy::SlowProxy;
-pub use registry::Registry;
+pub use registry::{Registry, RegistryOptions};
+pub use token_gate::TokenGate;
 
 /// A free TCP port on 127.0.0.1 (bound and released).
 pub fn free_port() -> u16 {

@@ -7,7 +7,18 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{free_port, http, require, wait_for};
+use crate::{Pki, free_port, require, run, wait_for};
+
+/// How a test registry protects itself.
+#[derive(Default)]
+pub struct RegistryOptions<'a> {
+    /// Basic auth (htpasswd) with this user and password.
+    pub basic_auth: Option<(&'a str, &'a str)>,
+    /// Serve HTTPS with the PKI's server certificate.
+    pub tls: Option<&'a Pki>,
+    /// With `tls`: require client certificates signed by the PKI's CA.
+    pub mutual_tls: bool,
+}
 
 /// A running distribution registry on 127.0.0.1.
 pub struct Registry {
@@ -15,30 +26,57 @@ pub struct Registry {
     port: u16,
     child: Option<Child>,
     generation: u32,
+    /// skopeo flags to push to it.
+    push_flags: Vec<String>,
 }
 
 impl Registry {
-    /// Starts a registry on a free port and waits until `/v2/` answers.
+    /// Starts a plain-HTTP registry on a free port and waits until it listens.
     pub fn start() -> Self {
+        Self::start_with(&RegistryOptions::default())
+    }
+
+    /// Starts a registry with auth and TLS options.
+    pub fn start_with(options: &RegistryOptions<'_>) -> Self {
         let dir = tempfile::Builder::new().prefix("clyde-registry").tempdir().expect("tempdir");
-        let mut r = Self { dir, port: free_port(), child: None, generation: 0 };
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: info\n  formatter: json\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("storage").display()
+        );
+        let mut push_flags = vec!["--dest-tls-verify=false".to_string()];
+        if let Some(pki) = options.tls {
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                pki.path("server.pem").display(),
+                pki.path("server-key.pem").display()
+            ));
+            if options.mutual_tls {
+                config.push_str(&format!("    clientcas:\n      - {}\n", pki.path("ca.pem").display()));
+            }
+            push_flags = vec![format!("--dest-cert-dir={}", pki.skopeo_cert_dir().display())];
+        }
+        if let Some((user, password)) = options.basic_auth {
+            let htpasswd = dir.path().join("htpasswd");
+            let line = run(Command::new(require("htpasswd", "apache2-utils")).args(["-nbB", user, password]));
+            std::fs::write(&htpasswd, line.trim()).expect("htpasswd");
+            config.push_str(&format!("auth:\n  htpasswd:\n    realm: clyde-test\n    path: {}\n", htpasswd.display()));
+            push_flags.push(format!("--dest-creds={user}:{password}"));
+        }
+        std::fs::write(dir.path().join("config.yml"), config).expect("write registry config");
+        let mut r = Self { dir, port, child: None, generation: 0, push_flags };
         r.spawn();
         r
+    }
+
+    /// skopeo flags that push to this registry (TLS, credentials).
+    pub fn push_flags(&self) -> &[String] {
+        &self.push_flags
     }
 
     fn spawn(&mut self) {
         let bin = require("docker-registry", "docker-registry");
         let config = self.dir.path().join("config.yml");
-        let root = self.dir.path().join("storage");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\n  formatter: json\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{}\n",
-                root.display(),
-                self.port
-            ),
-        )
-        .expect("write registry config");
         self.generation += 1;
         let log = File::create(self.log_path(self.generation)).expect("registry log");
         let child = Command::new(bin)
@@ -50,10 +88,10 @@ impl Registry {
             .spawn()
             .expect("start docker-registry");
         self.child = Some(child);
-        let url = format!("http://{}/v2/", self.addr());
-        let client = http();
-        wait_for("the registry to answer /v2/", Duration::from_secs(30), || {
-            client.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ())
+        let log = self.log_path(self.generation);
+        wait_for("the registry to listen", Duration::from_secs(30), || {
+            let up = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("listening on"));
+            (up && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()).then_some(())
         });
     }
 

@@ -284,7 +284,10 @@ fn manifest_digest_via(agent: &Agent, reg: &Registry, repo: &str, tag: &str) -> 
 }
 
 fn manifest_digest_direct(reg: &Registry, repo: &str, tag: &str) -> String {
-    header(&get(&format!("http://{}/v2/{repo}/manifests/{tag}", reg.addr()), &[("accept", ACCEPT)]), "docker-content-digest")
+    header(
+        &get(&format!("http://{}/v2/{repo}/manifests/{tag}", reg.addr()), &[("accept", ACCEPT)]),
+        "docker-content-digest",
+    )
 }
 
 #[test]
@@ -333,5 +336,9 @@ fn cached_tags_are_served_when_the_upstream_is_unreachable_or_air_gapped() {
     TestImage::single(&[1000]).push(&reg, "app", "v2", ImageFormat::Oci);
     let r = get(&format!("{}/v2/app/manifests/v2?ns={}", agent.url(), reg.addr()), &[]);
     assert_eq!(r.status(), 404, "an air-gapped agent asked the upstream");
-    assert!(reg.requests().iter().all(|(_, uri, _, ua)| !(ua.starts_with("clyde/") && uri.contains("/v2/app/manifests/v2"))));
+    assert!(
+        reg.requests()
+            .iter()
+            .all(|(_, uri, _, ua)| !(ua.starts_with("clyde/") && uri.contains("/v2/app/manifests/v2")))
+    );
 }
