@@ -306,9 +306,12 @@ impl PartialBlob {
         .await
         .map_err(StoreError::join)??;
         let mut state = self.state();
-        for i in newly {
+        for &i in &newly {
             state.durable[i as usize] = true;
         }
+        let durable = state.durable.iter().filter(|d| **d).count();
+        drop(state);
+        tracing::debug!(digest = %self.digest, pieces = durable, of = self.layout.count(), "pieces made durable");
         Ok(())
     }
 
