@@ -129,6 +129,14 @@ impl Resolver {
 
     /// Where the bytes of a blob come from: the store's file, or a transfer in progress.
     pub async fn blob(&self, origin: &Origin, digest: &Digest, first_byte: u64) -> Result<BlobSource, ResolveError> {
+        let source = self.blob_source(origin, digest, first_byte).await;
+        if source.is_ok() {
+            self.inner.store.touch(digest);
+        }
+        source
+    }
+
+    async fn blob_source(&self, origin: &Origin, digest: &Digest, first_byte: u64) -> Result<BlobSource, ResolveError> {
         if let Some(file) = self.inner.store.open_blob(digest)? {
             return Ok(BlobSource::Local(file));
         }

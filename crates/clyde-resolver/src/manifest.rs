@@ -51,10 +51,14 @@ impl Resolver {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<ServedManifest, ResolveError> {
-        match reference {
+        let served = match reference {
             Reference::Digest(digest) => self.manifest_by_digest(origin, digest, accept).await,
             Reference::Tag(tag) => self.manifest_by_tag(origin, tag, accept).await,
+        };
+        if let Ok(m) = &served {
+            self.inner.store.touch(&m.digest);
         }
+        served
     }
 
     async fn cached_manifest(&self, digest: &Digest) -> Result<Option<ServedManifest>, ResolveError> {

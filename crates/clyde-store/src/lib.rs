@@ -110,6 +110,8 @@ struct Inner {
     partials: Mutex<HashMap<Digest, Arc<PartialBlob>>>,
     tasks: TaskTracker,
     shutdown: watch::Sender<bool>,
+    /// Reads not yet written to the metadata: digest -> unix seconds.
+    accesses: std::sync::Mutex<HashMap<Digest, u64>>,
 }
 
 pub(crate) fn now_secs() -> u64 {
@@ -139,6 +141,7 @@ impl Store {
                 partials: Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
                 shutdown,
+                accesses: Default::default(),
             }),
         })
     }
@@ -201,7 +204,10 @@ impl Store {
             file.sync_all()?;
             std::fs::rename(&tmp, &to)?;
             sync_dir(to.parent().unwrap_or(&store.inner.root))?;
-            store.inner.meta.complete_blob(&digest, &BlobRecord { size: bytes.len() as u64, created: now_secs() })
+            store.inner.meta.complete_blob(
+                &digest,
+                &BlobRecord { size: bytes.len() as u64, created: now_secs(), last_access: now_secs() },
+            )
         })
         .await
         .map_err(StoreError::join)?
@@ -303,6 +309,50 @@ impl Store {
         drop(partials);
         let _ = tokio::fs::remove_file(aside).await;
         Ok(())
+    }
+
+    /// Notes that a client read this manifest or blob now; written in batches by
+    /// [`Store::spawn_access_flusher`] (a metadata commit per request would cost an fsync).
+    pub fn touch(&self, digest: &Digest) {
+        self.inner.accesses.lock().unwrap_or_else(|p| p.into_inner()).insert(*digest, now_secs());
+    }
+
+    /// Writes the noted reads to the metadata.
+    pub async fn flush_accesses(&self) -> Result<(), StoreError> {
+        let accesses: Vec<(Digest, u64)> =
+            std::mem::take(&mut *self.inner.accesses.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
+        if accesses.is_empty() {
+            return Ok(());
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.inner.meta.record_access(&accesses))
+            .await
+            .map_err(StoreError::join)?
+    }
+
+    /// Flushes noted reads every `every`, and once more at shutdown.
+    pub fn spawn_access_flusher(&self, every: std::time::Duration) {
+        let store = self.clone();
+        let mut shutdown = self.inner.shutdown.subscribe();
+        self.inner.tasks.spawn(async move {
+            loop {
+                let stop = tokio::select! {
+                    _ = tokio::time::sleep(every) => false,
+                    _ = shutdown.changed() => true,
+                };
+                if let Err(e) = store.flush_accesses().await {
+                    tracing::warn!(error = %e, "could not record access times");
+                }
+                if stop {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// A complete blob's record.
+    pub fn blob_record(&self, digest: &Digest) -> Result<Option<BlobRecord>, StoreError> {
+        self.inner.meta.blob(digest)
     }
 
     /// Where a tag pointed when last checked.

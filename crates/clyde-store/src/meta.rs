@@ -47,6 +47,9 @@ pub struct ManifestRecord {
 pub struct BlobRecord {
     pub size: u64,
     pub created: u64,
+    /// Unix seconds when a client last read it (flushed in batches).
+    #[serde(default)]
+    pub last_access: u64,
 }
 
 /// A blob still arriving: which pieces are durable on disk.
@@ -144,6 +147,37 @@ impl Meta {
         let txn = self.db.begin_write().map_err(db_err)?;
         txn.open_table(PARTIALS).map_err(db_err)?.remove(digest.to_string().as_str()).map_err(db_err)?;
         txn.commit().map_err(db_err)
+    }
+
+    /// Records when manifests were last pulled and blobs last read, in one transaction.
+    pub(crate) fn record_access(&self, accesses: &[(Digest, u64)]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut manifests = txn.open_table(MANIFESTS).map_err(db_err)?;
+            let mut blobs = txn.open_table(BLOBS).map_err(db_err)?;
+            for (digest, at) in accesses {
+                let key = digest.to_string();
+                let manifest = manifests.get(key.as_str()).map_err(db_err)?.map(|v| v.value().to_vec());
+                if let Some(bytes) = manifest {
+                    let mut record: ManifestRecord = serde_json::from_slice(&bytes).map_err(db_err)?;
+                    record.last_pulled = record.last_pulled.max(*at);
+                    let bytes = serde_json::to_vec(&record).map_err(db_err)?;
+                    manifests.insert(key.as_str(), bytes.as_slice()).map_err(db_err)?;
+                }
+                let blob = blobs.get(key.as_str()).map_err(db_err)?.map(|v| v.value().to_vec());
+                if let Some(bytes) = blob {
+                    let mut record: BlobRecord = serde_json::from_slice(&bytes).map_err(db_err)?;
+                    record.last_access = record.last_access.max(*at);
+                    let bytes = serde_json::to_vec(&record).map_err(db_err)?;
+                    blobs.insert(key.as_str(), bytes.as_slice()).map_err(db_err)?;
+                }
+            }
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    pub(crate) fn blob(&self, digest: &Digest) -> Result<Option<BlobRecord>, StoreError> {
+        self.get(BLOBS, &digest.to_string())
     }
 
     /// Records a blob as complete and forgets its partial state, in one transaction.

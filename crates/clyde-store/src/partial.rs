@@ -341,7 +341,7 @@ impl PartialBlob {
             let to = store.blob_path(&digest);
             std::fs::rename(&from, &to)?;
             sync_dir(to.parent().unwrap_or(store.root()))?;
-            store.inner.meta.complete_blob(&digest, &BlobRecord { size, created: now_secs() })
+            store.inner.meta.complete_blob(&digest, &BlobRecord { size, created: now_secs(), last_access: now_secs() })
         })
         .await
         .map_err(StoreError::join)??;

@@ -106,3 +106,27 @@ async fn empty_blob_completes() {
     assert_eq!(wait_outcome(&p).await, Outcome::Complete);
     assert_eq!(store.blob_size(&d), Some(0));
 }
+
+#[tokio::test]
+async fn reads_are_recorded_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let d = Digest::of(b"manifest");
+    store.put_blob(d, Bytes::from_static(b"manifest")).await.unwrap();
+    let record = ManifestRecord {
+        media_type: "m".into(),
+        size: 8,
+        registry: "r".into(),
+        repository: "a".into(),
+        created: 1,
+        last_pulled: 1,
+        references: vec![],
+    };
+    store.put_manifest(d, record).await.unwrap();
+    let before = store.blob_record(&d).unwrap().unwrap().last_access;
+    store.touch(&d);
+    store.flush_accesses().await.unwrap();
+    assert!(store.manifest(&d).unwrap().unwrap().last_pulled >= before);
+    assert!(store.manifest(&d).unwrap().unwrap().last_pulled > 1);
+    assert!(store.blob_record(&d).unwrap().unwrap().last_access >= before);
+}

@@ -22,6 +22,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         read_timeout: config.upstream_read_timeout,
         ..UpstreamConfig::default()
     })?;
+    store.spawn_access_flusher(std::time::Duration::from_secs(30));
     let never_upstream = config.air_gapped || config.mode == "p2p-only";
     let resolver = Resolver::new(
         store,
