@@ -63,8 +63,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate: u64) {
             }
         }
     }
-    let _ = to.shutdown(Shutdown::Write);
-    let _ = from.shutdown(Shutdown::Read);
+    // Close both sockets both ways, so that when one side hangs up the other learns at once
+    // (an upstream must see its client leave, not keep sending into a half-closed relay).
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
 }
 
 impl Drop for SlowProxy {

@@ -9,6 +9,9 @@
 //! `Range` is answered about as fast as the upstream answers that range. When a claim's
 //! task ends, the job claims every byte nobody holds or fetches yet ("fill"), so the blob
 //! completes in the background, and transfers that broke mid-body resume with `Range`.
+//! Claims never overlap: a pump *reserves* the bytes it is about to write under the claims
+//! lock, and a steal never cuts below a reservation, so no byte is written twice.
+//! A watcher per job removes it from the map once its blob is committed or discarded.
 //! The decisions are pure functions ([`plan_fill`], [`plan_demand`]) tested without sockets.
 
 use std::collections::HashMap;
@@ -19,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use clyde_store::{BlobFile, Outcome, PartialBlob, Store};
+use clyde_store::{BlobFile, Outcome, PartialBlob, Store, StoreError};
 use clyde_types::{ByteRange, Digest, IntervalSet};
 use clyde_upstream::{ByteStream, Upstream, UpstreamError};
 use futures_util::{FutureExt, Stream, StreamExt};
@@ -39,16 +42,18 @@ const WRITE_BATCH: usize = 1024 * 1024;
 pub enum Demand {
     /// The byte is written, or a claim will reach it soon.
     Wait,
-    /// Claim number `index` is far behind: take `offset..its end` from it.
-    Steal { index: usize },
+    /// Claim number `index` is far behind: take `at..its end` from it.
+    Steal { index: usize, at: u64 },
     /// Nobody fetches this byte: claim this range.
     Claim(Range<u64>),
 }
 
-/// A claimed interval, as the planner sees it: `cursor..end` is still to be fetched.
+/// A claimed interval, as the planner sees it: `cursor..end` is still to be fetched, and
+/// `cursor..reserved` is being written right now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClaimView {
     pub cursor: u64,
+    pub reserved: u64,
     pub end: u64,
 }
 
@@ -78,7 +83,12 @@ pub fn plan_demand(offset: u64, size: u64, written: &IntervalSet, claims: &[Clai
         return Demand::Wait;
     }
     if let Some((index, c)) = claims.iter().enumerate().find(|(_, c)| c.cursor <= offset && offset < c.end) {
-        return if offset - c.cursor <= steal_distance { Demand::Wait } else { Demand::Steal { index } };
+        let at = offset.max(c.reserved);
+        return if offset - c.cursor <= steal_distance || at >= c.end {
+            Demand::Wait
+        } else {
+            Demand::Steal { index, at }
+        };
     }
     let all = covered(written, claims);
     match all.first_gap(offset..size) {
@@ -89,13 +99,32 @@ pub fn plan_demand(offset: u64, size: u64, written: &IntervalSet, claims: &[Clai
 
 struct Claim {
     cursor: AtomicU64,
+    reserved: AtomicU64,
     end: AtomicU64,
 }
 
 impl Claim {
-    fn view(&self) -> ClaimView {
-        ClaimView { cursor: self.cursor.load(Ordering::Acquire), end: self.end.load(Ordering::Acquire) }
+    fn new(range: &Range<u64>) -> Arc<Self> {
+        Arc::new(Self {
+            cursor: AtomicU64::new(range.start),
+            reserved: AtomicU64::new(range.start),
+            end: AtomicU64::new(range.end),
+        })
     }
+
+    fn view(&self) -> ClaimView {
+        ClaimView {
+            cursor: self.cursor.load(Ordering::Acquire),
+            reserved: self.reserved.load(Ordering::Acquire),
+            end: self.end.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// Why a claim's pump stopped before its end.
+enum PumpError {
+    Upstream(UpstreamError),
+    Store(StoreError),
 }
 
 struct Shared {
@@ -103,6 +132,14 @@ struct Shared {
     config: ResolverConfig,
     tasks: TaskTracker,
     shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Resolves once shutdown was requested, also when that happened before the call.
+    async fn stopped(&self) {
+        let mut rx = self.shutdown.subscribe();
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
 }
 
 /// A blob transfer shared by all its readers.
@@ -114,34 +151,36 @@ pub struct Job {
 }
 
 type JobCell = Arc<OnceCell<Result<Arc<Job>, ResolveError>>>;
+type JobMap = Arc<Mutex<HashMap<Digest, JobCell>>>;
 
 pub(crate) struct Transfers {
     store: Store,
     shared: Arc<Shared>,
-    jobs: Mutex<HashMap<Digest, JobCell>>,
+    jobs: JobMap,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves only plain data behind; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn forget(jobs: &JobMap, digest: &Digest, cell: &JobCell) {
+    let mut jobs = lock(jobs);
+    if jobs.get(digest).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+        jobs.remove(digest);
+    }
 }
 
 impl Transfers {
     pub(crate) fn new(store: Store, upstream: Arc<Upstream>, config: ResolverConfig) -> Self {
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared { upstream, config, tasks: TaskTracker::new(), shutdown });
-        Self { store, shared, jobs: Mutex::new(HashMap::new()) }
-    }
-
-    fn jobs(&self) -> MutexGuard<'_, HashMap<Digest, JobCell>> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn forget(&self, digest: &Digest, cell: &JobCell) {
-        let mut jobs = self.jobs();
-        if jobs.get(digest).is_some_and(|c| Arc::ptr_eq(c, cell)) {
-            jobs.remove(digest);
-        }
+        Self { store, shared, jobs: Arc::new(Mutex::new(HashMap::new())) }
     }
 
     /// The running job for `digest`, if any (without starting one).
     pub(crate) async fn running(&self, digest: &Digest) -> Result<Option<Arc<Job>>, ResolveError> {
-        let cell = self.jobs().get(digest).cloned();
+        let cell = lock(&self.jobs).get(digest).cloned();
         if let Some(Ok(job)) = cell.as_ref().and_then(|c| c.get())
             && job.partial.outcome() == Outcome::Pending
         {
@@ -162,25 +201,52 @@ impl Transfers {
         first_byte: u64,
     ) -> Result<BlobSource, ResolveError> {
         for _ in 0..3 {
-            let cell = self.jobs().entry(*digest).or_default().clone();
-            let result = cell.get_or_init(|| self.start(origin, digest, first_byte)).await.clone();
+            let cell = lock(&self.jobs).entry(*digest).or_default().clone();
+            let init = async {
+                let job = self.start(origin, digest, first_byte).await?;
+                self.watch(*digest, cell.clone(), job.clone());
+                Ok(job)
+            };
+            let result = cell.get_or_init(|| init).await.clone();
             match result {
                 Ok(job) if job.partial.outcome() == Outcome::Pending => {
                     return Ok(BlobSource::Transfer(job));
                 }
                 Ok(_) => {
-                    self.forget(digest, &cell);
+                    forget(&self.jobs, digest, &cell);
                     if let Some(file) = self.store.open_blob(digest)? {
                         return Ok(BlobSource::Local(file));
                     }
                 }
                 Err(e) => {
-                    self.forget(digest, &cell);
+                    forget(&self.jobs, digest, &cell);
                     return Err(e);
                 }
             }
         }
         Err(ResolveError::Transfer(format!("the transfer of {digest} keeps failing")))
+    }
+
+    /// Removes the job from the map once its blob is committed or discarded, so finished
+    /// jobs do not keep their files open.
+    fn watch(&self, digest: Digest, cell: JobCell, job: Arc<Job>) {
+        let jobs = self.jobs.clone();
+        let shared = self.shared.clone();
+        self.shared.tasks.spawn(async move {
+            let mut rx = job.partial.subscribe();
+            let finished = async {
+                while job.partial.outcome() == Outcome::Pending {
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = finished => {}
+                _ = shared.stopped() => {}
+            }
+            forget(&jobs, &digest, &cell);
+        });
     }
 
     async fn start(&self, origin: &Origin, digest: &Digest, first_byte: u64) -> Result<Arc<Job>, ResolveError> {
@@ -204,10 +270,9 @@ impl Transfers {
         };
         let partial = self.store.partial(digest, body.size).await?;
         let job = Job::new(origin.clone(), partial, self.shared.clone());
-        let range = body.range.clone();
-        let skip = job.partial.written_from(range.start) - range.start;
-        if skip == 0 && !range.is_empty() {
-            job.spawn_claim(range, Some(body.stream));
+        if !body.range.is_empty() {
+            let claim = job.add_claim(&mut job.claims(), &body.range);
+            job.spawn(claim, Some(body.stream));
         }
         job.fill();
         Ok(job)
@@ -217,7 +282,7 @@ impl Transfers {
         let _ = self.shared.shutdown.send(true);
         self.shared.tasks.close();
         self.shared.tasks.wait().await;
-        self.jobs().clear();
+        lock(&self.jobs).clear();
     }
 }
 
@@ -227,7 +292,7 @@ impl Job {
     }
 
     fn claims(&self) -> MutexGuard<'_, Vec<Arc<Claim>>> {
-        self.claims.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.claims)
     }
 
     /// The blob's size.
@@ -235,19 +300,29 @@ impl Job {
         self.partial.size()
     }
 
-    fn spawn_claim(self: &Arc<Self>, range: Range<u64>, stream: Option<ByteStream>) {
-        let claim = Arc::new(Claim { cursor: AtomicU64::new(range.start), end: AtomicU64::new(range.end) });
-        self.claims().push(claim.clone());
+    /// Registers a claim; the caller holds the claims lock, so planning and registering are
+    /// one step and no other planner can claim the same bytes in between.
+    fn add_claim(&self, claims: &mut Vec<Arc<Claim>>, range: &Range<u64>) -> Arc<Claim> {
+        let claim = Claim::new(range);
+        claims.push(claim.clone());
+        claim
+    }
+
+    /// Runs a registered claim's task.
+    fn spawn(self: &Arc<Self>, claim: Arc<Claim>, stream: Option<ByteStream>) {
         let job = self.clone();
-        let mut shutdown = self.shared.shutdown.subscribe();
         self.shared.tasks.spawn(async move {
             tokio::select! {
                 _ = job.run_claim(&claim, stream) => {}
-                _ = shutdown.changed() => {}
+                _ = job.shared.stopped() => {}
             }
             job.claims().retain(|c| !Arc::ptr_eq(c, &claim));
             job.fill();
         });
+    }
+
+    fn views(claims: &[Arc<Claim>]) -> Vec<ClaimView> {
+        claims.iter().map(|c| c.view()).collect()
     }
 
     /// Claims and starts fetching every byte nobody holds or fetches yet.
@@ -255,35 +330,38 @@ impl Job {
         if self.partial.outcome() != Outcome::Pending || *self.shared.shutdown.borrow() {
             return;
         }
-        let gaps = {
-            let claims = self.claims();
-            let views: Vec<ClaimView> = claims.iter().map(|c| c.view()).collect();
-            plan_fill(self.size(), &self.partial.written(), &views)
+        let added: Vec<Arc<Claim>> = {
+            let mut claims = self.claims();
+            let gaps = plan_fill(self.size(), &self.partial.written(), &Self::views(&claims));
+            gaps.iter().map(|gap| self.add_claim(&mut claims, gap)).collect()
         };
-        for gap in gaps {
-            self.spawn_claim(gap, None);
+        for claim in added {
+            self.spawn(claim, None);
         }
     }
 
     /// Called by a reader about to wait for byte `offset`.
     fn demand(self: &Arc<Self>, offset: u64) {
-        let action = {
-            let claims = self.claims();
-            let views: Vec<ClaimView> = claims.iter().map(|c| c.view()).collect();
-            let demand =
-                plan_demand(offset, self.size(), &self.partial.written(), &views, self.shared.config.steal_distance);
-            match demand {
+        if *self.shared.shutdown.borrow() {
+            return;
+        }
+        let added = {
+            let mut claims = self.claims();
+            let views = Self::views(&claims);
+            let steal_distance = self.shared.config.steal_distance;
+            let range = match plan_demand(offset, self.size(), &self.partial.written(), &views, steal_distance) {
                 Demand::Wait => None,
-                Demand::Steal { index } => {
-                    let old_end = claims[index].end.swap(offset, Ordering::AcqRel);
-                    Some(offset..old_end)
+                Demand::Steal { index, at } => {
+                    let old_end = claims[index].end.swap(at, Ordering::AcqRel);
+                    Some(at..old_end)
                 }
                 Demand::Claim(range) => Some(range),
-            }
+            };
+            range.map(|r| (self.add_claim(&mut claims, &r), r))
         };
-        if let Some(range) = action {
+        if let Some((claim, range)) = added {
             tracing::debug!(digest = %self.partial.digest(), ?range, "reader ahead of transfers: new upstream range");
-            self.spawn_claim(range, None);
+            self.spawn(claim, None);
         }
     }
 
@@ -306,9 +384,20 @@ impl Job {
             };
             let result = match body {
                 Ok(body) => self.pump(claim, body).await,
-                Err(e) => Err(e),
+                Err(e) => Err(PumpError::Upstream(e)),
             };
-            let Err(error) = result else { continue };
+            let error = match result {
+                Ok(()) => continue,
+                Err(PumpError::Store(e)) => {
+                    self.partial.fail(&format!("could not write to the store: {e}")).await;
+                    return;
+                }
+                Err(PumpError::Upstream(e)) => e,
+            };
+            // Progress since the last attempt earns a fresh set of attempts.
+            if claim.cursor.load(Ordering::Acquire) > view.cursor {
+                failures = 0;
+            }
             failures += 1;
             let permanent = !error.is_transient() && !matches!(error, UpstreamError::Protocol(_));
             if permanent || failures >= self.shared.config.transfer_attempts {
@@ -321,43 +410,47 @@ impl Job {
     }
 
     /// Writes a stream into the claim until the claim's end; `Ok` when the end was reached.
-    async fn pump(&self, claim: &Claim, mut body: ByteStream) -> Result<(), UpstreamError> {
+    async fn pump(&self, claim: &Claim, mut body: ByteStream) -> Result<(), PumpError> {
         loop {
             let Some(first) = body.next().await else {
                 let view = claim.view();
                 return if view.cursor >= view.end {
                     Ok(())
                 } else {
-                    Err(UpstreamError::Protocol(format!("body ended at {} before {}", view.cursor, view.end)))
+                    Err(PumpError::Upstream(UpstreamError::Protocol(format!(
+                        "body ended at {} before {}",
+                        view.cursor, view.end
+                    ))))
                 };
             };
             // Take whatever else is ready, so a fast upstream gets few large writes and a slow
             // one still delivers each chunk to readers at once.
-            let mut chunks = vec![first?];
+            let mut chunks = vec![first.map_err(PumpError::Upstream)?];
             let mut batched = chunks[0].len();
             while batched < WRITE_BATCH {
                 match body.next().now_or_never() {
                     Some(Some(chunk)) => {
-                        let chunk = chunk?;
+                        let chunk = chunk.map_err(PumpError::Upstream)?;
                         batched += chunk.len();
                         chunks.push(chunk);
                     }
                     _ => break,
                 }
             }
-            let cursor = claim.cursor.load(Ordering::Acquire);
-            let end = claim.end.load(Ordering::Acquire);
-            let wanted = end.saturating_sub(cursor);
-            let chunks = clip(chunks, wanted);
-            let written: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-            if written > 0 {
-                self.partial
-                    .write_chunks_at(cursor, chunks)
-                    .await
-                    .map_err(|e| UpstreamError::Protocol(e.to_string()))?;
-                claim.cursor.store(cursor + written, Ordering::Release);
+            // Reserve the bytes under the claims lock: a steal now cuts at or after them.
+            let (cursor, take) = {
+                let _claims = self.claims();
+                let cursor = claim.cursor.load(Ordering::Acquire);
+                let take = (batched as u64).min(claim.end.load(Ordering::Acquire).saturating_sub(cursor));
+                claim.reserved.store(cursor + take, Ordering::Release);
+                (cursor, take)
+            };
+            let chunks = clip(chunks, take);
+            if take > 0 {
+                self.partial.write_chunks_at(cursor, chunks).await.map_err(PumpError::Store)?;
+                claim.cursor.store(cursor + take, Ordering::Release);
             }
-            if cursor + written >= end {
+            if cursor + take >= claim.end.load(Ordering::Acquire) {
                 return Ok(());
             }
         }
@@ -410,7 +503,8 @@ impl BlobSource {
     /// Streams `range` of the blob; an error ends the response abnormally.
     pub fn stream(self, range: ByteRange) -> BlobStream {
         let state = (self, range.start, range.end);
-        Box::pin(futures_util::stream::unfold(state, |(source, pos, end)| async move {
+        let whole_blob = range.is_full();
+        Box::pin(futures_util::stream::unfold(state, move |(source, pos, end)| async move {
             if pos >= end {
                 return None;
             }
@@ -421,7 +515,13 @@ impl BlobSource {
                     if job.partial.written_from(pos) == pos {
                         job.demand(pos);
                     }
-                    job.partial.read_at(pos, len).await
+                    // Only a response of the whole blob waits for verification before its last
+                    // byte; ranges (a lazy puller's footer read) are served as they arrive.
+                    if whole_blob {
+                        job.partial.read_at(pos, len).await
+                    } else {
+                        job.partial.read_range_at(pos, len).await
+                    }
                 }
             };
             match read {
@@ -449,26 +549,34 @@ mod tests {
 
     #[test]
     fn fill_claims_only_unheld_bytes() {
-        let claims = [ClaimView { cursor: 10, end: 50 }];
+        let claims = [ClaimView { cursor: 10, reserved: 10, end: 50 }];
         assert_eq!(plan_fill(100, &set(&[0..10, 60..70]), &claims), vec![50..60, 70..100]);
         assert_eq!(plan_fill(100, &set(&[0..100]), &[]), Vec::<Range<u64>>::new());
     }
 
     #[test]
     fn readers_near_a_claim_wait() {
-        let claims = [ClaimView { cursor: 0, end: 100 }];
+        let claims = [ClaimView { cursor: 0, reserved: 0, end: 100 }];
         assert_eq!(plan_demand(10, 100, &IntervalSet::new(), &claims, 16), Demand::Wait);
     }
 
     #[test]
     fn readers_far_ahead_steal_the_tail() {
-        let claims = [ClaimView { cursor: 0, end: 100 }];
-        assert_eq!(plan_demand(50, 100, &IntervalSet::new(), &claims, 16), Demand::Steal { index: 0 });
+        let claims = [ClaimView { cursor: 0, reserved: 0, end: 100 }];
+        assert_eq!(plan_demand(50, 100, &IntervalSet::new(), &claims, 16), Demand::Steal { index: 0, at: 50 });
+    }
+
+    #[test]
+    fn a_steal_never_cuts_into_bytes_being_written() {
+        let claims = [ClaimView { cursor: 0, reserved: 60, end: 100 }];
+        assert_eq!(plan_demand(50, 100, &IntervalSet::new(), &claims, 16), Demand::Steal { index: 0, at: 60 });
+        let claims = [ClaimView { cursor: 0, reserved: 100, end: 100 }];
+        assert_eq!(plan_demand(50, 100, &IntervalSet::new(), &claims, 16), Demand::Wait);
     }
 
     #[test]
     fn unclaimed_bytes_get_a_claim_to_the_next_held_byte() {
-        let claims = [ClaimView { cursor: 80, end: 100 }];
+        let claims = [ClaimView { cursor: 80, reserved: 80, end: 100 }];
         assert_eq!(plan_demand(30, 100, &set(&[0..20]), &claims, 16), Demand::Claim(30..80));
         assert_eq!(plan_demand(5, 100, &set(&[0..20]), &claims, 16), Demand::Wait);
     }

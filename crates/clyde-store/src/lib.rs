@@ -132,6 +132,19 @@ impl Store {
             let _ = std::fs::remove_file(entry?.path());
         }
         let meta = meta::Meta::open(&root.join("meta.redb"))?;
+        // Partial files without a record (a crash between creating one and recording it, or a
+        // discarded blob) are of no use: remove them.
+        for entry in std::fs::read_dir(root.join("partial/sha256"))? {
+            let path = entry?.path();
+            let digest = path.file_name().and_then(|n| n.to_str()).and_then(|hex| format!("sha256:{hex}").parse().ok());
+            let recorded = match digest {
+                Some(d) => meta.partial(&d)?.is_some(),
+                None => false,
+            };
+            if !recorded {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
         let (shutdown, _) = watch::channel(false);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -198,7 +211,10 @@ impl Store {
             if to.exists() {
                 return Ok(());
             }
-            let tmp = store.inner.root.join("tmp").join(format!("{}.{}", digest.hex(), std::process::id()));
+            // Unique per write: two concurrent writers of one digest must not share a file.
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = store.inner.root.join("tmp").join(format!("{}.{}.{n}", digest.hex(), std::process::id()));
             let mut file = File::create(&tmp)?;
             file.write_all(&bytes)?;
             file.sync_all()?;

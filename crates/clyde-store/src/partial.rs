@@ -34,6 +34,13 @@ pub enum Outcome {
     Failed(Arc<str>),
 }
 
+/// When a reader may have the blob's last byte.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum LastByte {
+    AfterVerification,
+    AsWritten,
+}
+
 struct State {
     written: IntervalSet,
     durable: Vec<bool>,
@@ -148,8 +155,11 @@ impl PartialBlob {
         if end > self.size() {
             return Err(StoreError::OutOfBounds);
         }
-        if self.state().outcome != Outcome::Pending {
-            return Err(StoreError::Finished);
+        {
+            let state = self.state();
+            if state.outcome != Outcome::Pending || state.verified {
+                return Err(StoreError::Finished);
+            }
         }
         let (file, verifier) = (self.file.clone(), self.verifier.clone());
         file_io(len, move || {
@@ -172,8 +182,19 @@ impl PartialBlob {
         Ok(())
     }
 
-    /// Waits until byte `offset` is written, then returns up to `max` bytes from there.
+    /// Waits until byte `offset` is written, then returns up to `max` bytes from there; the
+    /// blob's last byte only once the whole blob verified (for responses of the whole blob).
     pub async fn read_at(&self, offset: u64, max: u64) -> Result<Bytes, StoreError> {
+        self.read(offset, max, LastByte::AfterVerification).await
+    }
+
+    /// Like [`PartialBlob::read_at`], but the last byte too as soon as it is written: for
+    /// ranged responses, which no digest covers.
+    pub async fn read_range_at(&self, offset: u64, max: u64) -> Result<Bytes, StoreError> {
+        self.read(offset, max, LastByte::AsWritten).await
+    }
+
+    async fn read(&self, offset: u64, max: u64, last_byte: LastByte) -> Result<Bytes, StoreError> {
         if offset >= self.size() {
             return Err(StoreError::OutOfBounds);
         }
@@ -188,7 +209,8 @@ impl PartialBlob {
                 // The last byte is held back until the whole blob verified, so a reader of a
                 // blob that turns out corrupt never sees a response end as if complete.
                 let verified = state.verified || state.outcome == Outcome::Complete;
-                let held = if !verified && offset + available == self.size() { 1 } else { 0 };
+                let hold = last_byte == LastByte::AfterVerification && !verified;
+                let held = if hold && offset + available == self.size() { 1 } else { 0 };
                 if available > held {
                     break available - held;
                 }
@@ -202,8 +224,12 @@ impl PartialBlob {
 
     /// Discards the blob: readers get an error, the file and its record are removed.
     pub async fn fail(&self, reason: &str) {
-        if self.outcome() != Outcome::Pending {
-            return;
+        {
+            // A verified blob is being committed: nothing can make it wrong any more.
+            let state = self.state();
+            if state.outcome != Outcome::Pending || state.verified {
+                return;
+            }
         }
         tracing::warn!(digest = %self.digest, reason, "discarding partial blob");
         if let Err(e) = self.store.discard_partial(self).await {
@@ -256,7 +282,7 @@ impl PartialBlob {
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
                 _ = tick => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
         let verifier = std::mem::replace(&mut *lock(&self.verifier), DigestVerifier::new(self.digest));

@@ -45,7 +45,8 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Whether another attempt at the same upstream might succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unreachable { .. }) || matches!(self, Self::Status { status, .. } if *status >= 500)
+        matches!(self, Self::Unreachable { .. })
+            || matches!(self, Self::Status { status, .. } if *status >= 500 || *status == 429 || *status == 408)
     }
 }
 
@@ -136,7 +137,7 @@ impl Upstream {
         Ok(ManifestHead {
             digest: header_str(headers, "docker-content-digest").and_then(|d| d.parse().ok()),
             media_type: header_str(headers, "content-type").map(str::to_string),
-            size: resp.content_length(),
+            size: content_length(headers),
         })
     }
 
@@ -184,7 +185,7 @@ impl Upstream {
         let client = self.client(registry)?;
         let url = format!("{}/v2/{}/blobs/{}", client.base, repository, digest);
         let resp = self.send(&client, repository, Method::HEAD, &url, &[]).await?;
-        resp.content_length().ok_or_else(|| UpstreamError::Protocol("blob HEAD without Content-Length".into()))
+        content_length(resp.headers()).ok_or_else(|| UpstreamError::Protocol("blob HEAD without Content-Length".into()))
     }
 
     /// Streams a blob, or the part `range` of it (`end == u64::MAX`: to the end).
@@ -298,6 +299,12 @@ fn unreachable_err(registry: &Registry, e: &reqwest::Error) -> UpstreamError {
         source = s.source();
     }
     UpstreamError::Unreachable { registry: registry.to_string(), reason }
+}
+
+/// `Content-Length` as sent. (reqwest's `content_length()` is the body's size hint, which is 0
+/// for every answer to `HEAD`.)
+fn content_length(headers: &header::HeaderMap) -> Option<u64> {
+    header_str(headers, "content-length")?.trim().parse().ok()
 }
 
 fn header_str<'a>(headers: &'a header::HeaderMap, name: &str) -> Option<&'a str> {
