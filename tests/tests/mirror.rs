@@ -396,9 +396,10 @@ fn lazy_pull_ranges_of_an_uncached_blob_come_back_before_the_blob_arrives() {
             .map(|(_, _, n, _)| n)
             .collect()
     };
-    clyde_tests::wait_for("the mirror's transfers to be logged", Duration::from_secs(20), || {
-        (clyde_gets().len() >= 3).then_some(())
+    clyde_tests::wait_for("the mirror's transfers to be logged", Duration::from_secs(30), || {
+        (clyde_gets().iter().sum::<u64>() >= layer.size).then_some(())
     });
+    std::thread::sleep(Duration::from_millis(300));
     let gets = clyde_gets();
     let served: u64 = gets.iter().sum();
     // A steal cuts the first transfer short; what the upstream had already pushed into socket
