@@ -3,13 +3,15 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Relays 127.0.0.1:`port()` to a target, sending answers at `bytes_per_sec`.
+/// Relays 127.0.0.1:`port()` to a target, sending answers at `bytes_per_sec`, and counts
+/// the bytes of answers it relayed (what the upstream really delivered to its client).
 pub struct SlowProxy {
     port: u16,
     stop: Arc<AtomicBool>,
+    relayed: Arc<AtomicU64>,
 }
 
 impl SlowProxy {
@@ -18,8 +20,10 @@ impl SlowProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
+        let relayed = Arc::new(AtomicU64::new(0));
         let target = target.to_string();
         let flag = stop.clone();
+        let counter = relayed.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if flag.load(Ordering::Relaxed) {
@@ -30,11 +34,17 @@ impl SlowProxy {
                     continue;
                 };
                 let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
-                std::thread::spawn(move || pump(c2, s2, u64::MAX));
-                std::thread::spawn(move || pump(server, client, bytes_per_sec));
+                let counter = counter.clone();
+                std::thread::spawn(move || pump(c2, s2, u64::MAX, None));
+                std::thread::spawn(move || pump(server, client, bytes_per_sec, Some(&counter)));
             }
         });
-        Self { port, stop }
+        Self { port, stop, relayed }
+    }
+
+    /// Bytes of answers relayed so far.
+    pub fn relayed(&self) -> u64 {
+        self.relayed.load(Ordering::Relaxed)
     }
 
     /// The relay's address.
@@ -43,7 +53,7 @@ impl SlowProxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, rate: u64) {
+fn pump(mut from: TcpStream, mut to: TcpStream, rate: u64, counter: Option<&AtomicU64>) {
     let start = Instant::now();
     let mut sent = 0u64;
     let mut buf = vec![0u8; 16 * 1024];
@@ -54,6 +64,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate: u64) {
         };
         if to.write_all(&buf[..n]).is_err() {
             break;
+        }
+        if let Some(c) = counter {
+            c.fetch_add(n as u64, Ordering::Relaxed);
         }
         sent += n as u64;
         if rate != u64::MAX {
