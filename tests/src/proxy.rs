@@ -17,6 +17,12 @@ pub struct SlowProxy {
 impl SlowProxy {
     /// Starts relaying to `target` (`host:port`).
     pub fn start(target: &str, bytes_per_sec: u64) -> Self {
+        Self::start_cutting(target, bytes_per_sec, u64::MAX)
+    }
+
+    /// Like [`SlowProxy::start`], but every connection breaks after relaying `cut_after`
+    /// bytes of answers: an upstream that dies mid-body.
+    pub fn start_cutting(target: &str, bytes_per_sec: u64, cut_after: u64) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
@@ -36,7 +42,7 @@ impl SlowProxy {
                 let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
                 let counter = counter.clone();
                 std::thread::spawn(move || pump(c2, s2, u64::MAX, None));
-                std::thread::spawn(move || pump(server, client, bytes_per_sec, Some(&counter)));
+                std::thread::spawn(move || pump(server, client, bytes_per_sec, Some((&counter, cut_after))));
             }
         });
         Self { port, stop, relayed }
@@ -53,19 +59,24 @@ impl SlowProxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, rate: u64, counter: Option<&AtomicU64>) {
+fn pump(mut from: TcpStream, mut to: TcpStream, rate: u64, counted: Option<(&AtomicU64, u64)>) {
     let start = Instant::now();
     let mut sent = 0u64;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let n = match from.read(&mut buf) {
+        let cut_after = counted.map_or(u64::MAX, |(_, cut)| cut);
+        let room = cut_after.saturating_sub(sent).min(buf.len() as u64) as usize;
+        if room == 0 {
+            break;
+        }
+        let n = match from.read(&mut buf[..room]) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         if to.write_all(&buf[..n]).is_err() {
             break;
         }
-        if let Some(c) = counter {
+        if let Some((c, _)) = counted {
             c.fetch_add(n as u64, Ordering::Relaxed);
         }
         sent += n as u64;

@@ -400,3 +400,57 @@ fn lazy_pull_ranges_of_an_uncached_blob_come_back_before_the_blob_arrives() {
     let relayed = proxy.relayed();
     assert!(relayed * 2 < layer.size * 3, "the upstream delivered {relayed} bytes for a {} byte blob", layer.size);
 }
+
+#[test]
+fn an_upstream_that_breaks_mid_body_is_resumed_with_range_and_the_client_never_notices() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[24 * MIB]);
+    img.push(&reg, "flaky", "v1", ImageFormat::Oci);
+    let layer = img.layers[0].clone();
+    // Every upstream connection dies after 5 MiB of answer.
+    let proxy = SlowProxy::start_cutting(&reg.addr(), 400 * MIB as u64, 5 * MIB as u64);
+    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
+    let agent = Agent::start(&config, &[]);
+    let url = format!("{}/v2/flaky/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
+    let r = get(&url, &[]);
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().expect("body")), layer.digest);
+    let resumes = agent.log().lines().filter(|l| l.contains("resuming with Range")).count();
+    assert!(resumes >= 4, "expected the transfer to resume at least 4 times, saw {resumes}");
+    let relayed = proxy.relayed();
+    assert!(relayed < layer.size + layer.size / 5, "the upstream delivered {relayed} bytes for {}", layer.size);
+    assert!(assert_store_verified(&agent.data_dir()) >= 1);
+}
+
+#[test]
+fn a_transfer_given_up_mid_body_aborts_its_readers_and_resumes_on_the_next_request() {
+    let mut reg = Registry::start();
+    let img = TestImage::single(&[40 * MIB]);
+    img.push(&reg, "gone", "v1", ImageFormat::Oci);
+    let layer = img.layers[0].clone();
+    let proxy = SlowProxy::start(&reg.addr(), 16 * MIB as u64);
+    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
+    let agent = Agent::start(&config, &[]);
+    let url = format!("{}/v2/gone/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
+
+    let mut r = get(&url, &[]);
+    let mut chunk = vec![0u8; MIB];
+    let mut got = 0;
+    while max_pieces(&agent.log(), "pieces made durable") < 2 {
+        assert!(got < 32 * MIB, "no pieces became durable");
+        r.read_exact(&mut chunk).expect("first part");
+        got += MIB;
+    }
+    reg.stop();
+    // The client's response is cut, never ended as if complete.
+    let mut rest = Vec::new();
+    let outcome = r.read_to_end(&mut rest);
+    assert!(outcome.is_err() || got + rest.len() < layer.size as usize, "a broken transfer looked complete");
+    assert!(agent.log().contains("transfer abandoned"), "{}", agent.log());
+
+    reg.restart();
+    let body = get(&url, &[]).bytes().expect("body");
+    assert_eq!(sha256(&body), layer.digest);
+    assert!(max_pieces(&agent.log(), "resuming partial blob") >= 2, "{}", agent.log());
+    assert!(assert_store_verified(&agent.data_dir()) >= 1);
+}

@@ -401,7 +401,7 @@ impl Job {
             failures += 1;
             let permanent = !error.is_transient() && !matches!(error, UpstreamError::Protocol(_));
             if permanent || failures >= self.shared.config.transfer_attempts {
-                self.partial.fail(&format!("upstream transfer failed: {error}")).await;
+                self.partial.abandon(&format!("upstream transfer failed: {error}")).await;
                 return;
             }
             tracing::info!(%digest, %error, attempt = failures, "blob transfer broke; resuming with Range");

@@ -222,6 +222,21 @@ impl PartialBlob {
         read_file_at(self.file.clone(), offset, len).await
     }
 
+    /// Gives up on this transfer but keeps what is durable: readers get an error, and the
+    /// next request for the blob resumes from the recorded pieces.
+    pub async fn abandon(&self, reason: &str) {
+        {
+            let mut state = self.state();
+            if state.outcome != Outcome::Pending || state.verified {
+                return;
+            }
+            state.outcome = Outcome::Failed(reason.into());
+        }
+        tracing::warn!(digest = %self.digest, reason, "transfer abandoned; durable pieces kept for a resume");
+        self.store.forget_partial(self).await;
+        self.notify();
+    }
+
     /// Discards the blob: readers get an error, the file and its record are removed.
     pub async fn fail(&self, reason: &str) {
         {
