@@ -216,14 +216,8 @@ fn sixteen_concurrent_gets_of_an_uncached_blob_fetch_it_upstream_once() {
 
 #[test]
 fn bytes_reach_the_client_while_the_blob_still_arrives() {
-    let reg = Registry::start();
-    let img = TestImage::single(&[24 * MIB]);
-    img.push(&reg, "slow", "v1", ImageFormat::Oci);
-    let layer = img.layers[0].clone();
-    let proxy = SlowProxy::start(&reg.addr(), 8 * MIB as u64);
-    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
-    let agent = Agent::start(&config, &[]);
-    let url = format!("{}/v2/slow/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
+    let BehindRelay { reg: _reg, layer, proxy: _proxy, agent: _agent, url } =
+        behind_relay("slow", 24 * MIB, |addr| SlowProxy::start(addr, 8 * MIB as u64));
     let started = Instant::now();
     let mut r = get(&url, &[]);
     let mut first = [0u8; 1];
@@ -239,6 +233,28 @@ fn bytes_reach_the_client_while_the_blob_still_arrives() {
     assert!(first_byte * 4 < total, "first byte after {first_byte:?}, whole blob after {total:?}");
 }
 
+/// A registry holding one single-layer image of `size` bytes at `repo:v1`, reached only
+/// through `relay`, and an agent configured to use that relay for it.
+struct BehindRelay {
+    reg: Registry,
+    layer: clyde_tests::image::Blob,
+    proxy: SlowProxy,
+    agent: Agent,
+    url: String,
+}
+
+fn behind_relay(repo: &str, size: usize, relay: impl FnOnce(&str) -> SlowProxy) -> BehindRelay {
+    let reg = Registry::start();
+    let img = TestImage::single(&[size]);
+    img.push(&reg, repo, "v1", ImageFormat::Oci);
+    let layer = img.layers[0].clone();
+    let proxy = relay(&reg.addr());
+    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
+    let agent = Agent::start(&config, &[]);
+    let url = format!("{}/v2/{repo}/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
+    BehindRelay { reg, layer, proxy, agent, url }
+}
+
 /// The largest `pieces=N` on log lines containing `what`.
 fn max_pieces(log: &str, what: &str) -> u64 {
     log.lines()
@@ -250,14 +266,8 @@ fn max_pieces(log: &str, what: &str) -> u64 {
 
 #[test]
 fn kill_9_mid_download_then_restart_resumes_and_stores_nothing_corrupt() {
-    let reg = Registry::start();
-    let img = TestImage::single(&[40 * MIB]);
-    img.push(&reg, "crash", "v1", ImageFormat::Oci);
-    let layer = img.layers[0].clone();
-    let proxy = SlowProxy::start(&reg.addr(), 16 * MIB as u64);
-    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
-    let mut agent = Agent::start(&config, &[]);
-    let url = format!("{}/v2/crash/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
+    let BehindRelay { reg: _reg, layer, proxy, mut agent, url } =
+        behind_relay("crash", 40 * MIB, |addr| SlowProxy::start(addr, 16 * MIB as u64));
 
     let mut r = get(&url, &[]);
     // Read until the agent says at least two pieces are durable (about 1 s in), then kill it.
@@ -360,17 +370,11 @@ fn cached_tags_are_served_when_the_upstream_is_unreachable_or_air_gapped() {
 
 #[test]
 fn lazy_pull_ranges_of_an_uncached_blob_come_back_before_the_blob_arrives() {
-    let reg = Registry::start();
-    let img = TestImage::single(&[24 * MIB]);
-    img.push(&reg, "lazy", "v1", ImageFormat::Oci);
-    let layer = img.layers[0].clone();
+    // 24 MiB at 8 MiB/s: the whole blob needs about 3 s from this upstream.
+    let BehindRelay { reg, layer, proxy, agent: _agent, url } =
+        behind_relay("lazy", 24 * MIB, |addr| SlowProxy::start(addr, 8 * MIB as u64));
     let want = blob_direct(&reg, "lazy", &layer.digest);
     let size = want.len();
-    // 24 MiB at 8 MiB/s: the whole blob needs about 3 s from this upstream.
-    let proxy = SlowProxy::start(&reg.addr(), 8 * MIB as u64);
-    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
-    let agent = Agent::start(&config, &[]);
-    let url = format!("{}/v2/lazy/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
 
     let head = http().head(&url).send().expect("head");
     assert_eq!(head.status(), 200);
@@ -403,15 +407,9 @@ fn lazy_pull_ranges_of_an_uncached_blob_come_back_before_the_blob_arrives() {
 
 #[test]
 fn an_upstream_that_breaks_mid_body_is_resumed_with_range_and_the_client_never_notices() {
-    let reg = Registry::start();
-    let img = TestImage::single(&[24 * MIB]);
-    img.push(&reg, "flaky", "v1", ImageFormat::Oci);
-    let layer = img.layers[0].clone();
     // Every upstream connection dies after 5 MiB of answer.
-    let proxy = SlowProxy::start_cutting(&reg.addr(), 400 * MIB as u64, 5 * MIB as u64);
-    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
-    let agent = Agent::start(&config, &[]);
-    let url = format!("{}/v2/flaky/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
+    let BehindRelay { reg: _reg, layer, proxy, agent, url } =
+        behind_relay("flaky", 24 * MIB, |addr| SlowProxy::start_cutting(addr, 400 * MIB as u64, 5 * MIB as u64));
     let r = get(&url, &[]);
     assert_eq!(r.status(), 200);
     assert_eq!(sha256(&r.bytes().expect("body")), layer.digest);
@@ -424,14 +422,8 @@ fn an_upstream_that_breaks_mid_body_is_resumed_with_range_and_the_client_never_n
 
 #[test]
 fn a_transfer_given_up_mid_body_aborts_its_readers_and_resumes_on_the_next_request() {
-    let mut reg = Registry::start();
-    let img = TestImage::single(&[40 * MIB]);
-    img.push(&reg, "gone", "v1", ImageFormat::Oci);
-    let layer = img.layers[0].clone();
-    let proxy = SlowProxy::start(&reg.addr(), 16 * MIB as u64);
-    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
-    let agent = Agent::start(&config, &[]);
-    let url = format!("{}/v2/gone/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
+    let BehindRelay { mut reg, layer, proxy: _proxy, agent, url } =
+        behind_relay("gone", 40 * MIB, |addr| SlowProxy::start(addr, 16 * MIB as u64));
 
     let mut r = get(&url, &[]);
     let mut chunk = vec![0u8; MIB];
