@@ -132,6 +132,21 @@ fn ranges_on_uncached_and_cached_blobs_return_exactly_those_bytes() {
     assert_eq!(header(&r, "content-range"), format!("bytes */{size}"));
     assert_store_verified(&agent.data_dir());
     assert!(agent.data_dir().join("blobs/sha256").join(layer.digest.trim_start_matches("sha256:")).exists());
+
+    // Past the end of a blob nobody fetched yet: 416 with its size, and nothing downloaded.
+    let other = TestImage::single(&[MIB]);
+    other.push(&reg, "app", "v2", ImageFormat::Oci);
+    let blob = &other.layers[0];
+    let r = get(
+        &format!("{}/v2/app/blobs/{}?ns={}", agent.url(), blob.digest, reg.addr()),
+        &[("range", &format!("bytes={}-", blob.size))],
+    );
+    assert_eq!(r.status(), 416);
+    assert_eq!(header(&r, "content-range"), format!("bytes */{}", blob.size));
+    std::thread::sleep(Duration::from_millis(200));
+    let hex = blob.digest.trim_start_matches("sha256:");
+    assert!(!agent.data_dir().join("partial/sha256").join(hex).exists(), "a download started");
+    assert!(!agent.data_dir().join("blobs/sha256").join(hex).exists(), "a download started");
 }
 
 #[test]

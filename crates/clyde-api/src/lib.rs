@@ -224,6 +224,9 @@ async fn blob(
     };
     let source = match resolver.blob(origin, digest, first_byte).await {
         Ok(s) => s,
+        Err(ResolveError::RangeNotSatisfiable { size }) => {
+            return (unsatisfiable(size, &RangeError::Unsatisfiable { size }), "upstream");
+        }
         Err(e) => return (resolve_error(&e, ErrorCode::BlobUnknown), "-"),
     };
     let size = source.size();

@@ -72,6 +72,8 @@ pub enum ResolveError {
     Store(Arc<StoreError>),
     #[error("the transfer failed: {0}")]
     Transfer(String),
+    #[error("the range starts past the end of the {size} byte blob")]
+    RangeNotSatisfiable { size: u64 },
 }
 
 impl From<StoreError> for ResolveError {

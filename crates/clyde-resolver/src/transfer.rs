@@ -218,6 +218,10 @@ impl Transfers {
                         return Ok(BlobSource::Local(file));
                     }
                 }
+                // Another request's range was past the end; this one may still be fine.
+                Err(ResolveError::RangeNotSatisfiable { size }) if first_byte < size => {
+                    forget(&self.jobs, digest, &cell);
+                }
                 Err(e) => {
                     forget(&self.jobs, digest, &cell);
                     return Err(e);
@@ -258,7 +262,11 @@ impl Transfers {
         let (registry, repository) = (&origin.registry, &origin.repository);
         let body = if first_byte > 0 {
             match self.shared.upstream.get_blob(registry, repository, digest, Some(first_byte..u64::MAX)).await {
-                Err(UpstreamError::Status { status: 416, .. }) => None,
+                // Past the end: answer 416 without downloading anything.
+                Err(UpstreamError::Status { status: 416, .. }) => {
+                    let size = self.shared.upstream.head_blob(registry, repository, digest).await?;
+                    return Err(ResolveError::RangeNotSatisfiable { size });
+                }
                 other => Some(other?),
             }
         } else {

@@ -143,6 +143,25 @@ impl Meta {
         self.put(PARTIALS, &digest.to_string(), record)
     }
 
+    /// Records more durable pieces of a partial blob, only while its record exists: a late
+    /// update from a discarded download must not bring the record back.
+    pub(crate) fn update_partial(&self, digest: &Digest, record: &PartialRecord) -> Result<(), StoreError> {
+        let key = digest.to_string();
+        let bytes = serde_json::to_vec(record).map_err(db_err)?;
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(PARTIALS).map_err(db_err)?;
+            let existing = table.get(key.as_str()).map_err(db_err)?.map(|v| v.value().to_vec());
+            let same_blob = existing
+                .and_then(|v| serde_json::from_slice::<PartialRecord>(&v).ok())
+                .is_some_and(|r| r.size == record.size && r.piece_size == record.piece_size);
+            if same_blob {
+                table.insert(key.as_str(), bytes.as_slice()).map_err(db_err)?;
+            }
+        }
+        txn.commit().map_err(db_err)
+    }
+
     pub(crate) fn remove_partial(&self, digest: &Digest) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
         txn.open_table(PARTIALS).map_err(db_err)?.remove(digest.to_string().as_str()).map_err(db_err)?;

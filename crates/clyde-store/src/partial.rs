@@ -342,7 +342,7 @@ impl PartialBlob {
         let (file, store, digest) = (self.file.clone(), self.store.clone(), self.digest);
         tokio::task::spawn_blocking(move || {
             file.sync_data()?;
-            store.inner.meta.put_partial(&digest, &record)
+            store.inner.meta.update_partial(&digest, &record)
         })
         .await
         .map_err(StoreError::join)??;
