@@ -70,6 +70,19 @@ impl Containerd {
         d
     }
 
+    /// A fresh hosts dir whose `registry` uses `agent` as its mirror, written by
+    /// `clyde containerd-config` as a user would.
+    pub fn mirror_hosts_dir(&self, registry: &crate::Registry, agent: &crate::Agent) -> PathBuf {
+        let hosts = self.hosts_dir();
+        run(Command::new(crate::agent::clyde_bin()).arg("containerd-config").arg("--hosts-dir").arg(&hosts).args([
+            "--registry",
+            &registry.addr(),
+            "--mirror-url",
+            &agent.url(),
+        ]));
+        hosts
+    }
+
     /// `ctr images pull --hosts-dir DIR REF`; returns whether it succeeded and its output.
     pub fn pull(&self, hosts_dir: &Path, reference: &str, extra: &[&str]) -> (bool, String) {
         let mut args = vec!["images", "pull", "--hosts-dir", hosts_dir.to_str().expect("utf8")];

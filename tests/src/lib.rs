@@ -100,6 +100,24 @@ pub fn http() -> reqwest::blocking::Client {
         .expect("http client")
 }
 
+/// GETs `url` (with extra headers), returning the time to the first body byte, the time to
+/// the last, and the body.
+pub fn timed_get(url: &str, headers: &[(&str, &str)]) -> (Duration, Duration, Vec<u8>) {
+    use std::io::Read;
+    let started = Instant::now();
+    let mut req = http().get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut r = req.send().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert!(r.status().is_success(), "GET {url}: {}", r.status());
+    let mut body = vec![0u8; 1];
+    r.read_exact(&mut body).expect("first byte");
+    let first = started.elapsed();
+    r.read_to_end(&mut body).expect("body");
+    (first, started.elapsed(), body)
+}
+
 /// Every file under `dir/blobs/sha256` hashes to its name.
 pub fn assert_store_verified(data_dir: &Path) -> usize {
     let dir = data_dir.join("blobs/sha256");

@@ -2,22 +2,9 @@
 
 use std::process::Command;
 
-use clyde_tests::agent::clyde_bin;
-use clyde_tests::{Agent, Containerd, ImageFormat, Registry, TestImage, assert_store_verified, http, require, run};
+use clyde_tests::{Agent, Containerd, ImageFormat, Registry, TestImage, assert_store_verified, http, require};
 
 const MIB: usize = 1024 * 1024;
-
-/// Writes hosts.toml for `registry` with `clyde containerd-config`, pointing at `agent`.
-fn configure(ctrd: &Containerd, registry: &Registry, agent: &Agent) -> std::path::PathBuf {
-    let hosts = ctrd.hosts_dir();
-    run(Command::new(clyde_bin()).arg("containerd-config").arg("--hosts-dir").arg(&hosts).args([
-        "--registry",
-        &registry.addr(),
-        "--mirror-url",
-        &agent.url(),
-    ]));
-    hosts
-}
 
 fn index_digest(reg: &Registry, repo: &str, tag: &str) -> String {
     let r = http()
@@ -43,7 +30,7 @@ fn ctr_pulls_through_the_mirror_and_again_when_the_upstream_is_gone() {
     img.push(&reg, "team/app", "v1", ImageFormat::Oci);
     let mut agent = Agent::start("", &["--tag-ttl", "0s"]);
     let ctrd = Containerd::start();
-    let hosts = configure(&ctrd, &reg, &agent);
+    let hosts = ctrd.mirror_hosts_dir(&reg, &agent);
     let reference = format!("{}/team/app:v1", reg.addr());
     let expected = index_digest(&reg, "team/app", "v1");
 
@@ -84,7 +71,7 @@ fn ctr_pulls_docker_media_types_through_the_mirror() {
     img.push(&reg, "dock/app", "v2", ImageFormat::Docker);
     let agent = Agent::start("", &[]);
     let ctrd = Containerd::start();
-    let hosts = configure(&ctrd, &reg, &agent);
+    let hosts = ctrd.mirror_hosts_dir(&reg, &agent);
     let reference = format!("{}/dock/app:v2", reg.addr());
     let (ok, out) = ctrd.pull(&hosts, &reference, &[]);
     assert!(ok, "pull failed:\n{out}\n{}", agent.log());

@@ -61,6 +61,20 @@ pub struct PartialRecord {
     pub durable: Vec<u64>,
 }
 
+/// Changes the JSON record under `key` in place, if there is one.
+fn update<T: Serialize + DeserializeOwned>(
+    table: &mut redb::Table<'_, &str, &[u8]>,
+    key: &str,
+    change: impl FnOnce(&mut T),
+) -> Result<(), StoreError> {
+    let Some(bytes) = table.get(key).map_err(db_err)?.map(|v| v.value().to_vec()) else { return Ok(()) };
+    let mut record: T = serde_json::from_slice(&bytes).map_err(db_err)?;
+    change(&mut record);
+    let bytes = serde_json::to_vec(&record).map_err(db_err)?;
+    table.insert(key, bytes.as_slice()).map_err(db_err)?;
+    Ok(())
+}
+
 pub(crate) struct Meta {
     db: Database,
 }
@@ -176,20 +190,8 @@ impl Meta {
             let mut blobs = txn.open_table(BLOBS).map_err(db_err)?;
             for (digest, at) in accesses {
                 let key = digest.to_string();
-                let manifest = manifests.get(key.as_str()).map_err(db_err)?.map(|v| v.value().to_vec());
-                if let Some(bytes) = manifest {
-                    let mut record: ManifestRecord = serde_json::from_slice(&bytes).map_err(db_err)?;
-                    record.last_pulled = record.last_pulled.max(*at);
-                    let bytes = serde_json::to_vec(&record).map_err(db_err)?;
-                    manifests.insert(key.as_str(), bytes.as_slice()).map_err(db_err)?;
-                }
-                let blob = blobs.get(key.as_str()).map_err(db_err)?.map(|v| v.value().to_vec());
-                if let Some(bytes) = blob {
-                    let mut record: BlobRecord = serde_json::from_slice(&bytes).map_err(db_err)?;
-                    record.last_access = record.last_access.max(*at);
-                    let bytes = serde_json::to_vec(&record).map_err(db_err)?;
-                    blobs.insert(key.as_str(), bytes.as_slice()).map_err(db_err)?;
-                }
+                update(&mut manifests, &key, |r: &mut ManifestRecord| r.last_pulled = r.last_pulled.max(*at))?;
+                update(&mut blobs, &key, |r: &mut BlobRecord| r.last_access = r.last_access.max(*at))?;
             }
         }
         txn.commit().map_err(db_err)

@@ -4,24 +4,13 @@
 //! Each mirror round uses a fresh agent (empty store). Prints time to first byte and total
 //! time for both, and the ratio mirror/direct of the totals.
 
-use std::io::Read;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use clyde_tests::{Agent, ImageFormat, Registry, SlowProxy, TestImage, http, sha256};
+use clyde_tests::{Agent, ImageFormat, Registry, SlowProxy, TestImage, sha256, timed_get};
 
 fn fetch(url: &str) -> (Duration, Duration, String) {
-    let started = Instant::now();
-    let mut r = http().get(url).send().expect("get");
-    assert!(r.status().is_success(), "{url}: {}", r.status());
-    let mut first = [0u8; 1];
-    r.read_exact(&mut first).expect("first byte");
-    let ttfb = started.elapsed();
-    let mut rest = Vec::new();
-    r.read_to_end(&mut rest).expect("body");
-    let total = started.elapsed();
-    let mut all = first.to_vec();
-    all.extend(rest);
-    (ttfb, total, sha256(&all))
+    let (first, total, body) = timed_get(url, &[]);
+    (first, total, sha256(&body))
 }
 
 fn main() {

@@ -7,11 +7,9 @@
 //! mirror/direct (target <= 1.05) and the upstream's blob bytes per mirror pull over the image's
 //! (target 1.0).
 
-use std::process::Command;
 use std::time::Instant;
 
-use clyde_tests::agent::clyde_bin;
-use clyde_tests::{Agent, Containerd, ImageFormat, Registry, SlowProxy, TestImage, run};
+use clyde_tests::{Agent, Containerd, ImageFormat, Registry, SlowProxy, TestImage};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -58,13 +56,7 @@ fn main() {
         ctrd.remove(&reference);
 
         let agent = Agent::start(&agent_config, &[]);
-        let hosts = ctrd.hosts_dir();
-        run(Command::new(clyde_bin()).arg("containerd-config").arg("--hosts-dir").arg(&hosts).args([
-            "--registry",
-            &reg.addr(),
-            "--mirror-url",
-            &agent.url(),
-        ]));
+        let hosts = ctrd.mirror_hosts_dir(&reg, &agent);
         let before: u64 = img.layers.iter().map(|l| reg.blob_bytes_served(&l.digest)).sum();
         let started = Instant::now();
         let (ok, out) = ctrd.pull(&hosts, &reference, &[]);
