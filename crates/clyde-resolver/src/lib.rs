@@ -120,8 +120,8 @@ impl Resolver {
         if let Some(size) = self.inner.store.blob_size(digest) {
             return Ok(size);
         }
-        if let Some(size) = self.inner.transfers.size_if_running(digest).await? {
-            return Ok(size);
+        if let Some(job) = self.inner.transfers.running(digest) {
+            return Ok(job.size());
         }
         if self.inner.config.air_gapped {
             return Err(ResolveError::AirGapped);
@@ -143,7 +143,7 @@ impl Resolver {
             return Ok(BlobSource::Local(file));
         }
         if self.inner.config.air_gapped {
-            if let Some(job) = self.inner.transfers.running(digest).await? {
+            if let Some(job) = self.inner.transfers.running(digest) {
                 return Ok(BlobSource::Transfer(job));
             }
             return Err(ResolveError::AirGapped);

@@ -179,18 +179,12 @@ impl Transfers {
     }
 
     /// The running job for `digest`, if any (without starting one).
-    pub(crate) async fn running(&self, digest: &Digest) -> Result<Option<Arc<Job>>, ResolveError> {
-        let cell = lock(&self.jobs).get(digest).cloned();
-        if let Some(Ok(job)) = cell.as_ref().and_then(|c| c.get())
-            && job.partial.outcome() == Outcome::Pending
-        {
-            return Ok(Some(job.clone()));
+    pub(crate) fn running(&self, digest: &Digest) -> Option<Arc<Job>> {
+        let cell = lock(&self.jobs).get(digest).cloned()?;
+        match cell.get() {
+            Some(Ok(job)) if job.partial.outcome() == Outcome::Pending => Some(job.clone()),
+            _ => None,
         }
-        Ok(None)
-    }
-
-    pub(crate) async fn size_if_running(&self, digest: &Digest) -> Result<Option<u64>, ResolveError> {
-        Ok(self.running(digest).await?.map(|j| j.partial.size()))
     }
 
     /// Joins the transfer of `digest`, starting it (fetching from `first_byte` first) if needed.
@@ -260,21 +254,14 @@ impl Transfers {
             return Ok(job);
         }
         let (registry, repository) = (&origin.registry, &origin.repository);
-        let body = if first_byte > 0 {
-            match self.shared.upstream.get_blob(registry, repository, digest, Some(first_byte..u64::MAX)).await {
-                // Past the end: answer 416 without downloading anything.
-                Err(UpstreamError::Status { status: 416, .. }) => {
-                    let size = self.shared.upstream.head_blob(registry, repository, digest).await?;
-                    return Err(ResolveError::RangeNotSatisfiable { size });
-                }
-                other => Some(other?),
+        let wanted = (first_byte > 0).then_some(first_byte..u64::MAX);
+        let body = match self.shared.upstream.get_blob(registry, repository, digest, wanted).await {
+            // Past the end: answer 416 without downloading anything.
+            Err(UpstreamError::Status { status: 416, .. }) if first_byte > 0 => {
+                let size = self.shared.upstream.head_blob(registry, repository, digest).await?;
+                return Err(ResolveError::RangeNotSatisfiable { size });
             }
-        } else {
-            None
-        };
-        let body = match body {
-            Some(body) => body,
-            None => self.shared.upstream.get_blob(registry, repository, digest, None).await?,
+            other => other?,
         };
         let partial = self.store.partial(digest, body.size).await?;
         let job = Job::new(origin.clone(), partial, self.shared.clone());

@@ -114,7 +114,8 @@ struct Inner {
     accesses: std::sync::Mutex<HashMap<Digest, u64>>,
 }
 
-pub(crate) fn now_secs() -> u64 {
+/// Seconds since the Unix epoch, as the store records times.
+pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -222,7 +223,7 @@ impl Store {
             sync_dir(to.parent().unwrap_or(&store.inner.root))?;
             store.inner.meta.complete_blob(
                 &digest,
-                &BlobRecord { size: bytes.len() as u64, created: now_secs(), last_access: now_secs() },
+                &BlobRecord { size: bytes.len() as u64, created: unix_now(), last_access: unix_now() },
             )
         })
         .await
@@ -330,7 +331,7 @@ impl Store {
     /// Notes that a client read this manifest or blob now; written in batches by
     /// [`Store::spawn_access_flusher`] (a metadata commit per request would cost an fsync).
     pub fn touch(&self, digest: &Digest) {
-        self.inner.accesses.lock().unwrap_or_else(|p| p.into_inner()).insert(*digest, now_secs());
+        self.inner.accesses.lock().unwrap_or_else(|p| p.into_inner()).insert(*digest, unix_now());
     }
 
     /// Writes the noted reads to the metadata.
@@ -413,11 +414,6 @@ impl Store {
         // Partial blobs hold the store; dropping them lets the database close.
         self.inner.partials.lock().await.clear();
     }
-}
-
-/// Seconds since the Unix epoch, as the store records times.
-pub fn unix_now() -> u64 {
-    now_secs()
 }
 
 #[cfg(test)]

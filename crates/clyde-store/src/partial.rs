@@ -21,7 +21,7 @@ use clyde_types::{Digest, DigestVerifier, IntervalSet, PieceLayout};
 use tokio::sync::watch;
 
 use crate::meta::{BlobRecord, PartialRecord};
-use crate::{Store, StoreError, now_secs, sync_dir};
+use crate::{Store, StoreError, sync_dir, unix_now};
 
 /// How a partial blob ended, if it has.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -382,7 +382,7 @@ impl PartialBlob {
             let to = store.blob_path(&digest);
             std::fs::rename(&from, &to)?;
             sync_dir(to.parent().unwrap_or(store.root()))?;
-            store.inner.meta.complete_blob(&digest, &BlobRecord { size, created: now_secs(), last_access: now_secs() })
+            store.inner.meta.complete_blob(&digest, &BlobRecord { size, created: unix_now(), last_access: unix_now() })
         })
         .await
         .map_err(StoreError::join)??;
