@@ -53,4 +53,14 @@ CONF
   wait_url "http://127.0.0.1:$nport/blob"
 }
 
+# serve_cached_blob MIB: one cached blob served by clyde and, as the same file, by nginx;
+# sets `clyde_url` and `nginx_url` (and what the helpers above set).
+serve_cached_blob() {
+  make_cached_blob "$1"
+  start_clyde
+  start_nginx
+  clyde_url="http://127.0.0.1:$cport/v2/bench/blobs/sha256:$hex?ns=127.0.0.1:1"
+  nginx_url="http://127.0.0.1:$nport/blob"
+}
+
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }

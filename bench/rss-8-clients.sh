@@ -7,10 +7,7 @@ size_mib=${1:-1024}
 clients=${2:-8}
 work=$(mktemp -d /tmp/clyde-bench.XXXXXX)
 source "$(dirname "$0")/lib.sh"
-make_cached_blob "$size_mib"
-start_clyde
-start_nginx
-url="http://127.0.0.1:$cport/v2/bench/blobs/sha256:$hex?ns=127.0.0.1:1"
+serve_cached_blob "$size_mib"
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$clyde_pid/status"; }
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$clyde_pid/status"; }
 before=$(rss_kib)
@@ -22,7 +19,7 @@ time_of() {
   end=$(date +%s.%N)
   echo "$end - $start" | bc -l
 }
-ct=$(time_of "$url")
-nt=$(time_of "http://127.0.0.1:$nport/blob")
+ct=$(time_of "$clyde_url")
+nt=$(time_of "$nginx_url")
 printf 'clyde: RSS before %d KiB, peak %d KiB (%.1f MiB) serving %d x %d MiB in %.2f s; nginx took %.2f s (time ratio nginx/clyde %.3f)\n' \
   "$before" "$(hwm_kib)" "$(echo "$(hwm_kib)/1024" | bc -l)" "$clients" "$size_mib" "$ct" "$nt" "$(echo "$nt/$ct" | bc -l)"

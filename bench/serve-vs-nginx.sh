@@ -7,11 +7,7 @@ size_mib=${1:-1024}
 rounds=${2:-7}
 work=$(mktemp -d /tmp/clyde-bench.XXXXXX)
 source "$(dirname "$0")/lib.sh"
-make_cached_blob "$size_mib"
-start_clyde
-start_nginx
-clyde_url="http://127.0.0.1:$cport/v2/bench/blobs/sha256:$hex?ns=127.0.0.1:1"
-nginx_url="http://127.0.0.1:$nport/blob"
+serve_cached_blob "$size_mib"
 curl -sf -o /dev/null "$nginx_url"  # warm the page cache (one file for both)
 
 speed() { curl -sf -o /dev/null -w '%{speed_download}\n' "$1"; }

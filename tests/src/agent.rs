@@ -1,13 +1,12 @@
 //! A `clyde serve` process.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{free_port, http, wait_for};
+use crate::{free_port, http, spawn_logged, wait_for};
 
 /// The `clyde` binary: `$CLYDE_BIN`, or the one built beside the test executable.
 pub fn clyde_bin() -> PathBuf {
@@ -43,9 +42,9 @@ impl Agent {
 
     fn spawn(&mut self) {
         self.runs += 1;
-        let log = File::create(self.dir.path().join(format!("agent.{}.log", self.runs))).expect("agent log");
-        let child = Command::new(clyde_bin())
-            .arg("serve")
+        let log = self.dir.path().join(format!("agent.{}.log", self.runs));
+        let mut cmd = Command::new(clyde_bin());
+        cmd.arg("serve")
             .arg("--config")
             .arg(self.dir.path().join("config.toml"))
             .arg("--data-dir")
@@ -53,13 +52,8 @@ impl Agent {
             .args(["--log-level", "debug", "--containerd-socket", ""])
             .arg("--mirror-addr")
             .arg(format!("127.0.0.1:{}", self.port))
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start clyde");
-        self.child = Some(child);
+            .args(&self.args);
+        self.child = Some(spawn_logged(&mut cmd, &log));
         let url = format!("{}/v2/", self.url());
         let client = http();
         let child = self.child.as_mut().expect("child");

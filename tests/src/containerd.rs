@@ -1,13 +1,12 @@
 //! A real containerd with its own root, state and socket.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{require, run, wait_for};
+use crate::{require, run, spawn_logged, wait_for};
 
 /// A running containerd (no CRI plugin) in a temp dir.
 pub struct Containerd {
@@ -34,15 +33,8 @@ impl Containerd {
             ),
         )
         .expect("containerd config");
-        let log = File::create(p.join("containerd.log")).expect("log");
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(p.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
+        let child =
+            spawn_logged(Command::new(bin).arg("--config").arg(p.join("config.toml")), &p.join("containerd.log"));
         let c = Self { dir, child: Some(child) };
         wait_for("containerd to answer", Duration::from_secs(30), || {
             c.ctr(&["version"]).status().ok().filter(|s| s.success()).map(|_| ())

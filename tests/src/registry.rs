@@ -1,13 +1,12 @@
 //! A real upstream: Debian's `docker-registry` (CNCF distribution 2.8).
 
-use std::fs::File;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{Pki, free_port, require, run, wait_for};
+use crate::{Pki, free_port, require, run, spawn_logged, wait_for};
 
 /// How a test registry protects itself.
 #[derive(Default)]
@@ -78,16 +77,7 @@ impl Registry {
         let bin = require("docker-registry", "docker-registry");
         let config = self.dir.path().join("config.yml");
         self.generation += 1;
-        let log = File::create(self.log_path(self.generation)).expect("registry log");
-        let child = Command::new(bin)
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start docker-registry");
-        self.child = Some(child);
+        self.child = Some(spawn_logged(Command::new(bin).arg("serve").arg(&config), &self.log_path(self.generation)));
         let log = self.log_path(self.generation);
         wait_for("the registry to listen", Duration::from_secs(30), || {
             let up = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("listening on"));
