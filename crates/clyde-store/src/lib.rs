@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use clyde_types::{Digest, PieceLayout};
-use tokio::sync::{Mutex, watch};
+use clyde_types::{ContentKey, Digest, PieceLayout};
+use tokio::sync::{Mutex, broadcast, watch};
 use tokio_util::task::TaskTracker;
 
 pub use meta::{BlobRecord, ManifestRecord, PartialRecord, TagRecord};
@@ -112,7 +112,20 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     /// Reads not yet written to the metadata: digest -> unix seconds.
     accesses: std::sync::Mutex<HashMap<Digest, u64>>,
+    events: broadcast::Sender<StoreEvent>,
 }
+
+/// A change in what the store can serve, for those who advertise it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreEvent {
+    /// The store now holds this content (a blob may still be arriving).
+    Holding(ContentKey),
+    /// The store no longer holds it.
+    Dropped(ContentKey),
+}
+
+/// Events buffered per subscriber; one that lags re-lists [`Store::held_keys`].
+const EVENT_BUFFER: usize = 4096;
 
 /// Seconds since the Unix epoch, as the store records times.
 pub fn unix_now() -> u64 {
@@ -156,6 +169,7 @@ impl Store {
                 tasks: TaskTracker::new(),
                 shutdown,
                 accesses: Default::default(),
+                events: broadcast::channel(EVENT_BUFFER).0,
             }),
         })
     }
@@ -224,10 +238,38 @@ impl Store {
             store.inner.meta.complete_blob(
                 &digest,
                 &BlobRecord { size: bytes.len() as u64, created: unix_now(), last_access: unix_now() },
-            )
+            )?;
+            store.emit(StoreEvent::Holding(ContentKey::Digest(digest)));
+            Ok(())
         })
         .await
         .map_err(StoreError::join)?
+    }
+
+    /// Follows changes in what the store holds.
+    pub fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        self.inner.events.subscribe()
+    }
+
+    pub(crate) fn emit(&self, event: StoreEvent) {
+        // No subscriber is fine: nobody advertises.
+        let _ = self.inner.events.send(event);
+    }
+
+    /// Everything the store can serve now: complete blobs, blobs arriving, cached tags.
+    pub async fn held_keys(&self) -> Result<Vec<ContentKey>, StoreError> {
+        let mut keys: Vec<ContentKey> =
+            self.inner.partials.lock().await.keys().map(|d| ContentKey::Digest(*d)).collect();
+        for entry in std::fs::read_dir(self.inner.root.join("blobs/sha256"))? {
+            let name = entry?.file_name();
+            if let Some(d) = name.to_str().and_then(|hex| format!("sha256:{hex}").parse().ok()) {
+                keys.push(ContentKey::Digest(d));
+            }
+        }
+        for (tag, _) in self.tags()? {
+            keys.push(ContentKey::Tag(tag));
+        }
+        Ok(keys)
     }
 
     /// The blob still arriving with this digest, if any (also one a previous run left).
@@ -296,6 +338,7 @@ impl Store {
         let blob = Arc::new(PartialBlob::new(self.clone(), *digest, layout, file, path, durable));
         partials.insert(*digest, blob.clone());
         self.inner.tasks.spawn(blob.clone().finish(self.inner.shutdown.subscribe()));
+        self.emit(StoreEvent::Holding(ContentKey::Digest(*digest)));
         blob
     }
 
@@ -324,6 +367,7 @@ impl Store {
         }
         self.inner.meta.remove_partial(&digest)?;
         drop(partials);
+        self.emit(StoreEvent::Dropped(ContentKey::Digest(digest)));
         let _ = tokio::fs::remove_file(aside).await;
         Ok(())
     }
@@ -380,7 +424,13 @@ impl Store {
     /// Records where a tag points.
     pub async fn put_tag(&self, key: String, record: TagRecord) -> Result<(), StoreError> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.inner.meta.put_tag(&key, &record)).await.map_err(StoreError::join)?
+        tokio::task::spawn_blocking(move || {
+            store.inner.meta.put_tag(&key, &record)?;
+            store.emit(StoreEvent::Holding(ContentKey::Tag(key)));
+            Ok(())
+        })
+        .await
+        .map_err(StoreError::join)?
     }
 
     /// All tags.

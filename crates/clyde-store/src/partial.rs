@@ -59,6 +59,8 @@ pub struct PartialBlob {
     changed: watch::Sender<u64>,
     verifier: Arc<Mutex<DigestVerifier>>,
     store: Store,
+    /// The bytes did not hash to the digest (as opposed to failing for another reason).
+    corrupt: std::sync::atomic::AtomicBool,
 }
 
 const HASH_CHUNK: u64 = 1024 * 1024;
@@ -96,6 +98,7 @@ impl PartialBlob {
             changed,
             verifier: Arc::new(Mutex::new(DigestVerifier::new(digest))),
             store,
+            corrupt: Default::default(),
         }
     }
 
@@ -105,6 +108,11 @@ impl PartialBlob {
 
     fn notify(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Whether the blob was discarded because its bytes did not hash to its digest.
+    pub fn is_corrupt(&self) -> bool {
+        self.corrupt.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The blob's digest.
@@ -234,6 +242,7 @@ impl PartialBlob {
         }
         tracing::warn!(digest = %self.digest, reason, "transfer abandoned; durable pieces kept for a resume");
         self.store.forget_partial(self).await;
+        self.store.emit(crate::StoreEvent::Dropped(clyde_types::ContentKey::Digest(self.digest)));
         self.notify();
     }
 
@@ -303,6 +312,7 @@ impl PartialBlob {
         let verifier = std::mem::replace(&mut *lock(&self.verifier), DigestVerifier::new(self.digest));
         let (got, ok) = verifier.finish();
         if !ok {
+            self.corrupt.store(true, std::sync::atomic::Ordering::Release);
             self.fail(&format!("digest mismatch: bytes hash to {got}")).await;
             return;
         }

@@ -130,3 +130,37 @@ async fn reads_are_recorded_in_batches() {
     assert!(store.manifest(&d).unwrap().unwrap().last_pulled > 1);
     assert!(store.blob_record(&d).unwrap().unwrap().last_access >= before);
 }
+
+#[tokio::test]
+async fn events_follow_what_the_store_can_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let mut events = store.subscribe();
+    let good = random(1000);
+    let good_digest = Digest::of(&good);
+    store.put_blob(good_digest, Bytes::from(good)).await.unwrap();
+    assert_eq!(events.recv().await.unwrap(), StoreEvent::Holding(ContentKey::Digest(good_digest)));
+
+    let data = random(100_000);
+    let digest = Digest::of(&data);
+    let p = store.partial(&digest, data.len() as u64).await.unwrap();
+    // Advertised as soon as it starts arriving.
+    assert_eq!(events.recv().await.unwrap(), StoreEvent::Holding(ContentKey::Digest(digest)));
+    let mut held = store.held_keys().await.unwrap();
+    held.sort_by_key(|k| k.to_string());
+    let mut want = vec![ContentKey::Digest(good_digest), ContentKey::Digest(digest)];
+    want.sort_by_key(|k| k.to_string());
+    assert_eq!(held, want);
+
+    let mut bad = data.clone();
+    bad[7] ^= 1;
+    p.write_at(0, Bytes::from(bad)).await.unwrap();
+    assert!(matches!(wait_outcome(&p).await, Outcome::Failed(_)));
+    assert!(p.is_corrupt());
+    assert_eq!(events.recv().await.unwrap(), StoreEvent::Dropped(ContentKey::Digest(digest)));
+
+    let record = TagRecord { digest: good_digest, media_type: "x".into(), checked_at: 1 };
+    store.put_tag("r.example/app:v1".into(), record).await.unwrap();
+    assert_eq!(events.recv().await.unwrap(), StoreEvent::Holding(ContentKey::tag("r.example", "app", "v1")));
+    assert_eq!(store.held_keys().await.unwrap().len(), 2);
+}

@@ -8,6 +8,7 @@
 
 pub mod digest;
 pub mod intervals;
+pub mod key;
 pub mod media;
 pub mod piece;
 pub mod range;
@@ -15,6 +16,7 @@ pub mod reference;
 
 pub use digest::{Digest, DigestError, DigestVerifier};
 pub use intervals::IntervalSet;
+pub use key::ContentKey;
 pub use piece::PieceLayout;
 pub use range::{ByteRange, RangeError, RangeRequest};
 pub use reference::{ApiPath, PathError, Reference, Registry, Repository, Resource};
