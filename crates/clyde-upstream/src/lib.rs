@@ -9,6 +9,7 @@
 
 mod auth;
 mod config;
+mod peer;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -22,6 +23,7 @@ use futures_util::{Stream, StreamExt};
 use reqwest::{Method, StatusCode, header};
 
 pub use config::{AuthConfig, RegistryConfig, TlsConfig, UpstreamConfig};
+pub use peer::PeerClient;
 
 /// What went wrong talking to an upstream; decides the mirror's answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -153,26 +155,7 @@ impl Upstream {
         let url = format!("{}/v2/{}/manifests/{}", client.base, repository, reference);
         let accept = media::upstream_accept(accept).to_string();
         let resp = self.send(&client, repository, Method::GET, &url, &[(header::ACCEPT, accept)]).await?;
-        if resp.content_length().is_some_and(|l| l > media::MAX_MANIFEST_BYTES) {
-            return Err(UpstreamError::TooLarge(media::MAX_MANIFEST_BYTES));
-        }
-        let media_type = header_str(resp.headers(), "content-type").unwrap_or(media::OCI_MANIFEST).to_string();
-        let mut body = resp.bytes_stream();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| unreachable_err(registry, &e))?;
-            if (bytes.len() + chunk.len()) as u64 > media::MAX_MANIFEST_BYTES {
-                return Err(UpstreamError::TooLarge(media::MAX_MANIFEST_BYTES));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        let digest = Digest::of(&bytes);
-        if let Reference::Digest(expected) = reference
-            && *expected != digest
-        {
-            return Err(UpstreamError::Protocol(format!("manifest {expected} hashes to {digest}")));
-        }
-        Ok(Manifest { bytes: Bytes::from(bytes), media_type, digest })
+        read_manifest(resp, reference, registry.as_str()).await
     }
 
     /// The size of a blob, by `HEAD`.
@@ -198,37 +181,9 @@ impl Upstream {
     ) -> Result<BlobBody, UpstreamError> {
         let client = self.client(registry)?;
         let url = format!("{}/v2/{}/blobs/{}", client.base, repository, digest);
-        let mut headers = Vec::new();
-        if let Some(r) = &range {
-            let value = if r.end == u64::MAX {
-                format!("bytes={}-", r.start)
-            } else {
-                format!("bytes={}-{}", r.start, r.end.saturating_sub(1))
-            };
-            headers.push((header::RANGE, value));
-        }
+        let headers: Vec<_> = range.as_ref().map(|r| (header::RANGE, range_header(r))).into_iter().collect();
         let resp = self.send(&client, repository, Method::GET, &url, &headers).await?;
-        let registry_name = registry.to_string();
-        let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
-        let (size, got) = if partial {
-            let cr = header_str(resp.headers(), "content-range")
-                .ok_or_else(|| UpstreamError::Protocol("206 without Content-Range".into()))?;
-            parse_content_range(cr).ok_or_else(|| UpstreamError::Protocol(format!("bad Content-Range {cr:?}")))?
-        } else {
-            let size =
-                resp.content_length().ok_or_else(|| UpstreamError::Protocol("blob without Content-Length".into()))?;
-            (size, 0..size)
-        };
-        let want = range.map_or(0..size, |r| r.start..r.end.min(size));
-        if want.start < got.start || (size > 0 && want.start >= size) {
-            return Err(UpstreamError::Protocol(format!("asked for {want:?}, got {got:?} of {size}")));
-        }
-        let stream = resp.bytes_stream().map(move |r| {
-            r.map_err(|e| UpstreamError::Unreachable { registry: registry_name.clone(), reason: e.to_string() })
-        });
-        // An upstream that ignores Range sends from an earlier offset: skip up to what we asked.
-        let stream = skip_bytes(Box::pin(stream), want.start - got.start);
-        Ok(BlobBody { size, range: want.start..got.end.min(size), stream })
+        blob_body(resp, range, registry.to_string())
     }
 
     async fn send(
@@ -286,11 +241,78 @@ impl Upstream {
     }
 }
 
+/// The `Range` header value for `range` (`end == u64::MAX`: to the end).
+fn range_header(r: &Range<u64>) -> String {
+    if r.end == u64::MAX {
+        format!("bytes={}-", r.start)
+    } else {
+        format!("bytes={}-{}", r.start, r.end.saturating_sub(1))
+    }
+}
+
+/// Reads a manifest answer, bounded in size; verifies it when `reference` is a digest.
+async fn read_manifest(
+    resp: reqwest::Response,
+    reference: &Reference,
+    source: &str,
+) -> Result<Manifest, UpstreamError> {
+    if resp.content_length().is_some_and(|l| l > media::MAX_MANIFEST_BYTES) {
+        return Err(UpstreamError::TooLarge(media::MAX_MANIFEST_BYTES));
+    }
+    let media_type = header_str(resp.headers(), "content-type").unwrap_or(media::OCI_MANIFEST).to_string();
+    let mut body = resp.bytes_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| UpstreamError::Unreachable { registry: source.to_string(), reason: error_chain(&e) })?;
+        if (bytes.len() + chunk.len()) as u64 > media::MAX_MANIFEST_BYTES {
+            return Err(UpstreamError::TooLarge(media::MAX_MANIFEST_BYTES));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    let digest = Digest::of(&bytes);
+    if let Reference::Digest(expected) = reference
+        && *expected != digest
+    {
+        return Err(UpstreamError::Protocol(format!("manifest {expected} hashes to {digest}")));
+    }
+    Ok(Manifest { bytes: Bytes::from(bytes), media_type, digest })
+}
+
+/// Turns a blob answer into the blob's size, the bytes it carries, and their stream.
+fn blob_body(resp: reqwest::Response, range: Option<Range<u64>>, source: String) -> Result<BlobBody, UpstreamError> {
+    let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
+    let (size, got) = if partial {
+        let cr = header_str(resp.headers(), "content-range")
+            .ok_or_else(|| UpstreamError::Protocol("206 without Content-Range".into()))?;
+        parse_content_range(cr).ok_or_else(|| UpstreamError::Protocol(format!("bad Content-Range {cr:?}")))?
+    } else {
+        let size = content_length(resp.headers())
+            .ok_or_else(|| UpstreamError::Protocol("blob without Content-Length".into()))?;
+        (size, 0..size)
+    };
+    let want = range.map_or(0..size, |r| r.start..r.end.min(size));
+    if want.start < got.start || (size > 0 && want.start >= size) {
+        return Err(UpstreamError::Protocol(format!("asked for {want:?}, got {got:?} of {size}")));
+    }
+    let stream = resp
+        .bytes_stream()
+        .map(move |r| r.map_err(|e| UpstreamError::Unreachable { registry: source.clone(), reason: error_chain(&e) }));
+    // A server that ignores Range sends from an earlier offset: skip up to what we asked.
+    let stream = skip_bytes(Box::pin(stream), want.start - got.start);
+    Ok(BlobBody { size, range: want.start..got.end.min(size), stream })
+}
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(50 * 3u64.pow(attempt.saturating_sub(1).min(5)))
 }
 
 fn unreachable_err(registry: &Registry, e: &reqwest::Error) -> UpstreamError {
+    UpstreamError::Unreachable { registry: registry.to_string(), reason: error_chain(e) }
+}
+
+/// An error with its sources, for messages that say what actually failed.
+fn error_chain(e: &reqwest::Error) -> String {
     let mut reason = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -298,7 +320,7 @@ fn unreachable_err(registry: &Registry, e: &reqwest::Error) -> UpstreamError {
         reason.push_str(&s.to_string());
         source = s.source();
     }
-    UpstreamError::Unreachable { registry: registry.to_string(), reason }
+    reason
 }
 
 /// `Content-Length` as sent. (reqwest's `content_length()` is the body's size hint, which is 0
