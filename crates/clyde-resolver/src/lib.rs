@@ -1,22 +1,28 @@
-//! Decides where a mirror request's bytes come from: the local store, else the upstream.
+//! Decides where a mirror request's bytes come from: the local store, else peers that
+//! hold it, else the upstream.
 //!
-//! Blobs go through [`transfer`]: one job per digest, whatever the number of readers.
-//! Manifests and tags go through [`manifest`], which applies the tag freshness rules.
+//! Blobs go through [`transfer`]: one job per digest, whatever the number of readers, whose
+//! byte ranges come from peers ([`peers`]) or the upstream. Manifests and tags go through
+//! [`manifest`], which applies the tag freshness rules. The peer server's requests go
+//! through [`Resolver::held_blob`] and [`Resolver::held_manifest`], which only read what
+//! this node holds.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
 
 mod manifest;
+pub mod peers;
 pub mod transfer;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use clyde_store::{Store, StoreError};
-use clyde_types::{Digest, Registry, Repository};
+use clyde_types::{ContentKey, Digest, Registry, Repository};
 use clyde_upstream::{Upstream, UpstreamError};
 use serde::Deserialize;
 
 pub use manifest::ServedManifest;
+pub use peers::{BoxFuture, Discovery};
 pub use transfer::{BlobSource, BlobStream};
 
 /// How the resolver behaves; every field has a documented default.
@@ -37,6 +43,8 @@ pub struct ResolverConfig {
     pub steal_distance: u64,
     /// Attempts to resume a blob transfer that broke mid-body (default 4).
     pub transfer_attempts: u32,
+    /// Peer lookups and transfers (`[peers]` in the config file).
+    pub peers: PeerTimeouts,
 }
 
 impl Default for ResolverConfig {
@@ -48,6 +56,44 @@ impl Default for ResolverConfig {
             tag_check_timeout: Duration::from_secs(2),
             steal_distance: 1024 * 1024,
             transfer_attempts: 4,
+            peers: PeerTimeouts::default(),
+        }
+    }
+}
+
+/// How long the resolver waits on peers; every field has a documented default.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerTimeouts {
+    /// Bound on a provider lookup before going upstream (default 50ms).
+    #[serde(with = "humantime_serde")]
+    pub lookup_timeout: Duration,
+    /// Bound on a provider lookup when the upstream cannot serve (default 2s).
+    #[serde(with = "humantime_serde")]
+    pub offline_lookup_timeout: Duration,
+    /// A peer that has not answered within this is left for the next one (default 500ms).
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Connect timeout to a peer server (default 300ms).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest silence of a peer mid-body before it is replaced (default 5s).
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// How long a peer that failed or sent bad bytes is not asked (default 60s).
+    #[serde(with = "humantime_serde")]
+    pub penalty: Duration,
+}
+
+impl Default for PeerTimeouts {
+    fn default() -> Self {
+        Self {
+            lookup_timeout: Duration::from_millis(50),
+            offline_lookup_timeout: Duration::from_secs(2),
+            first_byte_timeout: Duration::from_millis(500),
+            connect_timeout: Duration::from_millis(300),
+            read_timeout: Duration::from_secs(5),
+            penalty: Duration::from_secs(60),
         }
     }
 }
@@ -74,6 +120,10 @@ pub enum ResolveError {
     Transfer(String),
     #[error("the range starts past the end of the {size} byte blob")]
     RangeNotSatisfiable { size: u64 },
+    #[error("not held by this node (peers are only served what a node holds)")]
+    NotHeld,
+    #[error("no peer holds it, and this agent never contacts the upstream")]
+    NoPeer,
 }
 
 impl From<StoreError> for ResolveError {
@@ -99,15 +149,25 @@ pub struct Resolver {
 struct Inner {
     store: Store,
     upstream: Arc<Upstream>,
+    peers: Option<Arc<peers::Peers>>,
     config: ResolverConfig,
     transfers: transfer::Transfers,
 }
 
 impl Resolver {
-    /// A resolver over `store` and `upstream`.
-    pub fn new(store: Store, upstream: Arc<Upstream>, config: ResolverConfig) -> Self {
-        let transfers = transfer::Transfers::new(store.clone(), upstream.clone(), config.clone());
-        Self { inner: Arc::new(Inner { store, upstream, config, transfers }) }
+    /// A resolver over `store`, `upstream`, and the peers `discovery` finds (none: no peers).
+    pub fn new(
+        store: Store,
+        upstream: Arc<Upstream>,
+        discovery: Option<Arc<dyn Discovery>>,
+        config: ResolverConfig,
+    ) -> Result<Self, UpstreamError> {
+        let peers = match discovery {
+            Some(d) => Some(Arc::new(peers::Peers::new(d, config.clone())?)),
+            None => None,
+        };
+        let transfers = transfer::Transfers::new(store.clone(), upstream.clone(), peers.clone(), config.clone());
+        Ok(Self { inner: Arc::new(Inner { store, upstream, peers, config, transfers }) })
     }
 
     /// The store.
@@ -123,10 +183,28 @@ impl Resolver {
         if let Some(job) = self.inner.transfers.running(digest) {
             return Ok(job.size());
         }
+        if let Some(peers) = &self.inner.peers {
+            let candidates = peers.find(ContentKey::Digest(*digest), self.inner.config.air_gapped).await;
+            if let Some(size) = peers.blob_size(&candidates, origin, digest).await {
+                return Ok(size);
+            }
+        }
         if self.inner.config.air_gapped {
             return Err(ResolveError::AirGapped);
         }
         Ok(self.inner.upstream.head_blob(&origin.registry, &origin.repository, digest).await?)
+    }
+
+    /// A blob this node holds, complete or arriving, for the peer server: never fetched
+    /// on a peer's behalf.
+    pub fn held_blob(&self, digest: &Digest) -> Result<BlobSource, ResolveError> {
+        if let Some(file) = self.inner.store.open_blob(digest)? {
+            return Ok(BlobSource::Local(file));
+        }
+        match self.inner.transfers.running(digest) {
+            Some(job) => Ok(BlobSource::Arriving(job)),
+            None => Err(ResolveError::NotHeld),
+        }
     }
 
     /// Where the bytes of a blob come from: the store's file, or a transfer in progress.
@@ -141,12 +219,6 @@ impl Resolver {
     async fn blob_source(&self, origin: &Origin, digest: &Digest, first_byte: u64) -> Result<BlobSource, ResolveError> {
         if let Some(file) = self.inner.store.open_blob(digest)? {
             return Ok(BlobSource::Local(file));
-        }
-        if self.inner.config.air_gapped {
-            if let Some(job) = self.inner.transfers.running(digest) {
-                return Ok(BlobSource::Transfer(job));
-            }
-            return Err(ResolveError::AirGapped);
         }
         self.inner.transfers.join(origin, digest, first_byte).await
     }

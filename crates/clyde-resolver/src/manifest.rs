@@ -2,8 +2,8 @@
 
 use bytes::Bytes;
 use clyde_store::{ManifestRecord, TagRecord, unix_now};
-use clyde_types::{Digest, Reference, media};
-use clyde_upstream::UpstreamError;
+use clyde_types::{ContentKey, Digest, Reference, media};
+use clyde_upstream::{Manifest, UpstreamError};
 
 use crate::{Origin, ResolveError, Resolver};
 
@@ -13,7 +13,7 @@ pub struct ServedManifest {
     pub bytes: Bytes,
     pub media_type: String,
     pub digest: Digest,
-    /// Where it came from: `local` or `upstream`.
+    /// Where it came from: `local`, `peer` or `upstream`.
     pub source: &'static str,
 }
 
@@ -81,10 +81,45 @@ impl Resolver {
         if let Some(m) = self.cached_manifest(digest).await? {
             return Ok(m);
         }
-        if self.inner.config.air_gapped {
-            return Err(ResolveError::AirGapped);
+        let reference = Reference::Digest(*digest);
+        // A manifest by digest verifies, so peers come before the upstream.
+        if let Some(m) = self.manifest_from_peers(origin, &reference, accept, self.inner.config.air_gapped).await? {
+            return Ok(m);
         }
-        self.fetch_manifest(origin, &Reference::Digest(*digest), accept).await
+        if self.inner.config.air_gapped {
+            return Err(self.never_upstream());
+        }
+        self.fetch_manifest(origin, &reference, accept).await
+    }
+
+    fn never_upstream(&self) -> ResolveError {
+        if self.inner.peers.is_some() { ResolveError::NoPeer } else { ResolveError::AirGapped }
+    }
+
+    /// The manifest from the first peer that holds it (a tag: that has it cached), stored
+    /// like one from the upstream. A tag learned from a peer is due for an upstream check.
+    async fn manifest_from_peers(
+        &self,
+        origin: &Origin,
+        reference: &Reference,
+        accept: Option<&str>,
+        patient: bool,
+    ) -> Result<Option<ServedManifest>, ResolveError> {
+        let Some(peers) = &self.inner.peers else {
+            return Ok(None);
+        };
+        let key = match reference {
+            Reference::Digest(d) => ContentKey::Digest(*d),
+            Reference::Tag(t) => ContentKey::tag(origin.registry.as_str(), origin.repository.as_str(), t),
+        };
+        let candidates = peers.find(key, patient).await;
+        let Some(m) = peers.get_manifest(&candidates, origin, reference, accept).await else {
+            return Ok(None);
+        };
+        if !media::accepts(accept, &m.media_type) {
+            return Ok(None);
+        }
+        Ok(Some(self.keep_manifest(origin, reference, m, "peer", 0).await?))
     }
 
     async fn manifest_by_tag(
@@ -100,22 +135,39 @@ impl Resolver {
             Some(r) => self.cached_manifest(&r.digest).await?.filter(|m| media::accepts(accept, &m.media_type)),
             None => None,
         };
+        let reference = Reference::Tag(tag.to_string());
         if config.air_gapped {
             return match (cached, record) {
                 (Some(m), _) => Ok(m),
-                (None, Some(r)) => Err(ResolveError::NotAcceptable(r.media_type)),
-                (None, None) => Err(ResolveError::AirGapped),
+                (None, record) => match self.manifest_from_peers(origin, &reference, accept, true).await? {
+                    Some(m) => Ok(m),
+                    None => match record {
+                        Some(r) => Err(ResolveError::NotAcceptable(r.media_type)),
+                        None => Err(self.never_upstream()),
+                    },
+                },
             };
         }
         let Some(cached) = cached else {
-            return self.fetch_manifest(origin, &Reference::Tag(tag.to_string()), accept).await;
+            return match self.fetch_manifest(origin, &reference, accept).await {
+                Err(ResolveError::Upstream(e)) if !matches!(e, UpstreamError::NotFound) => {
+                    // Disconnected: a peer may have the tag cached.
+                    match self.manifest_from_peers(origin, &reference, accept, true).await? {
+                        Some(m) => {
+                            tracing::info!(tag = %key, error = %e, "upstream unavailable; tag resolved through a peer");
+                            Ok(m)
+                        }
+                        None => Err(e.into()),
+                    }
+                }
+                other => other,
+            };
         };
         let recheck_always = config.always_pull_latest && tag == "latest";
         let fresh = record.as_ref().is_some_and(|r| r.checked_at + config.tag_ttl.as_secs() > unix_now());
         if fresh && !recheck_always {
             return Ok(cached);
         }
-        let reference = Reference::Tag(tag.to_string());
         let head = self
             .inner
             .upstream
@@ -156,6 +208,19 @@ impl Resolver {
         accept: Option<&str>,
     ) -> Result<ServedManifest, ResolveError> {
         let m = self.inner.upstream.get_manifest(&origin.registry, &origin.repository, reference, accept).await?;
+        self.keep_manifest(origin, reference, m, "upstream", unix_now()).await
+    }
+
+    /// Stores a fetched manifest (verified) with its record, and the tag (checked at
+    /// `checked_at`) when it was fetched by tag.
+    async fn keep_manifest(
+        &self,
+        origin: &Origin,
+        reference: &Reference,
+        m: Manifest,
+        source: &'static str,
+        checked_at: u64,
+    ) -> Result<ServedManifest, ResolveError> {
         let store = &self.inner.store;
         store.put_blob(m.digest, m.bytes.clone()).await?;
         let now = unix_now();
@@ -171,10 +236,32 @@ impl Resolver {
         };
         store.put_manifest(m.digest, record).await?;
         if let Reference::Tag(tag) = reference {
-            let record = TagRecord { digest: m.digest, media_type: m.media_type.clone(), checked_at: now };
+            let record = TagRecord { digest: m.digest, media_type: m.media_type.clone(), checked_at };
             store.put_tag(tag_key(origin, tag), record).await?;
         }
-        Ok(ServedManifest { bytes: m.bytes, media_type: m.media_type, digest: m.digest, source: "upstream" })
+        Ok(ServedManifest { bytes: m.bytes, media_type: m.media_type, digest: m.digest, source })
+    }
+
+    /// A manifest this node holds, for the peer server: a tag is answered as cached,
+    /// without any upstream check.
+    pub async fn held_manifest(
+        &self,
+        origin: &Origin,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<ServedManifest, ResolveError> {
+        let digest = match reference {
+            Reference::Digest(d) => *d,
+            Reference::Tag(tag) => match self.inner.store.tag(&tag_key(origin, tag))? {
+                Some(record) => record.digest,
+                None => return Err(ResolveError::NotHeld),
+            },
+        };
+        match self.cached_manifest(&digest).await? {
+            Some(m) if media::accepts(accept, &m.media_type) => Ok(m),
+            Some(m) => Err(ResolveError::NotAcceptable(m.media_type)),
+            None => Err(ResolveError::NotHeld),
+        }
     }
 }
 

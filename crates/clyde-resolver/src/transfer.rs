@@ -1,8 +1,10 @@
 //! Single-flight blob transfers with cut-through readers.
 //!
 //! Message flow: the first request for a blob that is not in the store creates a [`Job`]
-//! (one per digest, shared by every later request) and opens one upstream stream for the
-//! bytes from its first wanted offset to the end. The stream is a *claim* on that byte
+//! (one per digest, shared by every later request) and opens one stream for the bytes from
+//! its first wanted offset to the end: from a peer that holds the blob when one answers in
+//! time, from the upstream otherwise (and from peers again, patiently, when the upstream
+//! cannot serve). The stream is a *claim* on that byte
 //! interval; a task pumps it into the store's [`PartialBlob`], and readers stream whatever
 //! is written. A reader that needs a byte far ahead of every running claim *steals* the
 //! tail of the claim (the old task stops where the new one starts), so a lazy puller's
@@ -11,10 +13,12 @@
 //! completes in the background, and transfers that broke mid-body resume with `Range`.
 //! Claims never overlap: a pump *reserves* the bytes it is about to write under the claims
 //! lock, and a steal never cuts below a reservation, so no byte is written twice.
-//! A watcher per job removes it from the map once its blob is committed or discarded.
+//! A watcher per job removes it from the map once its blob is committed or discarded, and
+//! penalizes the peers that contributed to a blob whose bytes did not verify.
 //! The decisions are pure functions ([`plan_fill`], [`plan_demand`]) tested without sockets.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,12 +27,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clyde_store::{BlobFile, Outcome, PartialBlob, Store, StoreError};
-use clyde_types::{ByteRange, Digest, IntervalSet};
-use clyde_upstream::{ByteStream, Upstream, UpstreamError};
+use clyde_types::{ByteRange, ContentKey, Digest, IntervalSet};
+use clyde_upstream::{BlobBody, ByteStream, Upstream, UpstreamError};
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::{OnceCell, watch};
 use tokio_util::task::TaskTracker;
 
+use crate::peers::Peers;
 use crate::{Origin, ResolveError, ResolverConfig};
 
 /// Bytes handed to a client per read: large enough that a cached blob costs few blocking
@@ -129,9 +134,17 @@ enum PumpError {
 
 struct Shared {
     upstream: Arc<Upstream>,
+    peers: Option<Arc<Peers>>,
     config: ResolverConfig,
     tasks: TaskTracker,
     shutdown: watch::Sender<bool>,
+}
+
+/// Where a stream of blob bytes comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Upstream,
+    Peer(SocketAddr),
 }
 
 impl Shared {
@@ -139,6 +152,43 @@ impl Shared {
     async fn stopped(&self) {
         let mut rx = self.shutdown.subscribe();
         let _ = rx.wait_for(|stop| *stop).await;
+    }
+
+    /// Opens `range` of a blob (`None`: all of it): from the first peer that serves it in
+    /// time, else the upstream, else (the upstream failing) peers found by a patient lookup.
+    async fn open(
+        &self,
+        origin: &Origin,
+        digest: &Digest,
+        range: Option<Range<u64>>,
+    ) -> Result<(BlobBody, Source), ResolveError> {
+        let key = ContentKey::Digest(*digest);
+        let never_upstream = self.config.air_gapped;
+        if let Some(peers) = &self.peers {
+            let candidates = peers.find(key.clone(), never_upstream).await;
+            if let Some((peer, body)) = peers.open_blob(&candidates, origin, digest, range.clone()).await {
+                return Ok((body, Source::Peer(peer)));
+            }
+        }
+        if never_upstream {
+            return Err(if self.peers.is_some() { ResolveError::NoPeer } else { ResolveError::AirGapped });
+        }
+        let error = match self.upstream.get_blob(&origin.registry, &origin.repository, digest, range.clone()).await {
+            Ok(body) => return Ok((body, Source::Upstream)),
+            Err(e) => e,
+        };
+        // A definite answer about the blob, not an upstream in trouble: peers cannot help.
+        if matches!(error, UpstreamError::NotFound | UpstreamError::Status { status: 416, .. }) {
+            return Err(error.into());
+        }
+        if let Some(peers) = &self.peers {
+            let candidates = peers.find(key, true).await;
+            if let Some((peer, body)) = peers.open_blob(&candidates, origin, digest, range).await {
+                tracing::info!(%digest, %peer, upstream_error = %error, "upstream unavailable; fetching from a peer");
+                return Ok((body, Source::Peer(peer)));
+            }
+        }
+        Err(error.into())
     }
 }
 
@@ -148,6 +198,10 @@ pub struct Job {
     partial: Arc<PartialBlob>,
     claims: Mutex<Vec<Arc<Claim>>>,
     shared: Arc<Shared>,
+    /// Peers whose bytes went into the blob: penalized together if it does not verify.
+    peers_used: Mutex<HashSet<SocketAddr>>,
+    /// Where the first stream came from, for logs and metrics.
+    first_source: Mutex<Option<Source>>,
 }
 
 type JobCell = Arc<OnceCell<Result<Arc<Job>, ResolveError>>>;
@@ -172,9 +226,14 @@ fn forget(jobs: &JobMap, digest: &Digest, cell: &JobCell) {
 }
 
 impl Transfers {
-    pub(crate) fn new(store: Store, upstream: Arc<Upstream>, config: ResolverConfig) -> Self {
+    pub(crate) fn new(
+        store: Store,
+        upstream: Arc<Upstream>,
+        peers: Option<Arc<Peers>>,
+        config: ResolverConfig,
+    ) -> Self {
         let (shutdown, _) = watch::channel(false);
-        let shared = Arc::new(Shared { upstream, config, tasks: TaskTracker::new(), shutdown });
+        let shared = Arc::new(Shared { upstream, peers, config, tasks: TaskTracker::new(), shutdown });
         Self { store, shared, jobs: Arc::new(Mutex::new(HashMap::new())) }
     }
 
@@ -243,11 +302,21 @@ impl Transfers {
                 _ = finished => {}
                 _ = shared.stopped() => {}
             }
+            if job.partial.is_corrupt()
+                && let Some(peers) = &shared.peers
+            {
+                for peer in lock(&job.peers_used).iter() {
+                    peers.penalize(*peer, &format!("its bytes of {digest} did not verify"));
+                }
+            }
             forget(&jobs, &digest, &cell);
         });
     }
 
     async fn start(&self, origin: &Origin, digest: &Digest, first_byte: u64) -> Result<Arc<Job>, ResolveError> {
+        if self.shared.config.air_gapped && self.shared.peers.is_none() {
+            return Err(ResolveError::AirGapped);
+        }
         if let Some(partial) = self.store.existing_partial(digest).await? {
             let job = Job::new(origin.clone(), partial, self.shared.clone());
             job.fill();
@@ -255,9 +324,9 @@ impl Transfers {
         }
         let (registry, repository) = (&origin.registry, &origin.repository);
         let wanted = (first_byte > 0).then_some(first_byte..u64::MAX);
-        let body = match self.shared.upstream.get_blob(registry, repository, digest, wanted).await {
+        let (body, source) = match self.shared.open(origin, digest, wanted).await {
             // Past the end: answer 416 without downloading anything.
-            Err(UpstreamError::Status { status: 416, .. }) if first_byte > 0 => {
+            Err(ResolveError::Upstream(UpstreamError::Status { status: 416, .. })) if first_byte > 0 => {
                 let size = self.shared.upstream.head_blob(registry, repository, digest).await?;
                 return Err(ResolveError::RangeNotSatisfiable { size });
             }
@@ -265,9 +334,10 @@ impl Transfers {
         };
         let partial = self.store.partial(digest, body.size).await?;
         let job = Job::new(origin.clone(), partial, self.shared.clone());
+        *lock(&job.first_source) = Some(source);
         if !body.range.is_empty() {
             let claim = job.add_claim(&mut job.claims(), &body.range);
-            job.spawn(claim, Some(body.stream));
+            job.spawn(claim, Some((body.stream, source)));
         }
         job.fill();
         Ok(job)
@@ -283,7 +353,14 @@ impl Transfers {
 
 impl Job {
     fn new(origin: Origin, partial: Arc<PartialBlob>, shared: Arc<Shared>) -> Arc<Self> {
-        Arc::new(Self { origin, partial, claims: Mutex::new(Vec::new()), shared })
+        Arc::new(Self {
+            origin,
+            partial,
+            claims: Mutex::new(Vec::new()),
+            shared,
+            peers_used: Mutex::new(HashSet::new()),
+            first_source: Mutex::new(None),
+        })
     }
 
     fn claims(&self) -> MutexGuard<'_, Vec<Arc<Claim>>> {
@@ -303,8 +380,16 @@ impl Job {
         claim
     }
 
+    /// Where the bytes come from, for logs and metrics: `peer` or `upstream`.
+    pub fn source_label(&self) -> &'static str {
+        match *lock(&self.first_source) {
+            Some(Source::Peer(_)) => "peer",
+            _ => "upstream",
+        }
+    }
+
     /// Runs a registered claim's task.
-    fn spawn(self: &Arc<Self>, claim: Arc<Claim>, stream: Option<ByteStream>) {
+    fn spawn(self: &Arc<Self>, claim: Arc<Claim>, stream: Option<(ByteStream, Source)>) {
         let job = self.clone();
         self.shared.tasks.spawn(async move {
             tokio::select! {
@@ -360,7 +445,7 @@ impl Job {
         }
     }
 
-    async fn run_claim(&self, claim: &Claim, mut stream: Option<ByteStream>) {
+    async fn run_claim(&self, claim: &Claim, mut stream: Option<(ByteStream, Source)>) {
         let digest = self.partial.digest();
         let mut failures = 0u32;
         loop {
@@ -368,20 +453,25 @@ impl Job {
             if view.cursor >= view.end || self.partial.outcome() != Outcome::Pending {
                 return;
             }
-            let body = match stream.take() {
+            let opened = match stream.take() {
                 Some(s) => Ok(s),
-                None => self
-                    .shared
-                    .upstream
-                    .get_blob(&self.origin.registry, &self.origin.repository, &digest, Some(view.cursor..view.end))
-                    .await
-                    .map(|b| b.stream),
+                None => {
+                    let range = Some(view.cursor..view.end);
+                    self.shared.open(&self.origin, &digest, range).await.map(|(b, source)| (b.stream, source))
+                }
             };
-            let result = match body {
-                Ok(body) => self.pump(claim, body).await,
-                Err(e) => Err(PumpError::Upstream(e)),
+            let (body, source) = match opened {
+                Ok(opened) => opened,
+                Err(ResolveError::Upstream(e)) => (failed_stream(e), Source::Upstream),
+                Err(e) => {
+                    self.partial.abandon(&format!("no source left: {e}")).await;
+                    return;
+                }
             };
-            let error = match result {
+            if let Source::Peer(peer) = source {
+                lock(&self.peers_used).insert(peer);
+            }
+            let error = match self.pump(claim, body).await {
                 Ok(()) => continue,
                 Err(PumpError::Store(e)) => {
                     self.partial.fail(&format!("could not write to the store: {e}")).await;
@@ -389,6 +479,13 @@ impl Job {
                 }
                 Err(PumpError::Upstream(e)) => e,
             };
+            // A peer that broke mid-body sits out a penalty; the next attempt resumes at the
+            // cursor from another peer or the upstream, so it costs no attempt.
+            if let (Source::Peer(peer), Some(peers)) = (source, &self.shared.peers) {
+                peers.penalize(peer, &format!("broke mid-body: {error}"));
+                tracing::info!(%digest, %peer, "peer transfer broke; resuming elsewhere with Range");
+                continue;
+            }
             // Progress since the last attempt earns a fresh set of attempts.
             if claim.cursor.load(Ordering::Acquire) > view.cursor {
                 failures = 0;
@@ -452,6 +549,11 @@ impl Job {
     }
 }
 
+/// A stream that fails at once, so an open that failed is handled like a body that broke.
+fn failed_stream(e: UpstreamError) -> ByteStream {
+    Box::pin(futures_util::stream::once(async move { Err(e) }))
+}
+
 /// The first `limit` bytes of consecutive chunks (slicing, not copying).
 fn clip(chunks: Vec<Bytes>, limit: u64) -> Vec<Bytes> {
     let mut left = limit;
@@ -471,8 +573,11 @@ fn clip(chunks: Vec<Bytes>, limit: u64) -> Vec<Bytes> {
 pub enum BlobSource {
     /// A complete, verified blob in the store.
     Local(BlobFile),
-    /// A transfer in progress.
+    /// A transfer in progress; readers far ahead of it fetch their own ranges.
     Transfer(Arc<Job>),
+    /// A transfer in progress, read as it arrives and nothing more (for peers: this node
+    /// never fetches on a peer's behalf).
+    Arriving(Arc<Job>),
 }
 
 /// A stream of a blob's bytes for one response.
@@ -483,15 +588,15 @@ impl BlobSource {
     pub fn size(&self) -> u64 {
         match self {
             Self::Local(f) => f.size(),
-            Self::Transfer(j) => j.size(),
+            Self::Transfer(j) | Self::Arriving(j) => j.size(),
         }
     }
 
     /// Where the bytes come from, for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Local(_) => "local",
-            Self::Transfer(_) => "upstream",
+            Self::Local(_) | Self::Arriving(_) => "local",
+            Self::Transfer(j) => j.source_label(),
         }
     }
 
@@ -506,8 +611,8 @@ impl BlobSource {
             let len = (end - pos).min(READ_CHUNK);
             let read = match &source {
                 Self::Local(file) => file.read_at(pos, len).await,
-                Self::Transfer(job) => {
-                    if job.partial.written_from(pos) == pos {
+                Self::Transfer(job) | Self::Arriving(job) => {
+                    if matches!(source, Self::Transfer(_)) && job.partial.written_from(pos) == pos {
                         job.demand(pos);
                     }
                     // Only a response of the whole blob waits for verification before its last
