@@ -1,0 +1,218 @@
+//! Clyde's libp2p node: every agent advertises the digests and tags it holds in a private
+//! Kademlia DHT, and finds the peer servers that hold what it needs.
+//!
+//! Message flow: [`P2p::start`] spawns the node's event loop ([`node`]), which owns the
+//! swarm; the rest of the program holds a [`P2p`] handle that sends it commands, with a
+//! `oneshot` reply where an answer is needed. An advertiser task ([`advertise`]) follows the
+//! store's events and tells the node what to provide and withdraw. A DNS task re-resolves
+//! `--bootstrap-dns` names and asks the node to dial what it finds. The resolver sees the
+//! node only through [`clyde_resolver::Discovery`].
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod addr;
+mod advertise;
+mod keyfile;
+mod node;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use clyde_resolver::{BoxFuture, Discovery};
+use clyde_store::Store;
+use clyde_types::ContentKey;
+use libp2p::{Multiaddr, PeerId};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::task::TaskTracker;
+
+pub use addr::{http_addr, parse_peer_port};
+
+/// The Kademlia protocol name: private, so Clyde's DHT never mixes with another network's.
+pub const KAD_PROTOCOL: &str = "/clyde/kad/1.0.0";
+
+/// How the node behaves; every field has a documented default.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct P2pConfig {
+    /// How long other nodes keep a provider record without it being republished (default 10m).
+    #[serde(with = "humantime_serde")]
+    pub provider_ttl: Duration,
+    /// How often this node republishes what it holds (default 4m).
+    #[serde(with = "humantime_serde")]
+    pub republish_interval: Duration,
+    /// How often `bootstrap_dns` names are resolved again (default 30s).
+    #[serde(with = "humantime_serde")]
+    pub dns_interval: Duration,
+    /// Interval of the liveness ping on each peer connection (default 2s).
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A ping unanswered this long closes the connection: the peer counts as dead (default 5s).
+    #[serde(with = "humantime_serde")]
+    pub ping_timeout: Duration,
+}
+
+impl Default for P2pConfig {
+    fn default() -> Self {
+        Self {
+            provider_ttl: Duration::from_secs(600),
+            republish_interval: Duration::from_secs(240),
+            dns_interval: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(2),
+            ping_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where the node listens and whom it joins.
+#[derive(Clone, Debug)]
+pub struct Network {
+    /// libp2p listen multiaddrs.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start; `/p2p/<id>` optional.
+    pub bootstrap: Vec<Multiaddr>,
+    /// `NAME:PORT` names whose every address is a peer to dial.
+    pub bootstrap_dns: Vec<String>,
+    /// The port of this node's peer server, told to other nodes through identify.
+    pub peer_port: u16,
+}
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum P2pError {
+    #[error("the node key {path} is unusable ({reason}); remove it to make a new one")]
+    Key { path: String, reason: String },
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("the p2p transport could not be built: {0}")]
+    Transport(String),
+    #[error("bad multiaddr {0:?}: {1}")]
+    Multiaddr(String, String),
+}
+
+/// What the node knows about the swarm, for `/readyz` and logs.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// Peers with at least one open connection.
+    pub connected_peers: usize,
+    /// Of those, peers whose peer server address is known.
+    pub addressable_peers: usize,
+    /// Keys this node provides.
+    pub provided_keys: usize,
+    /// Addresses the node listens on.
+    pub listen_addrs: Vec<Multiaddr>,
+}
+
+pub(crate) enum Command {
+    Provide(ContentKey),
+    Withdraw(ContentKey),
+    FindProviders { key: ContentKey, reply: oneshot::Sender<Vec<SocketAddr>> },
+    Dial(Multiaddr),
+    Status(oneshot::Sender<Status>),
+}
+
+/// A handle on the running node; cheap to clone.
+#[derive(Clone)]
+pub struct P2p {
+    commands: mpsc::UnboundedSender<Command>,
+    peer_id: PeerId,
+    alone_by_configuration: bool,
+}
+
+/// Parses `--p2p-addr` and `--bootstrap` values.
+pub fn parse_multiaddrs(values: &[String]) -> Result<Vec<Multiaddr>, P2pError> {
+    values.iter().map(|v| v.parse::<Multiaddr>().map_err(|e| P2pError::Multiaddr(v.clone(), e.to_string()))).collect()
+}
+
+impl P2p {
+    /// Starts the node with the key in `data_dir` (made on first start), joins the network,
+    /// and advertises what `store` holds from now on. Tasks stop when `shutdown` turns true
+    /// and are tracked by `tasks`.
+    pub async fn start(
+        data_dir: &Path,
+        network: Network,
+        config: P2pConfig,
+        store: Store,
+        tasks: &TaskTracker,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, P2pError> {
+        let keypair = keyfile::load_or_create(&data_dir.join("node.key"))?;
+        let peer_id = keypair.public().to_peer_id();
+        let alone_by_configuration = network.bootstrap.is_empty() && network.bootstrap_dns.is_empty();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let event_loop = node::EventLoop::new(keypair, &network, &config, rx)?;
+        tracing::info!(%peer_id, listen = ?network.listen, "p2p node started");
+        tasks.spawn(event_loop.run(shutdown.clone()));
+        let handle = Self { commands: tx, peer_id, alone_by_configuration };
+        for addr in network.bootstrap {
+            handle.dial(addr);
+        }
+        if !network.bootstrap_dns.is_empty() {
+            tasks.spawn(node::resolve_dns_forever(
+                network.bootstrap_dns,
+                config.dns_interval,
+                handle.clone(),
+                shutdown.clone(),
+            ));
+        }
+        tasks.spawn(advertise::run(store, handle.clone(), shutdown));
+        Ok(handle)
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Advertises that this node holds `key`.
+    pub fn provide(&self, key: ContentKey) {
+        let _ = self.commands.send(Command::Provide(key));
+    }
+
+    /// Stops advertising `key`.
+    pub fn withdraw(&self, key: ContentKey) {
+        let _ = self.commands.send(Command::Withdraw(key));
+    }
+
+    /// Dials a peer address (`/p2p/<id>` optional).
+    pub fn dial(&self, addr: Multiaddr) {
+        let _ = self.commands.send(Command::Dial(addr));
+    }
+
+    /// What the node knows now.
+    pub async fn status(&self) -> Status {
+        let (reply, rx) = oneshot::channel();
+        if self.commands.send(Command::Status(reply)).is_err() {
+            return Status::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    /// Whether the node is part of a swarm, or alone because nobody was configured to join.
+    pub async fn joined(&self) -> bool {
+        self.alone_by_configuration || self.status().await.connected_peers > 0
+    }
+
+    /// The peer servers that hold `key`, as soon as some are known, within `timeout`.
+    pub async fn find_providers(&self, key: ContentKey, timeout: Duration) -> Vec<SocketAddr> {
+        let (reply, rx) = oneshot::channel();
+        if self.commands.send(Command::FindProviders { key, reply }).is_err() {
+            return Vec::new();
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(found)) => found,
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Discovery for P2p {
+    fn providers(&self, key: ContentKey, timeout: Duration) -> BoxFuture<Vec<SocketAddr>> {
+        let handle = self.clone();
+        Box::pin(async move { handle.find_providers(key, timeout).await })
+    }
+}
+
+#[cfg(test)]
+mod tests;

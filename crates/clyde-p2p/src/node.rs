@@ -1,0 +1,373 @@
+//! The event loop that owns the swarm.
+//!
+//! Message flow: commands from [`crate::P2p`] handles and swarm events are handled one at a
+//! time in [`EventLoop::run`]. A provider lookup starts a Kademlia query and answers as soon
+//! as a found provider has a known peer-server address (a connected, identified peer). A
+//! provider that is not connected is dialed; the lookup answers when identify tells us
+//! its address. A peer whose last connection closes is forgotten at once, and a ping that
+//! goes unanswered closes the connection, so dead peers drop out of lookups within seconds
+//! although their provider records live on in the DHT until they expire.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::identity::Keypair;
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
+use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::DialOpts;
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, noise, ping, tcp, yamux};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::addr::{agent_version, http_addr, ip_of, parse_peer_port};
+use crate::{Command, KAD_PROTOCOL, Network, P2p, P2pConfig, P2pError, Status};
+
+/// Identify's protocol version: nodes of another network do not join ours.
+const IDENTIFY_PROTOCOL: &str = "/clyde/id/1.0.0";
+/// Keys this node may provide; the library's default (1024) is far below a node's content.
+const MAX_PROVIDED_KEYS: usize = 1 << 20;
+/// Provider records this node keeps for others.
+const MAX_RECORDS: usize = 1 << 20;
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+}
+
+#[derive(Default)]
+struct PeerState {
+    connections: HashMap<ConnectionId, IpAddr>,
+    listen: Vec<Multiaddr>,
+    peer_port: Option<u16>,
+}
+
+impl PeerState {
+    fn http(&self) -> Option<SocketAddr> {
+        let ips: Vec<IpAddr> = self.connections.values().copied().collect();
+        http_addr(&ips, &self.listen, self.peer_port?)
+    }
+}
+
+struct Lookup {
+    reply: Option<oneshot::Sender<Vec<SocketAddr>>>,
+    /// Providers being dialed: the lookup answers when one of them is identified.
+    waiting: HashSet<PeerId>,
+    finished: bool,
+}
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    peers: HashMap<PeerId, PeerState>,
+    lookups: HashMap<QueryId, Lookup>,
+    provided: HashSet<RecordKey>,
+    bootstrapped: bool,
+}
+
+fn build_swarm(keypair: Keypair, network: &Network, config: &P2pConfig) -> Result<Swarm<Behaviour>, P2pError> {
+    let transport_err = |e: &dyn std::fmt::Display| P2pError::Transport(e.to_string());
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| transport_err(&e))?
+        .with_behaviour(|key| {
+            let peer_id = key.public().to_peer_id();
+            let mut kad_config = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+            kad_config
+                .set_provider_record_ttl(Some(config.provider_ttl))
+                .set_provider_publication_interval(Some(config.republish_interval))
+                .set_query_timeout(Duration::from_secs(10))
+                .set_periodic_bootstrap_interval(Some(Duration::from_secs(60)));
+            let store_config = MemoryStoreConfig {
+                max_records: MAX_RECORDS,
+                max_provided_keys: MAX_PROVIDED_KEYS,
+                ..MemoryStoreConfig::default()
+            };
+            let store = MemoryStore::with_config(peer_id, store_config);
+            let mut kad = kad::Behaviour::with_config(peer_id, store, kad_config);
+            // Pods have no confirmed external address: serve the DHT regardless.
+            kad.set_mode(Some(kad::Mode::Server));
+            let identify = identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())
+                    .with_agent_version(agent_version(network.peer_port))
+                    .with_push_listen_addr_updates(true),
+            );
+            let ping = ping::Behaviour::new(
+                ping::Config::new().with_interval(config.ping_interval).with_timeout(config.ping_timeout),
+            );
+            Behaviour { kad, identify, ping }
+        })
+        .map_err(|e| transport_err(&e))?
+        // Peers stay connected while idle: a live connection is how we know a peer is alive.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
+        .build();
+    Ok(swarm)
+}
+
+impl EventLoop {
+    pub(crate) fn new(
+        keypair: Keypair,
+        network: &Network,
+        config: &P2pConfig,
+        commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Result<Self, P2pError> {
+        let mut swarm = build_swarm(keypair, network, config)?;
+        for addr in &network.listen {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| P2pError::Listen { addr: addr.to_string(), reason: e.to_string() })?;
+        }
+        Ok(Self {
+            swarm,
+            commands,
+            peers: HashMap::new(),
+            lookups: HashMap::new(),
+            provided: HashSet::new(),
+            bootstrapped: false,
+        })
+    }
+
+    pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(c) => self.on_command(c),
+                    None => return,
+                },
+                _ = sweep.tick() => self.lookups.retain(|_, l| l.reply.as_ref().is_some_and(|r| !r.is_closed())),
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Provide(key) => {
+                let record = RecordKey::new(&key.routing_key());
+                if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(record.clone()) {
+                    tracing::warn!(%key, error = %e, "cannot advertise");
+                    return;
+                }
+                self.provided.insert(record);
+            }
+            Command::Withdraw(key) => {
+                let record = RecordKey::new(&key.routing_key());
+                self.swarm.behaviour_mut().kad.stop_providing(&record);
+                self.provided.remove(&record);
+            }
+            Command::FindProviders { key, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(RecordKey::new(&key.routing_key()));
+                self.lookups.insert(id, Lookup { reply: Some(reply), waiting: HashSet::new(), finished: false });
+            }
+            Command::Dial(addr) => self.dial(addr),
+            Command::Status(reply) => {
+                let _ = reply.send(Status {
+                    connected_peers: self.peers.values().filter(|p| !p.connections.is_empty()).count(),
+                    addressable_peers: self.peers.values().filter(|p| p.http().is_some()).count(),
+                    provided_keys: self.provided.len(),
+                    listen_addrs: self.swarm.listeners().cloned().collect(),
+                });
+            }
+        }
+    }
+
+    fn dial(&mut self, addr: Multiaddr) {
+        let peer = addr.iter().find_map(|p| match p {
+            Protocol::P2p(id) => Some(id),
+            _ => None,
+        });
+        if peer == Some(*self.swarm.local_peer_id()) || self.is_own_address(&addr) {
+            return;
+        }
+        if let Some(peer) = peer {
+            if self.swarm.is_connected(&peer) {
+                return;
+            }
+            let without_id: Multiaddr = addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect();
+            self.swarm.behaviour_mut().kad.add_address(&peer, without_id);
+        } else if self.is_connected_to(&addr) {
+            return;
+        }
+        if let Err(e) = self.swarm.dial(addr.clone()) {
+            tracing::debug!(%addr, error = %e, "dial failed");
+        }
+    }
+
+    /// Whether `addr` is one this node listens on (a headless Service lists this node too).
+    fn is_own_address(&self, addr: &Multiaddr) -> bool {
+        let bare: Multiaddr = addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect();
+        self.swarm.listeners().any(|l| *l == bare)
+    }
+
+    /// Whether some connection's remote IP is the IP of `addr`.
+    fn is_connected_to(&self, addr: &Multiaddr) -> bool {
+        let Some(ip) = ip_of(addr) else {
+            return false;
+        };
+        self.peers.values().any(|p| p.connections.values().any(|c| *c == ip))
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "p2p listening"),
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {
+                let remote = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => address,
+                    ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
+                };
+                if let Some(ip) = ip_of(remote) {
+                    self.peers.entry(peer_id).or_default().connections.insert(connection_id, ip);
+                }
+                tracing::debug!(%peer_id, %remote, "peer connected");
+                if !self.bootstrapped {
+                    self.bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
+                if let Some(state) = self.peers.get_mut(&peer_id) {
+                    state.connections.remove(&connection_id);
+                }
+                if num_established == 0 {
+                    // Forgotten at once: lookups stop offering it until it is reached again.
+                    self.peers.remove(&peer_id);
+                    tracing::info!(%peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. } => {
+                tracing::debug!(%peer_id, %error, "cannot reach peer");
+                self.give_up_waiting(peer_id);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                self.on_identified(peer_id, info);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) })) => {
+                tracing::info!(%peer, error = %e, "peer stopped answering pings; closing the connection");
+                self.swarm.close_connection(connection);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_identified(&mut self, peer_id: PeerId, info: identify::Info) {
+        let Some(peer_port) = parse_peer_port(&info.agent_version) else {
+            tracing::debug!(%peer_id, agent = info.agent_version, "not a Clyde agent; ignored");
+            return;
+        };
+        let speaks_kad = info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL);
+        if speaks_kad {
+            for addr in info.listen_addrs.iter().filter(|a| ip_of(a).is_some_and(|ip| !ip.is_unspecified())) {
+                self.swarm.behaviour_mut().kad.add_address(&peer_id, addr.clone());
+            }
+        }
+        let state = self.peers.entry(peer_id).or_default();
+        state.listen = info.listen_addrs;
+        state.peer_port = Some(peer_port);
+        let Some(http) = state.http() else {
+            return;
+        };
+        tracing::debug!(%peer_id, %http, "peer identified");
+        for lookup in self.lookups.values_mut() {
+            if lookup.waiting.remove(&peer_id)
+                && let Some(reply) = lookup.reply.take()
+            {
+                let _ = reply.send(vec![http]);
+            }
+        }
+    }
+
+    fn give_up_waiting(&mut self, peer_id: PeerId) {
+        for lookup in self.lookups.values_mut() {
+            lookup.waiting.remove(&peer_id);
+            if lookup.finished
+                && lookup.waiting.is_empty()
+                && let Some(reply) = lookup.reply.take()
+            {
+                let _ = reply.send(Vec::new());
+            }
+        }
+        self.lookups.retain(|_, l| l.reply.is_some());
+    }
+
+    fn on_kad_event(&mut self, event: kad::Event) {
+        let kad::Event::OutboundQueryProgressed { id, result: QueryResult::GetProviders(result), step, .. } = event
+        else {
+            return;
+        };
+        let Some(lookup) = self.lookups.get_mut(&id) else {
+            return;
+        };
+        if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = &result {
+            let local = *self.swarm.local_peer_id();
+            let mut ready = Vec::new();
+            for provider in providers.iter().filter(|p| **p != local) {
+                match self.peers.get(provider).and_then(PeerState::http) {
+                    Some(http) => ready.push(http),
+                    None if lookup.waiting.insert(*provider) => {
+                        let _ = self.swarm.dial(DialOpts::peer_id(*provider).build());
+                    }
+                    None => {}
+                }
+            }
+            if !ready.is_empty() {
+                if let Some(reply) = lookup.reply.take() {
+                    let _ = reply.send(ready);
+                }
+                // Answered: the rest of the walk would only cost messages.
+                if let Some(mut query) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                    query.finish();
+                }
+            }
+        }
+        if step.last {
+            lookup.finished = true;
+            if lookup.waiting.is_empty()
+                && let Some(reply) = lookup.reply.take()
+            {
+                let _ = reply.send(Vec::new());
+            }
+        }
+        if lookup.reply.is_none() {
+            self.lookups.remove(&id);
+        }
+    }
+}
+
+/// Resolves `NAME:PORT` names now and every `interval`, and dials every address found
+/// (a headless Service's records are the agents of the cluster).
+pub(crate) async fn resolve_dns_forever(
+    names: Vec<String>,
+    interval: Duration,
+    node: P2p,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        for name in &names {
+            match tokio::net::lookup_host(name.as_str()).await {
+                Ok(addrs) => {
+                    for addr in addrs {
+                        let ip = match addr.ip() {
+                            IpAddr::V4(ip) => Protocol::Ip4(ip),
+                            IpAddr::V6(ip) => Protocol::Ip6(ip),
+                        };
+                        node.dial(Multiaddr::empty().with(ip).with(Protocol::Tcp(addr.port())));
+                    }
+                }
+                Err(e) => tracing::warn!(name, error = %e, "cannot resolve bootstrap name"),
+            }
+        }
+    }
+}

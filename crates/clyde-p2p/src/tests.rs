@@ -1,0 +1,98 @@
+//! Nodes in one process on loopback: advertising, lookups, and forgetting dead peers.
+
+use std::time::Duration;
+
+use clyde_store::Store;
+use clyde_types::{ContentKey, Digest};
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
+
+use super::*;
+
+struct TestNode {
+    p2p: P2p,
+    stop: watch::Sender<bool>,
+    tasks: TaskTracker,
+    _dir: tempfile::TempDir,
+}
+
+impl TestNode {
+    async fn start(peer_port: u16, bootstrap: Vec<Multiaddr>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 64 * 1024).unwrap();
+        let (stop, rx) = watch::channel(false);
+        let tasks = TaskTracker::new();
+        let network = Network {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+            bootstrap,
+            bootstrap_dns: Vec::new(),
+            peer_port,
+        };
+        let p2p = P2p::start(dir.path(), network, P2pConfig::default(), store, &tasks, rx).await.unwrap();
+        Self { p2p, stop, tasks, _dir: dir }
+    }
+
+    async fn address(&self) -> Multiaddr {
+        loop {
+            if let Some(a) = self.p2p.status().await.listen_addrs.first() {
+                return a.clone().with(libp2p::multiaddr::Protocol::P2p(self.p2p.peer_id()));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_is_found_with_its_peer_server_address_and_forgotten_when_it_dies() {
+    let first = TestNode::start(40001, Vec::new()).await;
+    let boot = first.address().await;
+    let second = TestNode::start(40002, vec![boot.clone()]).await;
+    let third = TestNode::start(40003, vec![boot]).await;
+    assert!(first.p2p.joined().await, "a node with nobody to join is ready alone");
+    eventually("the third node to join", || async { third.p2p.joined().await }).await;
+
+    let blob = ContentKey::Digest(Digest::of(b"layer"));
+    let tag = ContentKey::tag("r.example", "app", "v1");
+    second.p2p.provide(blob.clone());
+    second.p2p.provide(tag.clone());
+    let want: SocketAddr = "127.0.0.1:40002".parse().unwrap();
+    eventually("the blob's provider", || async {
+        third.p2p.find_providers(blob.clone(), Duration::from_secs(2)).await == vec![want]
+    })
+    .await;
+    eventually("the tag's provider", || async {
+        first.p2p.find_providers(tag.clone(), Duration::from_secs(2)).await == vec![want]
+    })
+    .await;
+    let unknown = ContentKey::Digest(Digest::of(b"nobody"));
+    assert!(third.p2p.find_providers(unknown, Duration::from_secs(2)).await.is_empty());
+
+    // Its record lives on in the DHT, but a dead provider is not offered.
+    second.stop().await;
+    let died = tokio::time::Instant::now();
+    eventually("the dead provider to be forgotten", || async {
+        third.p2p.find_providers(blob.clone(), Duration::from_millis(500)).await.is_empty()
+    })
+    .await;
+    assert!(died.elapsed() < Duration::from_secs(10), "took {:?}", died.elapsed());
+    first.stop().await;
+    third.stop().await;
+}
