@@ -1,4 +1,5 @@
-//! Clyde's HTTP adapter: the OCI distribution pull API, served to containerd.
+//! Clyde's HTTP adapter: the OCI distribution pull API, served to containerd (the mirror)
+//! and to other agents (the peer server, which only serves what this node holds).
 //!
 //! Message flow: an accept loop hands each connection to hyper's HTTP/1 server; each
 //! request is parsed into a typed [`ApiPath`] (bad input is answered `400`/`416` here and
@@ -8,6 +9,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
 
 mod errors;
+mod health;
 mod query;
 
 use std::convert::Infallible;
@@ -27,6 +29,7 @@ use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 pub use errors::ErrorCode;
+pub use health::serve_health;
 
 /// The response body type.
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -36,9 +39,28 @@ const MAX_URI_LEN: usize = 4096;
 /// Bound on the request head (request line and headers).
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// Serves the mirror API on `listener` until `shutdown` turns true.
+/// Which API a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// For containerd: local store, then peers, then the upstream.
+    Mirror,
+    /// For other agents: only what this node holds, complete or arriving.
+    Peer,
+}
+
+impl Api {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Mirror => "mirror",
+            Self::Peer => "peer",
+        }
+    }
+}
+
+/// Serves `api` on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
+    api: Api,
     resolver: Resolver,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -61,7 +83,7 @@ pub async fn serve(
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let resolver = resolver.clone();
-                async move { Ok::<_, Infallible>(handle(&resolver, req, peer).await) }
+                async move { Ok::<_, Infallible>(handle(&resolver, api, req, peer).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -92,21 +114,21 @@ fn empty() -> Body {
 }
 
 /// Handles one request; never fails (errors become OCI error answers).
-pub async fn handle(resolver: &Resolver, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+pub async fn handle(resolver: &Resolver, api: Api, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let (mut response, source) = route(resolver, &req).await;
+    let (mut response, source) = route(resolver, api, &req).await;
     response.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
     if method == Method::HEAD {
         *response.body_mut() = empty();
     }
     let bytes = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("0").to_string();
-    tracing::debug!(%method, %path, status = response.status().as_u16(), bytes, source, latency_ms = started.elapsed().as_secs_f64() * 1e3, %peer, "request");
+    tracing::debug!(api = api.name(), %method, %path, status = response.status().as_u16(), bytes, source, latency_ms = started.elapsed().as_secs_f64() * 1e3, %peer, "request");
     response
 }
 
-async fn route(resolver: &Resolver, req: &Request<Incoming>) -> (Response<Body>, &'static str) {
+async fn route(resolver: &Resolver, api: Api, req: &Request<Incoming>) -> (Response<Body>, &'static str) {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return (
             errors::answer(
@@ -140,8 +162,8 @@ async fn route(resolver: &Resolver, req: &Request<Incoming>) -> (Response<Body>,
         ApiPath::Content { registry, repository, resource } => (Origin { registry, repository }, resource),
     };
     match resource {
-        Resource::Manifest(reference) => manifest(resolver, req, &origin, &reference).await,
-        Resource::Blob(digest) => blob(resolver, req, &origin, &digest).await,
+        Resource::Manifest(reference) => manifest(resolver, api, req, &origin, &reference).await,
+        Resource::Blob(digest) => blob(resolver, api, req, &origin, &digest).await,
     }
 }
 
@@ -166,6 +188,7 @@ fn resolve_error(e: &ResolveError, miss: ErrorCode) -> Response<Body> {
 
 async fn manifest(
     resolver: &Resolver,
+    api: Api,
     req: &Request<Incoming>,
     origin: &Origin,
     reference: &Reference,
@@ -173,7 +196,11 @@ async fn manifest(
     // Go clients send one `Accept` line per media type: join them all.
     let accept: Vec<&str> = req.headers().get_all(header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
     let accept = (!accept.is_empty()).then(|| accept.join(", "));
-    let m = match resolver.manifest(origin, reference, accept.as_deref()).await {
+    let m = match api {
+        Api::Mirror => resolver.manifest(origin, reference, accept.as_deref()).await,
+        Api::Peer => resolver.held_manifest(origin, reference, accept.as_deref()).await,
+    };
+    let m = match m {
         Ok(m) => m,
         Err(e) => return (resolve_error(&e, ErrorCode::ManifestUnknown), "-"),
     };
@@ -198,6 +225,7 @@ fn insert_digest(h: &mut http::HeaderMap, digest: &str) {
 
 async fn blob(
     resolver: &Resolver,
+    api: Api,
     req: &Request<Incoming>,
     origin: &Origin,
     digest: &clyde_types::Digest,
@@ -214,7 +242,11 @@ async fn blob(
         }
     };
     if req.method() == Method::HEAD {
-        return match resolver.blob_size(origin, digest).await {
+        let size = match api {
+            Api::Mirror => resolver.blob_size(origin, digest).await,
+            Api::Peer => resolver.held_blob(digest).map(|source| source.size()),
+        };
+        return match size {
             Ok(size) => (blob_head(size, digest, range), "local"),
             Err(e) => (resolve_error(&e, ErrorCode::BlobUnknown), "-"),
         };
@@ -223,7 +255,11 @@ async fn blob(
         Some(RangeRequest::Bounded { first, .. } | RangeRequest::From { first }) => first,
         _ => 0,
     };
-    let source = match resolver.blob(origin, digest, first_byte).await {
+    let source = match api {
+        Api::Mirror => resolver.blob(origin, digest, first_byte).await,
+        Api::Peer => resolver.held_blob(digest),
+    };
+    let source = match source {
         Ok(s) => s,
         Err(ResolveError::RangeNotSatisfiable { size }) => {
             return (unsatisfiable(size, &RangeError::Unsatisfiable { size }), "upstream");

@@ -60,6 +60,10 @@ pub struct Config {
     pub upstream_read_timeout: Duration,
     /// Upstream registries with their endpoint, auth and TLS.
     pub registries: Vec<RegistryConfig>,
+    /// Provider lookups and peer transfers (`[peers]`).
+    pub peers: clyde_resolver::PeerTimeouts,
+    /// The DHT: provider TTL, republishing, DNS re-resolution, liveness pings (`[p2p]`).
+    pub p2p: clyde_p2p::P2pConfig,
 }
 
 impl Default for Config {
@@ -86,6 +90,8 @@ impl Default for Config {
             upstream_connect_timeout: Duration::from_secs(3),
             upstream_read_timeout: Duration::from_secs(30),
             registries: Vec::new(),
+            peers: Default::default(),
+            p2p: Default::default(),
         }
     }
 }

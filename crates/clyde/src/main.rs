@@ -120,9 +120,32 @@ impl ServeArgs {
     }
 }
 
+/// libp2p's own crates, whose debug output is protocol chatter rather than Clyde's story.
+const LIBP2P_CRATES: &[&str] = &[
+    "libp2p_swarm",
+    "libp2p_kad",
+    "libp2p_tcp",
+    "libp2p_noise",
+    "libp2p_identify",
+    "libp2p_ping",
+    "libp2p_core",
+    "multistream_select",
+    "yamux",
+];
+
+/// The tracing filter for `--log-level`: a plain `debug` is Clyde's debug with libp2p kept
+/// at info; `trace` or a full filter (`info,libp2p_kad=debug`) is taken as written.
+fn log_filter(level: &str) -> String {
+    if level != "debug" {
+        return level.to_string();
+    }
+    let quiet: Vec<String> = LIBP2P_CRATES.iter().map(|c| format!("{c}=info")).collect();
+    format!("debug,{}", quiet.join(","))
+}
+
 fn init_logs(level: &str, format: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);
     if format == "json" {

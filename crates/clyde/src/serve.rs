@@ -1,15 +1,23 @@
-//! `clyde serve`: wires the store, the upstream client, the resolver and the mirror API.
+//! `clyde serve`: wires the store, the upstream client, the p2p node, the resolver, the
+//! mirror and peer APIs, and the health endpoints; stops them all on SIGTERM or Ctrl-C.
 
 use std::sync::Arc;
 
 use anyhow::Context;
-use clyde_resolver::{Resolver, ResolverConfig};
+use clyde_api::Api;
+use clyde_p2p::{Network, P2p, parse_multiaddrs};
+use clyde_resolver::{Discovery, Resolver, ResolverConfig};
 use clyde_store::Store;
 use clyde_upstream::{Upstream, UpstreamConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+
+async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {what} {addr}"))
+}
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
@@ -23,37 +31,60 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ..UpstreamConfig::default()
     })?;
     store.spawn_access_flusher(std::time::Duration::from_secs(30));
+    if config.cache_max_bytes.is_some() {
+        tracing::warn!(setting = "cache_max_bytes", "not implemented in this version yet; ignored");
+    }
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let tasks = TaskTracker::new();
+
+    let mirror = bind("mirror_addr", &config.mirror_addr).await?;
+    let peer = bind("peer_addr", &config.peer_addr).await?;
+    let health = bind("metrics_addr", &config.metrics_addr).await?;
+    let network = Network {
+        listen: parse_multiaddrs(&config.p2p_addr)?,
+        bootstrap: parse_multiaddrs(&config.bootstrap)?,
+        bootstrap_dns: config.bootstrap_dns.clone(),
+        peer_port: peer.local_addr()?.port(),
+    };
+    let p2p =
+        P2p::start(&config.data_dir, network, config.p2p.clone(), store.clone(), &tasks, shutdown_rx.clone()).await?;
+
     let never_upstream = config.air_gapped || config.mode == "p2p-only";
+    let discovery: Arc<dyn Discovery> = Arc::new(p2p.clone());
     let resolver = Resolver::new(
         store,
         Arc::new(upstream),
+        Some(discovery),
         ResolverConfig {
             air_gapped: never_upstream,
             tag_ttl: config.tag_ttl,
             always_pull_latest: config.always_pull_latest,
             tag_check_timeout: config.tag_check_timeout,
+            peers: config.peers.clone(),
             ..ResolverConfig::default()
         },
+    )?;
+    tracing::info!(
+        mirror_addr = %mirror.local_addr()?,
+        peer_addr = %peer.local_addr()?,
+        metrics_addr = %health.local_addr()?,
+        peer_id = %p2p.peer_id(),
+        data_dir = %config.data_dir.display(),
+        never_upstream,
+        "clyde serving"
     );
-    for (what, set) in [
-        ("bootstrap", !config.bootstrap.is_empty()),
-        ("bootstrap_dns", !config.bootstrap_dns.is_empty()),
-        ("cache_max_bytes", config.cache_max_bytes.is_some()),
-    ] {
-        if set {
-            tracing::warn!(setting = what, "not implemented in this version yet; ignored");
-        }
-    }
-    let listener = TcpListener::bind(&config.mirror_addr)
-        .await
-        .with_context(|| format!("cannot listen on mirror_addr {}", config.mirror_addr))?;
-    tracing::info!(mirror_addr = %listener.local_addr()?, data_dir = %config.data_dir.display(), air_gapped = never_upstream, "clyde serving");
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let server = tokio::spawn(clyde_api::serve(listener, resolver.clone(), shutdown_rx));
+    tasks.spawn(clyde_api::serve(mirror, Api::Mirror, resolver.clone(), shutdown_rx.clone()));
+    tasks.spawn(clyde_api::serve(peer, Api::Peer, resolver.clone(), shutdown_rx.clone()));
+    let ready = move || {
+        let p2p = p2p.clone();
+        async move { if p2p.joined().await { Ok(()) } else { Err("not connected to any peer yet".to_string()) } }
+    };
+    tasks.spawn(clyde_api::serve_health(health, ready, shutdown_rx));
     wait_for_signal().await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);
-    let _ = server.await;
+    tasks.close();
+    tasks.wait().await;
     resolver.shutdown().await;
     Ok(())
 }
