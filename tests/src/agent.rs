@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{free_port, http, spawn_logged, wait_for};
+use crate::{http, spawn_logged, wait_for};
 
 /// The `clyde` binary: `$CLYDE_BIN`, or the one built beside the test executable.
 pub fn clyde_bin() -> PathBuf {
@@ -20,22 +20,46 @@ pub fn clyde_bin() -> PathBuf {
     bin
 }
 
-/// A running agent on 127.0.0.1 with its own data dir.
+/// A free TCP port on `ip` (bound and released).
+pub fn free_port_on(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0)).and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+}
+
+/// A running agent on a loopback address with its own data dir and ports.
 pub struct Agent {
     dir: TempDir,
+    ip: String,
     port: u16,
+    peer_port: u16,
+    p2p_port: u16,
+    metrics_port: u16,
     args: Vec<String>,
     child: Option<Child>,
     runs: u32,
 }
 
 impl Agent {
-    /// Starts `clyde serve` with `config` (TOML) and extra flags; waits until `/v2/` answers.
+    /// Starts `clyde serve` on 127.0.0.1 with `config` (TOML) and extra flags; waits until
+    /// `/v2/` answers.
     pub fn start(config: &str, args: &[&str]) -> Self {
+        Self::start_on("127.0.0.1", config, args)
+    }
+
+    /// Starts an agent whose every port is on `ip` (a node of a loopback cluster: 127.0.0.x).
+    pub fn start_on(ip: &str, config: &str, args: &[&str]) -> Self {
         let dir = tempfile::Builder::new().prefix("clyde-agent").tempdir().expect("tempdir");
         std::fs::write(dir.path().join("config.toml"), config).expect("write config");
-        let mut a =
-            Self { dir, port: free_port(), args: args.iter().map(|s| s.to_string()).collect(), child: None, runs: 0 };
+        let mut a = Self {
+            dir,
+            ip: ip.to_string(),
+            port: free_port_on(ip),
+            peer_port: free_port_on(ip),
+            p2p_port: free_port_on(ip),
+            metrics_port: free_port_on(ip),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            runs: 0,
+        };
         a.spawn();
         a
     }
@@ -51,7 +75,13 @@ impl Agent {
             .arg(self.data_dir())
             .args(["--log-level", "debug", "--containerd-socket", ""])
             .arg("--mirror-addr")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(self.addr())
+            .arg("--peer-addr")
+            .arg(self.peer_addr())
+            .arg("--p2p-addr")
+            .arg(self.p2p_addr())
+            .arg("--metrics-addr")
+            .arg(format!("{}:{}", self.ip, self.metrics_port))
             .args(&self.args);
         self.child = Some(spawn_logged(&mut cmd, &log));
         let url = format!("{}/v2/", self.url());
@@ -65,14 +95,39 @@ impl Agent {
         });
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// The mirror's URL, `http://IP:PORT`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.addr())
     }
 
-    /// `127.0.0.1:PORT`.
+    /// The mirror's address, `IP:PORT`.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
+    }
+
+    /// The peer server's address, `IP:PORT`.
+    pub fn peer_addr(&self) -> String {
+        format!("{}:{}", self.ip, self.peer_port)
+    }
+
+    /// The libp2p listen multiaddr, which other agents bootstrap from.
+    pub fn p2p_addr(&self) -> String {
+        format!("/ip4/{}/tcp/{}", self.ip, self.p2p_port)
+    }
+
+    /// `http://IP:PORT` of `/healthz`, `/readyz` and `/metrics`.
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}:{}", self.ip, self.metrics_port)
+    }
+
+    /// The status of `/readyz`.
+    pub fn readyz(&self) -> u16 {
+        http().get(format!("{}/readyz", self.metrics_url())).send().map_or(0, |r| r.status().as_u16())
+    }
+
+    /// Waits until `/readyz` says the agent joined the swarm.
+    pub fn wait_ready(&self) {
+        wait_for("the agent to be ready", Duration::from_secs(30), || (self.readyz() == 200).then_some(()));
     }
 
     /// The process id, while it runs.

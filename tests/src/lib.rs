@@ -4,7 +4,8 @@
 //!   counts the bytes it served.
 //! - [`TestImage`]: random, incompressible images written as an OCI layout and pushed
 //!   with `skopeo` (single- or multi-arch, OCI or Docker media types).
-//! - [`Agent`]: a `clyde serve` process.
+//! - [`Agent`]: a `clyde serve` process; [`Cluster`]: several, joined as one swarm on
+//!   127.0.0.x addresses, and [`pull_image`], a verifying client that pulls like containerd.
 //! - [`Containerd`]: a real containerd with its own root, state and socket.
 //! - [`Pki`]: a CA, a server and a client certificate made with `openssl`.
 //! - [`SlowProxy`]: a rate-limited TCP relay, for faults a real part cannot make on demand.
@@ -13,6 +14,7 @@
 //! A missing binary fails the test with what to install; nothing is skipped.
 
 pub mod agent;
+pub mod cluster;
 pub mod containerd;
 pub mod image;
 pub mod pki;
@@ -26,6 +28,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub use agent::Agent;
+pub use cluster::{Cluster, Pulled, pull_image, wait_log};
 pub use containerd::Containerd;
 pub use image::{ImageFormat, TestImage};
 pub use pki::Pki;

@@ -1,0 +1,168 @@
+//! Several agents as real processes on 127.0.0.x, one swarm, a real upstream registry.
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use clyde_tests::{
+    Cluster, Containerd, ImageFormat, Registry, SlowProxy, TestImage, assert_store_verified, http, pull_image, sha256,
+    wait_for, wait_log,
+};
+
+const MIB: usize = 1024 * 1024;
+
+fn blob_url(mirror: &str, repo: &str, digest: &str, registry: &str) -> String {
+    format!("{mirror}/v2/{repo}/blobs/{digest}?ns={registry}")
+}
+
+fn upstream_layer_bytes(reg: &Registry, img: &TestImage) -> u64 {
+    img.layers.iter().map(|l| reg.blob_bytes_served(&l.digest)).sum()
+}
+
+#[test]
+fn peers_serve_every_node_after_the_first_also_with_the_upstream_gone() {
+    let mut reg = Registry::start();
+    let img = TestImage::single(&[3 * MIB, 5 * MIB, MIB]);
+    img.push(&reg, "team/app", "v1", ImageFormat::Oci);
+    let cluster = Cluster::start(4, "", &[]);
+    let reference = format!("{}/team/app:v1", reg.addr());
+
+    // Node 1: containerd pulls through its mirror; the blobs come from the upstream.
+    let ctrd = Containerd::start();
+    let (ok, out) = ctrd.pull(&ctrd.mirror_hosts_dir(&reg, &cluster.nodes[0]), &reference, &["--plain-http"]);
+    assert!(ok, "pull through node 1 failed:\n{out}");
+    let image_digest = ctrd.image_digest(&reference).expect("image digest");
+    let first_content = ctrd.content();
+    let egress = reg.wait_blob_bytes(&img.layers[0].digest, img.layers[0].size);
+    assert_eq!(egress, img.layers[0].size);
+    assert_eq!(upstream_layer_bytes(&reg, &img), img.layer_bytes());
+
+    // Node 2, upstream up: every blob comes from node 1, the upstream sends no blob again.
+    ctrd.remove(&reference);
+    let (ok, out) = ctrd.pull(&ctrd.mirror_hosts_dir(&reg, &cluster.nodes[1]), &reference, &["--plain-http"]);
+    assert!(ok, "pull through node 2 failed:\n{out}");
+    assert_eq!(ctrd.image_digest(&reference).as_deref(), Some(image_digest.as_str()));
+    assert_eq!(ctrd.content(), first_content);
+    assert_eq!(upstream_layer_bytes(&reg, &img), img.layer_bytes(), "upstream sent a blob twice");
+
+    // Nodes 3 and 4, upstream gone: the tag and every blob resolve through peers.
+    reg.stop();
+    for node in &cluster.nodes[2..] {
+        let pulled = pull_image(&node.url(), &reg.addr(), "team/app", "v1");
+        assert_eq!(pulled.digests[0], image_digest);
+        for layer in &img.layers {
+            assert!(pulled.digests.contains(&layer.digest));
+        }
+        let log = node.log();
+        assert!(log.contains("tag resolved through a peer"), "{log}");
+        assert!(log.contains("source=\"peer\""), "{log}");
+    }
+    for node in &cluster.nodes {
+        let blobs = assert_store_verified(&node.data_dir());
+        assert!(blobs >= img.layers.len() + 2, "node holds {blobs} blobs");
+    }
+}
+
+/// Two agents whose upstream is reached through a slow relay, and a blob of `size` there.
+struct SlowUpstream {
+    _reg: Registry,
+    proxy: SlowProxy,
+    cluster: Cluster,
+    digest: String,
+    size: u64,
+    registry: String,
+}
+
+fn slow_upstream(size: usize, bytes_per_sec: u64) -> SlowUpstream {
+    let reg = Registry::start();
+    let img = TestImage::single(&[size]);
+    img.push(&reg, "big", "v1", ImageFormat::Oci);
+    let proxy = SlowProxy::start(&reg.addr(), bytes_per_sec);
+    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
+    let cluster = Cluster::start(2, &config, &[]);
+    let layer = &img.layers[0];
+    SlowUpstream { registry: reg.addr(), _reg: reg, proxy, cluster, digest: layer.digest.clone(), size: layer.size }
+}
+
+/// Starts a GET of the blob through `node` in a thread; returns the body's digest.
+fn get_in_background(url: String) -> std::thread::JoinHandle<Result<String, String>> {
+    std::thread::spawn(move || {
+        let r = http().get(&url).send().map_err(|e| e.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("status {}", r.status()));
+        }
+        r.bytes().map(|b| sha256(&b)).map_err(|e| e.to_string())
+    })
+}
+
+#[test]
+fn a_blob_still_arriving_on_one_node_streams_to_another_and_leaves_the_upstream_once() {
+    let s = slow_upstream(24 * MIB, 8 * MIB as u64);
+    let [first, second] = &s.cluster.nodes[..] else { unreachable!() };
+    let from_first = get_in_background(blob_url(&first.url(), "big", &s.digest, &s.registry));
+    // Node 2 asks once node 1 is well into the download from the upstream.
+    wait_for("node 1's download to start", Duration::from_secs(30), || {
+        (s.proxy.relayed() > 4 * MIB as u64).then_some(())
+    });
+    assert!(s.proxy.relayed() < s.size / 2, "node 1 was too fast for this test to mean anything");
+    let (_, _, body) = clyde_tests::timed_get(&blob_url(&second.url(), "big", &s.digest, &s.registry), &[]);
+    assert_eq!(sha256(&body), s.digest);
+    assert_eq!(from_first.join().expect("thread"), Ok(s.digest.clone()));
+    let relayed = s.proxy.relayed();
+    assert!(relayed <= s.size + s.size / 20, "the upstream sent {relayed} bytes for a {} byte blob", s.size);
+    assert_store_verified(&second.data_dir());
+    assert!(second.data_dir().join("blobs").join(s.digest.replace(':', "/")).exists());
+}
+
+#[test]
+fn a_peer_killed_mid_transfer_is_replaced_and_forgotten_within_seconds() {
+    let mut s = slow_upstream(24 * MIB, 8 * MIB as u64);
+    let from_first = get_in_background(blob_url(&s.cluster.nodes[0].url(), "big", &s.digest, &s.registry));
+    wait_for("node 1's download to start", Duration::from_secs(30), || {
+        (s.proxy.relayed() > 2 * MIB as u64).then_some(())
+    });
+    // Node 2 streams from node 1 (still downloading), then node 1 dies.
+    let url = blob_url(&s.cluster.nodes[1].url(), "big", &s.digest, &s.registry);
+    let mut r = http().get(&url).send().expect("GET from node 2");
+    assert!(r.status().is_success());
+    let mut head = vec![0u8; MIB];
+    r.read_exact(&mut head).expect("first MiB");
+    s.cluster.nodes[0].kill9();
+    let killed = Instant::now();
+    let _ = from_first.join();
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).expect("the rest, from the upstream");
+    head.extend_from_slice(&rest);
+    assert_eq!(sha256(&head), s.digest);
+    let second = &s.cluster.nodes[1];
+    wait_log(second, "peer disconnected");
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    assert_store_verified(&second.data_dir());
+    assert!(second.log().contains("peer penalized"), "node 2 never noticed node 1 broke:\n{}", second.log());
+}
+
+#[test]
+fn bytes_from_a_corrupt_peer_never_enter_the_store() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[6 * MIB]);
+    img.push(&reg, "rot", "v1", ImageFormat::Oci);
+    let cluster = Cluster::start(2, "", &[]);
+    let layer = &img.layers[0];
+    let [first, second] = &cluster.nodes[..] else { unreachable!() };
+    let body = http().get(blob_url(&first.url(), "rot", &layer.digest, &reg.addr())).send().unwrap().bytes().unwrap();
+    assert_eq!(sha256(&body), layer.digest);
+    // Bit rot on node 1's disk: it still serves the blob, now with one wrong byte.
+    let path = first.data_dir().join("blobs").join(layer.digest.replace(':', "/"));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[3 * MIB] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let url = blob_url(&second.url(), "rot", &layer.digest, &reg.addr());
+    let first_try = http().get(&url).send().expect("GET").bytes();
+    assert!(first_try.is_err(), "a blob that does not verify must end in an aborted response, not a complete one");
+    assert_eq!(assert_store_verified(&second.data_dir()), 0, "node 2 stored a blob that does not verify");
+    // The peer is penalized: the next request goes to the upstream and gets the right bytes.
+    let again = http().get(&url).send().expect("GET").bytes().expect("body");
+    assert_eq!(sha256(&again), layer.digest);
+    assert_eq!(assert_store_verified(&second.data_dir()), 1);
+    assert!(second.log().contains("did not verify"), "{}", second.log());
+}
