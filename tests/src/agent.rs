@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{http, spawn_logged, wait_for};
+use crate::{Place, http, spawn_logged, wait_for};
 
 /// The `clyde` binary: `$CLYDE_BIN`, or the one built beside the test executable.
 pub fn clyde_bin() -> PathBuf {
@@ -28,6 +28,7 @@ pub fn free_port_on(ip: &str) -> u16 {
 /// A running agent on a loopback address with its own data dir and ports.
 pub struct Agent {
     dir: TempDir,
+    place: Place,
     ip: String,
     port: u16,
     peer_port: u16,
@@ -47,15 +48,25 @@ impl Agent {
 
     /// Starts an agent whose every port is on `ip` (a node of a loopback cluster: 127.0.0.x).
     pub fn start_on(ip: &str, config: &str, args: &[&str]) -> Self {
+        Self::start_in(&Place::loopback(ip), config, args)
+    }
+
+    /// Starts an agent in `place`. On a lab host it runs as on a real node: every address
+    /// is the default (mirror on the host's own 127.0.0.1:30021, the rest on 0.0.0.0).
+    pub fn start_in(place: &Place, config: &str, args: &[&str]) -> Self {
         let dir = tempfile::Builder::new().prefix("clyde-agent").tempdir().expect("tempdir");
         std::fs::write(dir.path().join("config.toml"), config).expect("write config");
+        let ip = &place.ip;
+        let isolated = place.is_isolated();
+        let port = |default: u16| if isolated { default } else { free_port_on(ip) };
         let mut a = Self {
             dir,
+            place: place.clone(),
             ip: ip.to_string(),
-            port: free_port_on(ip),
-            peer_port: free_port_on(ip),
-            p2p_port: free_port_on(ip),
-            metrics_port: free_port_on(ip),
+            port: port(30021),
+            peer_port: port(30022),
+            p2p_port: port(30023),
+            metrics_port: port(30024),
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
             runs: 0,
@@ -67,24 +78,31 @@ impl Agent {
     fn spawn(&mut self) {
         self.runs += 1;
         let log = self.dir.path().join(format!("agent.{}.log", self.runs));
-        let mut cmd = Command::new(clyde_bin());
+        let mut cmd = self.place.command(clyde_bin());
         cmd.arg("serve")
             .arg("--config")
             .arg(self.dir.path().join("config.toml"))
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["--log-level", "debug", "--containerd-socket", ""])
-            .arg("--mirror-addr")
-            .arg(self.addr())
-            .arg("--peer-addr")
-            .arg(self.peer_addr())
-            .arg("--p2p-addr")
-            .arg(self.p2p_addr())
-            .arg("--metrics-addr")
-            .arg(format!("{}:{}", self.ip, self.metrics_port))
-            .args(&self.args);
+            .args(["--log-level", "debug", "--containerd-socket", ""]);
+        if !self.place.is_isolated() {
+            cmd.arg("--mirror-addr")
+                .arg(self.addr())
+                .arg("--peer-addr")
+                .arg(self.peer_addr())
+                .arg("--p2p-addr")
+                .arg(self.p2p_addr())
+                .arg("--metrics-addr")
+                .arg(format!("{}:{}", self.ip, self.metrics_port));
+        }
+        cmd.args(&self.args);
         self.child = Some(spawn_logged(&mut cmd, &log));
-        let url = format!("{}/v2/", self.url());
+        // A lab host's mirror is on its own loopback: the health port says it is up.
+        let url = if self.place.is_isolated() {
+            format!("{}/healthz", self.metrics_url())
+        } else {
+            format!("{}/v2/", self.url())
+        };
         let client = http();
         let child = self.child.as_mut().expect("child");
         wait_for("clyde to answer /v2/", Duration::from_secs(30), || {
@@ -100,9 +118,27 @@ impl Agent {
         format!("http://{}", self.addr())
     }
 
-    /// The mirror's address, `IP:PORT`.
+    /// The mirror's address, `IP:PORT` (on a lab host, its own `127.0.0.1:30021`).
     pub fn addr(&self) -> String {
+        if self.place.is_isolated() {
+            return format!("127.0.0.1:{}", self.port);
+        }
         format!("{}:{}", self.ip, self.port)
+    }
+
+    /// Where it runs.
+    pub fn place(&self) -> &Place {
+        &self.place
+    }
+
+    /// Freezes the process (`SIGSTOP`): its sockets still accept, nothing answers.
+    pub fn pause(&self) {
+        crate::run(Command::new("kill").arg("-STOP").arg(self.pid().expect("running").to_string()));
+    }
+
+    /// Thaws a paused process.
+    pub fn resume(&self) {
+        crate::run(Command::new("kill").arg("-CONT").arg(self.pid().expect("running").to_string()));
     }
 
     /// The peer server's address, `IP:PORT`.

@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{require, run, spawn_logged, wait_for};
+use crate::{Place, require, run, spawn_logged, wait_for};
 
 /// A running containerd (no CRI plugin) in a temp dir.
 pub struct Containerd {
     dir: TempDir,
+    place: Place,
     child: Option<Child>,
 }
 
@@ -19,6 +20,11 @@ const NAMESPACE: &str = "clyde-test";
 impl Containerd {
     /// Starts containerd and waits until `ctr version` answers.
     pub fn start() -> Self {
+        Self::start_in(&Place::local())
+    }
+
+    /// Starts containerd in `place`; its `ctr` commands (which pull) run there too.
+    pub fn start_in(place: &Place) -> Self {
         let bin = require("containerd", "containerd");
         require("ctr", "containerd");
         let dir = tempfile::Builder::new().prefix("clyde-ctrd").tempdir().expect("tempdir");
@@ -34,8 +40,8 @@ impl Containerd {
         )
         .expect("containerd config");
         let child =
-            spawn_logged(Command::new(bin).arg("--config").arg(p.join("config.toml")), &p.join("containerd.log"));
-        let c = Self { dir, child: Some(child) };
+            spawn_logged(place.command(bin).arg("--config").arg(p.join("config.toml")), &p.join("containerd.log"));
+        let c = Self { dir, place: place.clone(), child: Some(child) };
         wait_for("containerd to answer", Duration::from_secs(30), || {
             c.ctr(&["version"]).status().ok().filter(|s| s.success()).map(|_| ())
         });
@@ -44,7 +50,7 @@ impl Containerd {
 
     /// A `ctr` command against this containerd, in the test namespace.
     pub fn ctr(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ctr");
+        let mut cmd = self.place.command("ctr");
         cmd.arg("--address").arg(self.socket()).args(["--namespace", NAMESPACE]).args(args);
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd

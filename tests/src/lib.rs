@@ -7,6 +7,8 @@
 //! - [`Agent`]: a `clyde serve` process; [`Cluster`]: several, joined as one swarm on
 //!   127.0.0.x addresses, and [`pull_image`], a verifying client that pulls like containerd.
 //! - [`Containerd`]: a real containerd with its own root, state and socket.
+//! - [`Lab`]: hosts in network namespaces on one bridge, with `tc` bandwidth limits; every
+//!   part above can run in a lab host ([`Place`]).
 //! - [`Pki`]: a CA, a server and a client certificate made with `openssl`.
 //! - [`SlowProxy`]: a rate-limited TCP relay, for faults a real part cannot make on demand.
 //! - [`TokenGate`]: a bearer-token front for a registry (Debian ships no token server).
@@ -17,6 +19,7 @@ pub mod agent;
 pub mod cluster;
 pub mod containerd;
 pub mod image;
+pub mod lab;
 pub mod pki;
 pub mod proxy;
 pub mod registry;
@@ -31,6 +34,7 @@ pub use agent::Agent;
 pub use cluster::{Cluster, Pulled, pull_image, wait_log};
 pub use containerd::Containerd;
 pub use image::{ImageFormat, TestImage};
+pub use lab::{Lab, Place};
 pub use pki::Pki;
 pub use proxy::SlowProxy;
 pub use registry::{Registry, RegistryOptions};
@@ -143,4 +147,13 @@ pub fn assert_store_verified(data_dir: &Path) -> usize {
         n += 1;
     }
     n
+}
+
+/// Waits until the store in `data_dir` holds at least `n` blobs, all verified (a response
+/// ends as soon as the bytes verify; the commit to the store follows right after).
+pub fn wait_store_holds(data_dir: &Path, n: usize) -> usize {
+    wait_for(&format!("{n} verified blobs in {}", data_dir.display()), Duration::from_secs(20), || {
+        let held = assert_store_verified(data_dir);
+        (held >= n).then_some(held)
+    })
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::{Pki, free_port, require, run, spawn_logged, wait_for};
+use crate::agent::free_port_on;
+use crate::{Pki, Place, require, run, spawn_logged, wait_for};
 
 /// How a test registry protects itself.
 #[derive(Default)]
@@ -19,9 +20,10 @@ pub struct RegistryOptions<'a> {
     pub mutual_tls: bool,
 }
 
-/// A running distribution registry on 127.0.0.1.
+/// A running distribution registry.
 pub struct Registry {
     dir: TempDir,
+    place: Place,
     port: u16,
     child: Option<Child>,
     generation: u32,
@@ -37,10 +39,16 @@ impl Registry {
 
     /// Starts a registry with auth and TLS options.
     pub fn start_with(options: &RegistryOptions<'_>) -> Self {
+        Self::start_in(&Place::local(), options)
+    }
+
+    /// Starts a registry in `place` (a lab host, or the test's own network).
+    pub fn start_in(place: &Place, options: &RegistryOptions<'_>) -> Self {
         let dir = tempfile::Builder::new().prefix("clyde-registry").tempdir().expect("tempdir");
-        let port = free_port();
+        let port = if place.is_isolated() { 5000 } else { free_port_on(&place.ip) };
+        let ip = &place.ip;
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: info\n  formatter: json\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: info\n  formatter: json\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {ip}:{port}\n",
             dir.path().join("storage").display()
         );
         let mut push_flags = vec!["--dest-tls-verify=false".to_string()];
@@ -63,7 +71,7 @@ impl Registry {
             push_flags.push(format!("--dest-creds={user}:{password}"));
         }
         std::fs::write(dir.path().join("config.yml"), config).expect("write registry config");
-        let mut r = Self { dir, port, child: None, generation: 0, push_flags };
+        let mut r = Self { dir, place: place.clone(), port, child: None, generation: 0, push_flags };
         r.spawn();
         r
     }
@@ -77,11 +85,12 @@ impl Registry {
         let bin = require("docker-registry", "docker-registry");
         let config = self.dir.path().join("config.yml");
         self.generation += 1;
-        self.child = Some(spawn_logged(Command::new(bin).arg("serve").arg(&config), &self.log_path(self.generation)));
+        let mut cmd = self.place.command(bin);
+        self.child = Some(spawn_logged(cmd.arg("serve").arg(&config), &self.log_path(self.generation)));
         let log = self.log_path(self.generation);
         wait_for("the registry to listen", Duration::from_secs(30), || {
             let up = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("listening on"));
-            (up && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()).then_some(())
+            (up && std::net::TcpStream::connect((self.place.ip.as_str(), self.port)).is_ok()).then_some(())
         });
     }
 
@@ -89,9 +98,9 @@ impl Registry {
         self.dir.path().join(format!("registry.{generation}.log"))
     }
 
-    /// `127.0.0.1:PORT`.
+    /// `IP:PORT`.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.place.ip, self.port)
     }
 
     /// Stops the registry (its port then refuses connections).

@@ -5,10 +5,14 @@ use std::time::{Duration, Instant};
 
 use clyde_tests::{
     Cluster, Containerd, ImageFormat, Registry, SlowProxy, TestImage, assert_store_verified, http, pull_image, sha256,
-    wait_for, wait_log,
+    wait_for, wait_log, wait_store_holds,
 };
 
 const MIB: usize = 1024 * 1024;
+
+/// These tests count upstream bytes exactly: a lookup must not lose a race against a busy
+/// CI machine's scheduler and send a request upstream that a peer would have served.
+const PATIENT_LOOKUPS: &str = "[peers]\nlookup_timeout = \"1s\"\n";
 
 fn blob_url(mirror: &str, repo: &str, digest: &str, registry: &str) -> String {
     format!("{mirror}/v2/{repo}/blobs/{digest}?ns={registry}")
@@ -23,7 +27,7 @@ fn peers_serve_every_node_after_the_first_also_with_the_upstream_gone() {
     let mut reg = Registry::start();
     let img = TestImage::single(&[3 * MIB, 5 * MIB, MIB]);
     img.push(&reg, "team/app", "v1", ImageFormat::Oci);
-    let cluster = Cluster::start(4, "", &[]);
+    let cluster = Cluster::start(4, PATIENT_LOOKUPS, &[]);
     let reference = format!("{}/team/app:v1", reg.addr());
 
     // Node 1: containerd pulls through its mirror; the blobs come from the upstream.
@@ -57,8 +61,7 @@ fn peers_serve_every_node_after_the_first_also_with_the_upstream_gone() {
         assert!(log.contains("source=\"peer\""), "{log}");
     }
     for node in &cluster.nodes {
-        let blobs = assert_store_verified(&node.data_dir());
-        assert!(blobs >= img.layers.len() + 2, "node holds {blobs} blobs");
+        wait_store_holds(&node.data_dir(), img.layers.len() + 2);
     }
 }
 
@@ -77,7 +80,8 @@ fn slow_upstream(size: usize, bytes_per_sec: u64) -> SlowUpstream {
     let img = TestImage::single(&[size]);
     img.push(&reg, "big", "v1", ImageFormat::Oci);
     let proxy = SlowProxy::start(&reg.addr(), bytes_per_sec);
-    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
+    let config =
+        format!("{PATIENT_LOOKUPS}[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
     let cluster = Cluster::start(2, &config, &[]);
     let layer = &img.layers[0];
     SlowUpstream { registry: reg.addr(), _reg: reg, proxy, cluster, digest: layer.digest.clone(), size: layer.size }
@@ -109,8 +113,7 @@ fn a_blob_still_arriving_on_one_node_streams_to_another_and_leaves_the_upstream_
     assert_eq!(from_first.join().expect("thread"), Ok(s.digest.clone()));
     let relayed = s.proxy.relayed();
     assert!(relayed <= s.size + s.size / 20, "the upstream sent {relayed} bytes for a {} byte blob", s.size);
-    assert_store_verified(&second.data_dir());
-    assert!(second.data_dir().join("blobs").join(s.digest.replace(':', "/")).exists());
+    wait_store_holds(&second.data_dir(), 1);
 }
 
 #[test]
@@ -145,11 +148,12 @@ fn bytes_from_a_corrupt_peer_never_enter_the_store() {
     let reg = Registry::start();
     let img = TestImage::single(&[6 * MIB]);
     img.push(&reg, "rot", "v1", ImageFormat::Oci);
-    let cluster = Cluster::start(2, "", &[]);
+    let cluster = Cluster::start(2, PATIENT_LOOKUPS, &[]);
     let layer = &img.layers[0];
     let [first, second] = &cluster.nodes[..] else { unreachable!() };
     let body = http().get(blob_url(&first.url(), "rot", &layer.digest, &reg.addr())).send().unwrap().bytes().unwrap();
     assert_eq!(sha256(&body), layer.digest);
+    wait_store_holds(&first.data_dir(), 1);
     // Bit rot on node 1's disk: it still serves the blob, now with one wrong byte.
     let path = first.data_dir().join("blobs").join(layer.digest.replace(':', "/"));
     let mut bytes = std::fs::read(&path).unwrap();
@@ -163,6 +167,7 @@ fn bytes_from_a_corrupt_peer_never_enter_the_store() {
     // The peer is penalized: the next request goes to the upstream and gets the right bytes.
     let again = http().get(&url).send().expect("GET").bytes().expect("body");
     assert_eq!(sha256(&again), layer.digest);
-    assert_eq!(assert_store_verified(&second.data_dir()), 1);
+    // The response ends once the bytes verify; the commit to the store follows right after.
+    assert_eq!(wait_store_holds(&second.data_dir(), 1), 1);
     assert!(second.log().contains("did not verify"), "{}", second.log());
 }

@@ -48,7 +48,8 @@ pub struct P2pConfig {
     /// Interval of the liveness ping on each peer connection (default 2s).
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
-    /// A ping unanswered this long closes the connection: the peer counts as dead (default 5s).
+    /// A connection whose pings have gone unanswered this long is closed and its peer
+    /// forgotten (default 5s).
     #[serde(with = "humantime_serde")]
     pub ping_timeout: Duration,
 }

@@ -4,9 +4,10 @@
 //! time in [`EventLoop::run`]. A provider lookup starts a Kademlia query and answers as soon
 //! as a found provider has a known peer-server address (a connected, identified peer). A
 //! provider that is not connected is dialed; the lookup answers when identify tells us
-//! its address. A peer whose last connection closes is forgotten at once, and a ping that
-//! goes unanswered closes the connection, so dead peers drop out of lookups within seconds
-//! although their provider records live on in the DHT until they expire.
+//! its address. A peer whose last connection closes is forgotten at once, and so is one
+//! whose pings have gone unanswered for `ping_timeout` (a hung process keeps its sockets
+//! open): dead peers drop out of lookups within seconds although their provider records
+//! live on in the DHT until they expire.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -22,6 +23,7 @@ use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, identify, noise, ping, tcp, yamux};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::addr::{agent_version, http_addr, ip_of, parse_peer_port};
 use crate::{Command, KAD_PROTOCOL, Network, P2p, P2pConfig, P2pError, Status};
@@ -40,16 +42,22 @@ pub(crate) struct Behaviour {
     ping: ping::Behaviour,
 }
 
+struct Connection {
+    ip: IpAddr,
+    /// When the peer last proved alive on this connection (established, or answered a ping).
+    alive_at: Instant,
+}
+
 #[derive(Default)]
 struct PeerState {
-    connections: HashMap<ConnectionId, IpAddr>,
+    connections: HashMap<ConnectionId, Connection>,
     listen: Vec<Multiaddr>,
     peer_port: Option<u16>,
 }
 
 impl PeerState {
     fn http(&self) -> Option<SocketAddr> {
-        let ips: Vec<IpAddr> = self.connections.values().copied().collect();
+        let ips: Vec<IpAddr> = self.connections.values().map(|c| c.ip).collect();
         http_addr(&ips, &self.listen, self.peer_port?)
     }
 }
@@ -63,6 +71,8 @@ struct Lookup {
 
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
+    /// A connection whose pings have gone unanswered this long is dead.
+    ping_timeout: Duration,
     commands: mpsc::UnboundedReceiver<Command>,
     peers: HashMap<PeerId, PeerState>,
     lookups: HashMap<QueryId, Lookup>,
@@ -125,6 +135,7 @@ impl EventLoop {
         }
         Ok(Self {
             swarm,
+            ping_timeout: config.ping_timeout,
             commands,
             peers: HashMap::new(),
             lookups: HashMap::new(),
@@ -134,7 +145,7 @@ impl EventLoop {
     }
 
     pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut sweep = tokio::time::interval(Duration::from_secs(5));
+        let mut sweep = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -142,9 +153,42 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                     None => return,
                 },
-                _ = sweep.tick() => self.lookups.retain(|_, l| l.reply.as_ref().is_some_and(|r| !r.is_closed())),
+                _ = sweep.tick() => self.sweep(),
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
+        }
+    }
+
+    /// Drops abandoned lookups, and declares dead the connections whose pings have gone
+    /// unanswered too long (the library reports a failing ping only after a second one).
+    fn sweep(&mut self) {
+        self.lookups.retain(|_, l| l.reply.as_ref().is_some_and(|r| !r.is_closed()));
+        let now = Instant::now();
+        let silent: Vec<(PeerId, ConnectionId)> = self
+            .peers
+            .iter()
+            .flat_map(|(p, s)| s.connections.iter().map(move |(id, c)| (*p, *id, c.alive_at)))
+            .filter(|(_, _, alive_at)| now.duration_since(*alive_at) > self.ping_timeout)
+            .map(|(p, id, _)| (p, id))
+            .collect();
+        for (peer, connection) in silent {
+            self.declare_dead(peer, connection, "stopped answering pings");
+        }
+    }
+
+    /// Forgets a connection at once (so lookups stop offering the peer) and closes it.
+    fn declare_dead(&mut self, peer_id: PeerId, connection: ConnectionId, why: &str) {
+        self.forget_connection(peer_id, connection, why);
+        self.swarm.close_connection(connection);
+    }
+
+    fn forget_connection(&mut self, peer_id: PeerId, connection: ConnectionId, why: &str) {
+        let Some(state) = self.peers.get_mut(&peer_id) else {
+            return;
+        };
+        if state.connections.remove(&connection).is_some() && state.connections.is_empty() {
+            self.peers.remove(&peer_id);
+            tracing::info!(%peer_id, why, "peer disconnected");
         }
     }
 
@@ -212,7 +256,7 @@ impl EventLoop {
         let Some(ip) = ip_of(addr) else {
             return false;
         };
-        self.peers.values().any(|p| p.connections.values().any(|c| *c == ip))
+        self.peers.values().any(|p| p.connections.values().any(|c| c.ip == ip))
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -224,22 +268,18 @@ impl EventLoop {
                     ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
                 };
                 if let Some(ip) = ip_of(remote) {
-                    self.peers.entry(peer_id).or_default().connections.insert(connection_id, ip);
+                    let connection = Connection { ip, alive_at: Instant::now() };
+                    self.peers.entry(peer_id).or_default().connections.insert(connection_id, connection);
                 }
                 tracing::debug!(%peer_id, %remote, "peer connected");
                 if !self.bootstrapped {
                     self.bootstrapped = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, connection_id, num_established, cause, .. } => {
-                if let Some(state) = self.peers.get_mut(&peer_id) {
-                    state.connections.remove(&connection_id);
-                }
-                if num_established == 0 {
-                    // Forgotten at once: lookups stop offering it until it is reached again.
-                    self.peers.remove(&peer_id);
-                    tracing::info!(%peer_id, cause = ?cause.map(|c| c.to_string()), "peer disconnected");
-                }
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, cause, .. } => {
+                // Forgotten at once: lookups stop offering it until it is reached again.
+                let why = cause.map_or_else(|| "closed".to_string(), |c| c.to_string());
+                self.forget_connection(peer_id, connection_id, &why);
             }
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. } => {
                 tracing::debug!(%peer_id, %error, "cannot reach peer");
@@ -248,10 +288,14 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
                 self.on_identified(peer_id, info);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result: Err(e) })) => {
-                tracing::info!(%peer, error = %e, "peer stopped answering pings; closing the connection");
-                self.swarm.close_connection(connection);
-            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event { peer, connection, result })) => match result {
+                Ok(_) => {
+                    if let Some(c) = self.peers.get_mut(&peer).and_then(|s| s.connections.get_mut(&connection)) {
+                        c.alive_at = Instant::now();
+                    }
+                }
+                Err(e) => self.declare_dead(peer, connection, &format!("ping failed: {e}")),
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.on_kad_event(event),
             _ => {}
         }
