@@ -1,0 +1,200 @@
+//! Peer-to-peer figures, each against a reference measured in the same run.
+//!
+//! ```text
+//! bench-swarm scale-out [SIZE_MIB=256] [NODES=5] [LAYERS=4]
+//!     netns lab: node 1 pulls cold from the upstream, nodes 2..N pull one after another
+//!     (from peers); then every node pulls again from its own warm store (the reference).
+//!     Prints upstream blob bytes over the image (target 1.0) and the median peer pull over
+//!     the median local warm pull (target <= 1.2).
+//! bench-swarm lookup [NODES=20] [BLOBS=40]
+//!     agents on 127.0.0.x: node 1 holds BLOBS blobs; every other node asks its mirror for
+//!     the size of each (a provider lookup, then a peer HEAD). Prints the lookup latency
+//!     percentiles from the agents' logs (target p50 <= 5 ms) beside the whole HEAD's.
+//! bench-swarm staggered [SIZE_MIB=256] [DELAY_MS=1000] [RATE=200mbit]
+//!     netns lab, upstream egress limited with tc tbf: two nodes start the same cold pull
+//!     DELAY_MS apart. Prints upstream blob bytes over the image (target <= 1.1).
+//! ```
+//! Run as root, like the tests; `CLYDE_BIN` selects the binary (use a release build).
+
+use std::time::{Duration, Instant};
+
+use clyde_tests::{
+    Agent, Cluster, Containerd, ImageFormat, Lab, Registry, RegistryOptions, TestImage, http, pull_image,
+};
+
+const MIB: usize = 1024 * 1024;
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> T {
+    args.get(i).map(|a| a.parse().ok().expect("a number")).unwrap_or(default)
+}
+
+struct Node {
+    ctrd: Containerd,
+    agent: Agent,
+}
+
+/// A lab with an upstream (limited to `rate` if given) holding `image`, and `n` nodes.
+/// Fields drop in order: the lab goes last.
+struct NetCluster {
+    nodes: Vec<Node>,
+    upstream: Registry,
+    image: TestImage,
+    reference: String,
+    _lab: Lab,
+}
+
+impl NetCluster {
+    fn start(n: usize, image: TestImage, rate: Option<&str>) -> Self {
+        let mut lab = Lab::new();
+        let up = lab.host("up");
+        let upstream = Registry::start_in(&up, &RegistryOptions::default());
+        eprintln!("pushing a {} MiB image in {} layers...", image.layer_bytes() / MIB as u64, image.layers.len());
+        image.push(&upstream, "bench/swarm", "v1", ImageFormat::Oci);
+        if let Some(rate) = rate {
+            lab.limit_egress(&up, rate);
+        }
+        let config = format!("[[registries]]\nname = \"{}\"\nscheme = \"http\"\n", upstream.addr());
+        let mut nodes = Vec::new();
+        let mut boot = String::new();
+        for i in 0..n {
+            let place = lab.host(&format!("n{i}"));
+            let args: Vec<&str> = if i == 0 { vec![] } else { vec!["--bootstrap", &boot] };
+            let agent = Agent::start_in(&place, &config, &args);
+            if i == 0 {
+                boot = agent.p2p_addr();
+            }
+            nodes.push(Node { ctrd: Containerd::start_in(&place), agent });
+        }
+        for node in &nodes {
+            node.agent.wait_ready();
+        }
+        let reference = format!("{}/bench/swarm:v1", upstream.addr());
+        Self { nodes, upstream, image, reference, _lab: lab }
+    }
+
+    /// A timed `ctr images pull` on node `i`; the image and its content are removed after,
+    /// so the next pull on that node starts from an empty containerd again.
+    fn pull(&self, i: usize) -> f64 {
+        let node = &self.nodes[i];
+        let hosts = node.ctrd.mirror_hosts_dir(&self.upstream, &node.agent);
+        let started = Instant::now();
+        let (ok, out) = node.ctrd.pull(&hosts, &self.reference, &["--plain-http"]);
+        let took = started.elapsed().as_secs_f64();
+        assert!(ok, "pull on node {} failed:\n{out}", i + 1);
+        node.ctrd.remove(&self.reference);
+        took
+    }
+
+    fn upstream_ratio(&self) -> f64 {
+        std::thread::sleep(Duration::from_millis(500));
+        let sent: u64 = self.image.layers.iter().map(|l| self.upstream.blob_bytes_served(&l.digest)).sum();
+        sent as f64 / self.image.layer_bytes() as f64
+    }
+}
+
+fn scale_out(args: &[String]) {
+    let (size, n, layers) = (arg(args, 0, 256usize), arg(args, 1, 5usize).max(2), arg(args, 2, 4usize).max(1));
+    let c = NetCluster::start(n, TestImage::single(&vec![size * MIB / layers; layers]), None);
+    let cold = c.pull(0);
+    println!("node 1: cold pull from the upstream {cold:.2} s");
+    let mut peer = Vec::new();
+    for i in 1..n {
+        let t = c.pull(i);
+        println!("node {}: pull from peers {t:.2} s", i + 1);
+        peer.push(t);
+    }
+    let upstream = c.upstream_ratio();
+    let mut warm = Vec::new();
+    for i in 0..n {
+        let t = c.pull(i);
+        println!("node {}: warm pull from its own store {t:.2} s", i + 1);
+        warm.push(t);
+    }
+    let (p, w) = (percentile(&mut peer, 0.5), percentile(&mut warm, 0.5));
+    println!(
+        "scale-out, {n} nodes, {size} MiB in {layers} layers: upstream blob bytes {upstream:.3}x the image; \
+         median peer pull {p:.2} s / median local warm pull {w:.2} s = {:.3} (cold from the upstream {cold:.2} s)",
+        p / w
+    );
+}
+
+fn lookup(args: &[String]) {
+    let (n, blobs) = (arg(args, 0, 20usize).max(2), arg(args, 1, 40usize).max(1));
+    let reg = Registry::start();
+    let image = TestImage::single(&vec![4096; blobs]);
+    image.push(&reg, "bench/lookup", "v1", ImageFormat::Oci);
+    eprintln!("starting {n} agents...");
+    let cluster = Cluster::start(n, "", &[]);
+    pull_image(&cluster.nodes[0].url(), &reg.addr(), "bench/lookup", "v1");
+    // Let node 1's provider records reach the swarm.
+    std::thread::sleep(Duration::from_secs(2));
+    let client = http();
+    let mut heads = Vec::new();
+    for node in &cluster.nodes[1..] {
+        for layer in &image.layers {
+            let url = format!("{}/v2/bench/lookup/blobs/{}?ns={}", node.url(), layer.digest, reg.addr());
+            let started = Instant::now();
+            let r = client.head(&url).send().expect("HEAD");
+            assert!(r.status().is_success(), "HEAD {url}: {}", r.status());
+            heads.push(started.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let mut lookups: Vec<f64> = cluster.nodes[1..]
+        .iter()
+        .flat_map(|node| {
+            node.log()
+                .lines()
+                .filter(|l| l.contains("provider lookup"))
+                .filter_map(|l| l.split("lookup_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
+                .collect::<Vec<f64>>()
+        })
+        .collect();
+    assert!(!lookups.is_empty(), "no lookup was logged");
+    println!(
+        "provider lookups in a {n}-node swarm ({} lookups): p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms; \
+         whole mirror HEAD (lookup + peer HEAD): p50 {:.2} ms, p99 {:.2} ms",
+        lookups.len(),
+        percentile(&mut lookups, 0.5),
+        percentile(&mut lookups, 0.9),
+        percentile(&mut lookups, 0.99),
+        percentile(&mut lookups, 1.0),
+        percentile(&mut heads, 0.5),
+        percentile(&mut heads, 0.99),
+    );
+}
+
+fn staggered(args: &[String]) {
+    let (size, delay, rate) = (arg(args, 0, 256usize), arg(args, 1, 1000u64), arg(args, 2, "200mbit".to_string()));
+    let c = NetCluster::start(2, TestImage::single(&[size * MIB]), Some(&rate));
+    let started = Instant::now();
+    let (first, second) = std::thread::scope(|s| {
+        let first = s.spawn(|| c.pull(0));
+        std::thread::sleep(Duration::from_millis(delay));
+        let second = s.spawn(|| c.pull(1));
+        (first.join().expect("node 1"), second.join().expect("node 2"))
+    });
+    let all = started.elapsed().as_secs_f64();
+    println!(
+        "staggered cold pulls {delay} ms apart behind a {rate} upstream, {size} MiB: upstream blob bytes {:.3}x the image; \
+         node 1 {first:.2} s, node 2 {second:.2} s, both done after {all:.2} s",
+        c.upstream_ratio()
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("scale-out") => scale_out(&args[1..]),
+        Some("lookup") => lookup(&args[1..]),
+        Some("staggered") => staggered(&args[1..]),
+        _ => {
+            eprintln!("usage: bench-swarm scale-out|lookup|staggered [ARGS] (see the source's header)");
+            std::process::exit(2);
+        }
+    }
+}
