@@ -1,6 +1,6 @@
 //! A `clyde serve` process.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::Duration;
 
@@ -14,8 +14,12 @@ pub fn clyde_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = profile_dir.join("clyde");
+    // A bench binary sits beside clyde; a test executable one level down, in `deps/`.
+    let beside = exe.parent().expect("exe dir");
+    let bin = [beside.join("clyde"), beside.parent().map(|p| p.join("clyde")).unwrap_or_default()]
+        .into_iter()
+        .find(|b| b.is_file())
+        .unwrap_or_else(|| beside.join("clyde"));
     assert!(bin.is_file(), "{} is missing: run `cargo build --bin clyde` first (scripts/test does it)", bin.display());
     bin
 }

@@ -155,3 +155,29 @@ fn a_hung_peer_is_forgotten_within_seconds_and_pulls_go_on() {
     assert!(took < Duration::from_secs(10), "the pull waited on the hung peer: {took:?}");
     eprintln!("hung peer forgotten after {forgotten:?}; the next pull took {took:?}");
 }
+
+#[test]
+fn a_peer_serving_corrupt_bytes_never_poisons_another_store() {
+    let c = cluster(2, &[8 * MIB], None);
+    let digest = c.pull(0);
+    let layer = &c.image.layers[0];
+    wait_store_holds(&c.nodes[0].agent.data_dir(), 3);
+    // Bit rot on node 1's disk: it keeps serving the layer, one byte wrong.
+    let path = c.nodes[0].agent.data_dir().join("blobs").join(layer.digest.replace(':', "/"));
+    let mut bytes = std::fs::read(&path).expect("node 1's layer");
+    bytes[4 * MIB] ^= 0x55;
+    std::fs::write(&path, &bytes).expect("rot");
+    // containerd on node 2 sees the layer's response aborted; pulled again (as the kubelet
+    // retries), the layer comes from the upstream, node 1 being penalized.
+    let node = &c.nodes[1];
+    let hosts = node.ctrd.mirror_hosts_dir(&c.upstream, &node.agent);
+    let (ok, out) = node.ctrd.pull(&hosts, &c.reference, &["--plain-http"]);
+    if !ok {
+        eprintln!("first pull on node 2 failed, as it should when its bytes do not verify:\n{out}");
+        assert_eq!(c.pull(1), digest);
+    }
+    assert_eq!(node.ctrd.image_digest(&c.reference).as_deref(), Some(digest.as_str()));
+    wait_store_holds(&node.agent.data_dir(), 3);
+    assert!(node.agent.log().contains("did not verify"), "{}", node.agent.log());
+    assert_eq!(c.upstream.blob_bytes_served(&layer.digest), 2 * layer.size, "the retry should come from the upstream");
+}

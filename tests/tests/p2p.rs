@@ -171,3 +171,41 @@ fn bytes_from_a_corrupt_peer_never_enter_the_store() {
     assert_eq!(wait_store_holds(&second.data_dir(), 1), 1);
     assert!(second.log().contains("did not verify"), "{}", second.log());
 }
+
+#[test]
+fn bootstrap_by_dns_name_joins_the_swarm() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[MIB]);
+    img.push(&reg, "dns", "v1", ImageFormat::Oci);
+    let first = clyde_tests::Agent::start(PATIENT_LOOKUPS, &[]);
+    let port = first.p2p_addr().rsplit('/').next().expect("port").to_string();
+    // `localhost` resolves to 127.0.0.1 (and ::1, which nobody listens on): every record is dialed.
+    let name = format!("localhost:{port}");
+    let second = clyde_tests::Agent::start_on("127.0.0.3", PATIENT_LOOKUPS, &["--bootstrap-dns", &name]);
+    second.wait_ready();
+    let layer = &img.layers[0];
+    let body = http().get(blob_url(&first.url(), "dns", &layer.digest, &reg.addr())).send().unwrap().bytes().unwrap();
+    assert_eq!(sha256(&body), layer.digest);
+    let body = http().get(blob_url(&second.url(), "dns", &layer.digest, &reg.addr())).send().unwrap().bytes().unwrap();
+    assert_eq!(sha256(&body), layer.digest);
+    assert_eq!(reg.wait_blob_bytes(&layer.digest, layer.size), layer.size, "node 2 did not get the blob from node 1");
+}
+
+#[test]
+fn p2p_only_mode_answers_404_fast_on_a_peer_miss_and_never_calls_the_upstream() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[MIB]);
+    img.push(&reg, "only", "v1", ImageFormat::Oci);
+    let cluster = Cluster::start(2, "", &["--mode", "p2p-only"]);
+    let before = reg.requests().len();
+    let layer = &img.layers[0];
+    let started = Instant::now();
+    let r = http().get(blob_url(&cluster.nodes[1].url(), "only", &layer.digest, &reg.addr())).send().unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.text().unwrap().contains("BLOB_UNKNOWN"));
+    let manifest = format!("{}/v2/only/manifests/v1?ns={}", cluster.nodes[1].url(), reg.addr());
+    assert_eq!(http().get(manifest).send().unwrap().status(), 404);
+    // Both misses wait at most the patient lookup (2 s) each.
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert_eq!(reg.requests().len(), before, "p2p-only mode contacted the upstream");
+}

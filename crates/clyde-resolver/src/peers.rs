@@ -3,9 +3,10 @@
 //! Message flow: the resolver asks a [`Discovery`] (the p2p node, or a test double) for
 //! the peer servers that hold a key, within a tight timeout. Each candidate that is not
 //! serving a penalty is asked in turn; one that has not answered within the first-byte
-//! timeout is abandoned for the next (a hedge). A peer that refuses connections, breaks
-//! mid-body or sends bytes that do not hash to their digest sits out a penalty, so it is
-//! skipped within seconds even while its provider records live on in the DHT.
+//! timeout is *hedged*: the next one is asked as well and the first answer wins. A peer
+//! that refuses connections, breaks mid-body or sends bytes that do not hash to their
+//! digest sits out a penalty, so it is skipped within seconds even while its provider
+//! records live on in the DHT.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -16,6 +17,8 @@ use std::time::Duration;
 
 use clyde_types::{ContentKey, Digest, Reference};
 use clyde_upstream::{BlobBody, Manifest, PeerClient, UpstreamError};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::time::Instant;
 
 use crate::{Origin, ResolverConfig};
@@ -71,7 +74,60 @@ impl Peers {
         self.penalties().get(peer).is_some_and(|until| *until > Instant::now())
     }
 
-    /// The first of `candidates` that starts sending `range` of the blob in time.
+    /// Asks `candidates` in turn with `ask`; a candidate that has not answered within the
+    /// first-byte timeout is *hedged*: the next one is asked too, and the first good answer
+    /// wins (the others are dropped). Gives up once every candidate failed, or the last one
+    /// asked stayed silent for a whole timeout.
+    async fn hedged<T, F, Fut>(&self, candidates: &[SocketAddr], what: &str, ask: F) -> Option<(SocketAddr, T)>
+    where
+        F: Fn(SocketAddr) -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>>,
+    {
+        let timeout = self.config.peers.first_byte_timeout;
+        let mut queue = candidates.iter().copied().filter(|p| !self.penalized(p));
+        let mut asked = FuturesUnordered::new();
+        let ask_next = |asked: &mut FuturesUnordered<_>, queue: &mut dyn Iterator<Item = SocketAddr>| {
+            let Some(peer) = queue.next() else { return false };
+            let answer = ask(peer);
+            asked.push(async move { (peer, answer.await) });
+            true
+        };
+        if !ask_next(&mut asked, &mut queue) {
+            return None;
+        }
+        let mut deadline = Instant::now() + timeout;
+        loop {
+            let answered = tokio::select! {
+                answered = asked.next() => answered,
+                _ = tokio::time::sleep_until(deadline) => {
+                    if !ask_next(&mut asked, &mut queue) {
+                        tracing::info!(what, "no peer answered in time");
+                        return None;
+                    }
+                    tracing::info!(what, "a peer is slow to answer; asking the next as well");
+                    deadline = Instant::now() + timeout;
+                    continue;
+                }
+            };
+            let (peer, answer) = answered?;
+            match answer {
+                Ok(value) => return Some((peer, value)),
+                // No longer held, or a range past the end: an answer, not a fault.
+                Err(UpstreamError::NotFound | UpstreamError::Status { status: 416, .. }) => {
+                    tracing::debug!(%peer, what, "peer cannot serve it");
+                }
+                Err(e) => self.penalize(peer, &e.to_string()),
+            }
+            if asked.is_empty() {
+                if !ask_next(&mut asked, &mut queue) {
+                    return None;
+                }
+                deadline = Instant::now() + timeout;
+            }
+        }
+    }
+
+    /// The first of `candidates` that starts sending `range` of the blob.
     pub(crate) async fn open_blob(
         &self,
         candidates: &[SocketAddr],
@@ -79,32 +135,20 @@ impl Peers {
         digest: &Digest,
         range: Option<std::ops::Range<u64>>,
     ) -> Option<(SocketAddr, BlobBody)> {
-        for peer in candidates.iter().filter(|p| !self.penalized(p)) {
-            let get = self.client.get_blob(*peer, &origin.registry, &origin.repository, digest, range.clone());
-            match tokio::time::timeout(self.config.peers.first_byte_timeout, get).await {
-                Ok(Ok(body)) => return Some((*peer, body)),
-                // No longer held, or a range past the end: an answer, not a fault.
-                Ok(Err(UpstreamError::NotFound | UpstreamError::Status { status: 416, .. })) => {
-                    tracing::debug!(%peer, %digest, "peer cannot serve this part of the blob");
-                }
-                Ok(Err(e)) => self.penalize(*peer, &e.to_string()),
-                Err(_) => tracing::info!(%peer, %digest, "peer too slow to answer; trying the next"),
-            }
-        }
-        None
+        let what = digest.to_string();
+        self.hedged(candidates, &what, |peer| {
+            self.client.get_blob(peer, &origin.registry, &origin.repository, digest, range.clone())
+        })
+        .await
     }
 
     /// The size of a blob, from the first of `candidates` that knows it.
     pub(crate) async fn blob_size(&self, candidates: &[SocketAddr], origin: &Origin, digest: &Digest) -> Option<u64> {
-        for peer in candidates.iter().filter(|p| !self.penalized(p)) {
-            let head = self.client.head_blob(*peer, &origin.registry, &origin.repository, digest);
-            match tokio::time::timeout(self.config.peers.first_byte_timeout, head).await {
-                Ok(Ok(size)) => return Some(size),
-                Ok(Err(UpstreamError::NotFound)) | Err(_) => {}
-                Ok(Err(e)) => self.penalize(*peer, &e.to_string()),
-            }
-        }
-        None
+        let what = digest.to_string();
+        let found = self
+            .hedged(candidates, &what, |peer| self.client.head_blob(peer, &origin.registry, &origin.repository, digest))
+            .await;
+        found.map(|(_, size)| size)
     }
 
     /// The first of `candidates` that sends the manifest `reference` names.
@@ -115,15 +159,86 @@ impl Peers {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Option<Manifest> {
-        for peer in candidates.iter().filter(|p| !self.penalized(p)) {
-            let get = self.client.get_manifest(*peer, &origin.registry, &origin.repository, reference, accept);
-            match tokio::time::timeout(self.config.peers.first_byte_timeout, get).await {
-                Ok(Ok(m)) => return Some(m),
-                Ok(Err(UpstreamError::NotFound)) => {}
-                Ok(Err(e)) => self.penalize(*peer, &e.to_string()),
-                Err(_) => tracing::info!(%peer, %reference, "peer too slow to answer; trying the next"),
-            }
+        let what = reference.to_string();
+        let found = self
+            .hedged(candidates, &what, |peer| {
+                self.client.get_manifest(peer, &origin.registry, &origin.repository, reference, accept)
+            })
+            .await;
+        found.map(|(_, m)| m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    struct Nobody;
+
+    impl Discovery for Nobody {
+        fn providers(&self, _: ContentKey, _: Duration) -> BoxFuture<Vec<SocketAddr>> {
+            Box::pin(async { Vec::new() })
         }
-        None
+    }
+
+    fn peers() -> Peers {
+        Peers::new(Arc::new(Nobody), ResolverConfig::default()).unwrap()
+    }
+
+    fn addr(n: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], n))
+    }
+
+    /// A peer that answers `Ok(n)` after `delay`, or fails with `error`.
+    async fn answer(n: u16, delay: u64, error: Option<UpstreamError>) -> Result<u16, UpstreamError> {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        error.map_or(Ok(n), Err)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_peer_is_hedged_and_the_first_answer_wins() {
+        let p = peers();
+        let started = Instant::now();
+        let got = p
+            .hedged(&[addr(1), addr(2)], "x", |peer| answer(peer.port(), [0, 10_000, 100][peer.port() as usize], None))
+            .await;
+        assert_eq!(got.map(|(_, v)| v), Some(2));
+        // 500 ms before the hedge, then the second peer's 100 ms.
+        assert_eq!(started.elapsed(), Duration::from_millis(600));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_peer_is_penalized_and_the_next_asked_at_once() {
+        let p = peers();
+        let started = Instant::now();
+        let refused = || Some(UpstreamError::Unreachable { registry: "peer".into(), reason: "refused".into() });
+        let both = [addr(1), addr(2)];
+        let got = p.hedged(&both, "x", |peer| answer(peer.port(), 10, if peer.port() == 1 { refused() } else { None }));
+        assert_eq!(got.await.map(|(_, v)| v), Some(2));
+        assert_eq!(started.elapsed(), Duration::from_millis(20));
+        assert!(p.penalized(&addr(1)));
+        // A penalized peer is not asked again.
+        let again = p.hedged(&[addr(1)], "x", |peer| answer(peer.port(), 0, None)).await;
+        assert!(again.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peers_that_no_longer_hold_it_are_not_penalized() {
+        let p = peers();
+        let both = [addr(1), addr(2)];
+        let got = p.hedged(&both, "x", |peer| answer(peer.port(), 0, Some(UpstreamError::NotFound)));
+        assert!(got.await.is_none());
+        assert!(!p.penalized(&addr(1)) && !p.penalized(&addr(2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silence_from_every_peer_ends_after_one_timeout_each() {
+        let p = peers();
+        let started = Instant::now();
+        let got = p.hedged(&[addr(1), addr(2)], "x", |peer| answer(peer.port(), 60_000, None)).await;
+        assert!(got.is_none());
+        assert_eq!(started.elapsed(), Duration::from_millis(1000));
     }
 }
