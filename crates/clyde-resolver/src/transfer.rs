@@ -202,6 +202,9 @@ pub struct Job {
     peers_used: Mutex<HashSet<SocketAddr>>,
     /// Where the first stream came from, for logs and metrics.
     first_source: Mutex<Option<Source>>,
+    /// Bytes that came from peers: a response of the whole blob sends them only once the
+    /// blob verified (see [`BlobSource::stream`]).
+    peer_bytes: Mutex<IntervalSet>,
 }
 
 type JobCell = Arc<OnceCell<Result<Arc<Job>, ResolveError>>>;
@@ -360,6 +363,7 @@ impl Job {
             shared,
             peers_used: Mutex::new(HashSet::new()),
             first_source: Mutex::new(None),
+            peer_bytes: Mutex::new(IntervalSet::new()),
         })
     }
 
@@ -378,6 +382,11 @@ impl Job {
         let claim = Claim::new(range);
         claims.push(claim.clone());
         claim
+    }
+
+    /// Whether any of `range` came from a peer.
+    fn has_peer_bytes(&self, range: Range<u64>) -> bool {
+        lock(&self.peer_bytes).intersects(range)
     }
 
     /// Where the bytes come from, for logs and metrics: `peer` or `upstream`.
@@ -471,7 +480,7 @@ impl Job {
             if let Source::Peer(peer) = source {
                 lock(&self.peers_used).insert(peer);
             }
-            let error = match self.pump(claim, body).await {
+            let error = match self.pump(claim, body, source).await {
                 Ok(()) => continue,
                 Err(PumpError::Store(e)) => {
                     self.partial.fail(&format!("could not write to the store: {e}")).await;
@@ -502,7 +511,7 @@ impl Job {
     }
 
     /// Writes a stream into the claim until the claim's end; `Ok` when the end was reached.
-    async fn pump(&self, claim: &Claim, mut body: ByteStream) -> Result<(), PumpError> {
+    async fn pump(&self, claim: &Claim, mut body: ByteStream, source: Source) -> Result<(), PumpError> {
         loop {
             let Some(first) = body.next().await else {
                 let view = claim.view();
@@ -538,6 +547,10 @@ impl Job {
                 (cursor, take)
             };
             let chunks = clip(chunks, take);
+            // Recorded before the write, so no reader sees these bytes without knowing.
+            if matches!(source, Source::Peer(_)) && take > 0 {
+                lock(&self.peer_bytes).insert(cursor..cursor + take);
+            }
             if take > 0 {
                 self.partial.write_chunks_at(cursor, chunks).await.map_err(PumpError::Store)?;
                 claim.cursor.store(cursor + take, Ordering::Release);
@@ -618,7 +631,18 @@ impl BlobSource {
                     // Only a response of the whole blob waits for verification before its last
                     // byte; ranges (a lazy puller's footer read) are served as they arrive.
                     if whole_blob {
-                        job.partial.read_at(pos, len).await
+                        match job.partial.read_at(pos, len).await {
+                            // Bytes from a peer reach a mirror client, which keeps them
+                            // (containerd resumes an aborted download from what it holds),
+                            // only verified. Peers verify for themselves: no wait for them.
+                            Ok(bytes)
+                                if matches!(source, Self::Transfer(_))
+                                    && job.has_peer_bytes(pos..pos + bytes.len() as u64) =>
+                            {
+                                job.partial.wait_verified().await.map(|()| bytes)
+                            }
+                            other => other,
+                        }
                     } else {
                         job.partial.read_range_at(pos, len).await
                     }

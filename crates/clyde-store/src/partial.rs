@@ -196,6 +196,25 @@ impl PartialBlob {
         self.read(offset, max, LastByte::AfterVerification).await
     }
 
+    /// Waits until the whole blob verified; an error if it was discarded or abandoned.
+    pub async fn wait_verified(&self) -> Result<(), StoreError> {
+        let mut rx = self.subscribe();
+        loop {
+            {
+                let state = self.state();
+                if state.verified || state.outcome == Outcome::Complete {
+                    return Ok(());
+                }
+                if let Outcome::Failed(reason) = &state.outcome {
+                    return Err(StoreError::Discarded(reason.to_string()));
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(StoreError::Finished);
+            }
+        }
+    }
+
     /// Like [`PartialBlob::read_at`], but the last byte too as soon as it is written: for
     /// ranged responses, which no digest covers.
     pub async fn read_range_at(&self, offset: u64, max: u64) -> Result<Bytes, StoreError> {

@@ -53,6 +53,11 @@ impl IntervalSet {
         range.start >= range.end || self.covered_from(range.start) >= range.end
     }
 
+    /// Whether any byte of `range` is in the set.
+    pub fn intersects(&self, range: Range<u64>) -> bool {
+        range.start < range.end && self.first_gap(range.clone()) != Some(range)
+    }
+
     /// The first gap inside `within`, if any.
     pub fn first_gap(&self, within: Range<u64>) -> Option<Range<u64>> {
         let mut pos = within.start;
@@ -134,5 +139,18 @@ mod tests {
                 prop_assert!(w[0].end < w[1].start);
             }
         }
+    }
+
+    #[test]
+    fn intersection_with_a_range() {
+        let mut s = IntervalSet::new();
+        s.insert(10..20);
+        s.insert(30..40);
+        assert!(s.intersects(15..16));
+        assert!(s.intersects(0..11));
+        assert!(s.intersects(19..31));
+        assert!(!s.intersects(20..30));
+        assert!(!s.intersects(0..10));
+        assert!(!s.intersects(15..15));
     }
 }
