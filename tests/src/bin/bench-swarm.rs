@@ -14,6 +14,11 @@
 //! bench-swarm staggered [SIZE_MIB=256] [DELAY_MS=1000] [RATE=200mbit]
 //!     netns lab, upstream egress limited with tc tbf: two nodes start the same cold pull
 //!     DELAY_MS apart. Prints upstream blob bytes over the image (target <= 1.1).
+//! bench-swarm pull [SIZE_MIB=512] [LAYERS=4] [ROUNDS=3] [RATE=1gbit|none]
+//!     netns lab, one node and the upstream on another host whose egress `tc tbf` limits:
+//!     a cold `ctr` pull through the node's mirror (a fresh agent, empty store, every round)
+//!     against a pull straight from the upstream, alternating. Prints the median ratio
+//!     (target <= 1.05) and the upstream blob bytes per mirror pull (target 1.0).
 //! bench-swarm blob [SIZE_MIB=256] [ROUNDS=3]
 //!     agents on 127.0.0.x, no containerd: one blob fetched by a client from node 1 cold
 //!     (upstream), from node 2 (a peer), and from node 1 warm; times and each agent's CPU.
@@ -194,6 +199,63 @@ fn lookup(args: &[String]) {
     );
 }
 
+fn pull(args: &[String]) {
+    let (size, layers) = (arg(args, 0, 512usize), arg(args, 1, 4usize).max(1));
+    let (rounds, rate) = (arg(args, 2, 3usize).max(1), arg(args, 3, "1gbit".to_string()));
+    let mut lab = Lab::new();
+    let up = lab.host("up");
+    let upstream = Registry::start_in(&up, &RegistryOptions::default());
+    let image = TestImage::single(&vec![size * MIB / layers; layers]);
+    eprintln!("pushing a {size} MiB image in {layers} layers...");
+    image.push(&upstream, "bench/pull", "v1", ImageFormat::Oci);
+    if rate != "none" {
+        lab.limit_egress(&up, &rate);
+    }
+    let node = lab.host("node");
+    let ctrd = Containerd::start_in(&node);
+    let reference = format!("{}/bench/pull:v1", upstream.addr());
+    let config = format!("[[registries]]\nname = \"{}\"\nscheme = \"http\"\n", upstream.addr());
+    let direct_hosts = tempfile::tempdir().expect("tempdir");
+    let dir = direct_hosts.path().join(upstream.addr());
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("hosts.toml"), format!("server = \"http://{}\"\n", upstream.addr())).expect("hosts.toml");
+    let served = || -> u64 { image.layers.iter().map(|l| upstream.blob_bytes_served(&l.digest)).sum() };
+    let timed = |hosts: &std::path::Path| {
+        clyde_tests::run(&mut std::process::Command::new("sync"));
+        let started = Instant::now();
+        let (ok, out) = ctrd.pull(hosts, &reference, &["--plain-http"]);
+        let took = started.elapsed().as_secs_f64();
+        assert!(ok, "pull failed:\n{out}");
+        ctrd.remove(&reference);
+        took
+    };
+    let (mut direct, mut mirror, mut ratios, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let d = timed(direct_hosts.path());
+        let agent = Agent::start_in(&node, &config, &[]);
+        let hosts = ctrd.mirror_hosts_dir(&upstream, &agent);
+        std::thread::sleep(Duration::from_millis(500));
+        let before = served();
+        let m = timed(&hosts);
+        drop(agent);
+        std::fs::remove_dir_all(&hosts).expect("clean hosts dir");
+        std::thread::sleep(Duration::from_millis(500));
+        let b = (served() - before) as f64 / image.layer_bytes() as f64;
+        println!("round {round}: direct {d:.2} s, mirror {m:.2} s, ratio {:.3}, upstream bytes {b:.3}x the image", m / d);
+        direct.push(d);
+        mirror.push(m);
+        ratios.push(m / d);
+        bytes.push(b);
+    }
+    let (d, m) = (percentile(&mut direct, 0.5), percentile(&mut mirror, 0.5));
+    println!(
+        "cold ctr pull, {size} MiB in {layers} layers, upstream at {rate} on its own host, {rounds} rounds: \
+         direct {d:.2} s, mirror {m:.2} s, median ratio {:.3}; upstream bytes per mirror pull {:.3}x (worst)",
+        percentile(&mut ratios, 0.5),
+        percentile(&mut bytes, 1.0),
+    );
+}
+
 fn timed_fetch(url: &str) -> f64 {
     let started = Instant::now();
     let mut r = http().get(url).send().expect("GET");
@@ -259,8 +321,9 @@ fn main() {
         Some("lookup") => lookup(&args[1..]),
         Some("staggered") => staggered(&args[1..]),
         Some("blob") => blob(&args[1..]),
+        Some("pull") => pull(&args[1..]),
         _ => {
-            eprintln!("usage: bench-swarm scale-out|lookup|staggered [ARGS] (see the source's header)");
+            eprintln!("usage: bench-swarm scale-out|lookup|staggered|pull|blob [ARGS] (see the source's header)");
             std::process::exit(2);
         }
     }
