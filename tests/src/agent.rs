@@ -165,6 +165,20 @@ impl Agent {
         http().get(format!("{}/readyz", self.metrics_url())).send().map_or(0, |r| r.status().as_u16())
     }
 
+    /// The `/metrics` text.
+    pub fn metrics(&self) -> String {
+        http().get(format!("{}/metrics", self.metrics_url())).send().and_then(|r| r.text()).expect("GET /metrics")
+    }
+
+    /// The value of one sample in `/metrics`, by its name and labels as written there
+    /// (`clyde_peers`, `clyde_served_bytes_total{api="mirror",source="local"}`); 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let text = self.metrics();
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// Waits until `/readyz` says the agent joined the swarm.
     pub fn wait_ready(&self) {
         wait_for("the agent to be ready", Duration::from_secs(30), || (self.readyz() == 200).then_some(()));

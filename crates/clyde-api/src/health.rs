@@ -1,6 +1,6 @@
-//! `/healthz` (the process answers) and `/readyz` (the agent can do its job) on the metrics
-//! address. Readiness is a question the caller answers, so this module knows nothing of
-//! the store or the swarm.
+//! `/healthz` (the process answers), `/readyz` (the agent can do its job) and `/metrics`
+//! (Prometheus text) on the metrics address. Readiness and the metrics text are questions the
+//! caller answers, so this module knows nothing of the store or the swarm.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,12 +22,18 @@ fn text(status: StatusCode, body: String) -> Response<Body> {
     r
 }
 
-/// Serves the health endpoints until `shutdown` turns true. `ready` says why the agent is
-/// not ready, if it is not.
-pub async fn serve_health<F, Fut>(listener: TcpListener, ready: F, mut shutdown: watch::Receiver<bool>)
-where
+/// Serves the health and metrics endpoints until `shutdown` turns true. `ready` says why
+/// the agent is not ready, if it is not; `metrics` renders the metrics.
+pub async fn serve_health<F, Fut, M, MFut>(
+    listener: TcpListener,
+    ready: F,
+    metrics: M,
+    mut shutdown: watch::Receiver<bool>,
+) where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
+    M: Fn() -> MFut + Clone + Send + Sync + 'static,
+    MFut: Future<Output = String> + Send + 'static,
 {
     let connections = TaskTracker::new();
     loop {
@@ -41,10 +47,10 @@ where
             },
             _ = shutdown.changed() => break,
         };
-        let ready = ready.clone();
+        let (ready, metrics) = (ready.clone(), metrics.clone());
         connections.spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let ready = ready.clone();
+                let (ready, metrics) = (ready.clone(), metrics.clone());
                 async move {
                     let response = match (req.method(), req.uri().path()) {
                         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
@@ -52,6 +58,16 @@ where
                             Ok(()) => text(StatusCode::OK, "ready\n".into()),
                             Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
                         },
+                        (&Method::GET, "/metrics") => {
+                            let mut r = text(StatusCode::OK, metrics().await);
+                            r.headers_mut().insert(
+                                header::CONTENT_TYPE,
+                                http::HeaderValue::from_static(
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                ),
+                            );
+                            r
+                        }
                         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
                     };
                     Ok::<_, Infallible>(response)

@@ -123,6 +123,28 @@ pub async fn handle(resolver: &Resolver, api: Api, req: Request<Incoming>, peer:
     if method == Method::HEAD {
         *response.body_mut() = empty();
     }
+    let kind = if path.contains("/manifests/") {
+        "manifest"
+    } else if path.contains("/blobs/") {
+        "blob"
+    } else {
+        "other"
+    };
+    let metrics = resolver.metrics();
+    metrics.request(api.name(), kind, response.status().as_u16(), started.elapsed().as_secs_f64());
+    if response.status().is_success() && kind != "other" {
+        // Counted as hyper takes each frame for the client, so the total is what was sent.
+        let served = metrics.served(api.name(), source);
+        let body = std::mem::replace(response.body_mut(), empty());
+        *response.body_mut() = body
+            .map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    served.inc_by(data.len() as u64);
+                }
+                frame
+            })
+            .boxed_unsync();
+    }
     let bytes = response.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("0").to_string();
     tracing::debug!(api = api.name(), %method, %path, status = response.status().as_u16(), bytes, source, latency_ms = started.elapsed().as_secs_f64() * 1e3, %peer, "request");
     response

@@ -128,13 +128,14 @@ pub fn parse_multiaddrs(values: &[String]) -> Result<Vec<Multiaddr>, P2pError> {
 
 impl P2p {
     /// Starts the node with the key in `data_dir` (made on first start), joins the network,
-    /// and advertises what `store` holds from now on. Tasks stop when `shutdown` turns true
-    /// and are tracked by `tasks`.
+    /// and advertises what `store` holds from now on. libp2p's own metrics go to `registry`
+    /// when given. Tasks stop when `shutdown` turns true and are tracked by `tasks`.
     pub async fn start(
         data_dir: &Path,
         network: Network,
         config: P2pConfig,
         store: Store,
+        registry: Option<&mut prometheus_client::registry::Registry>,
         tasks: &TaskTracker,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, P2pError> {
@@ -142,7 +143,8 @@ impl P2p {
         let peer_id = keypair.public().to_peer_id();
         let alone_by_configuration = network.bootstrap.is_empty() && network.bootstrap_dns.is_empty();
         let (tx, rx) = mpsc::unbounded_channel();
-        let event_loop = node::EventLoop::new(keypair, &network, &config, rx)?;
+        let metrics = registry.map(libp2p::metrics::Metrics::new);
+        let event_loop = node::EventLoop::new(keypair, &network, &config, rx, metrics)?;
         tracing::info!(%peer_id, listen = ?network.listen, "p2p node started");
         tasks.spawn(event_loop.run(shutdown.clone()));
         let handle = Self { commands: tx, peer_id, alone_by_configuration };

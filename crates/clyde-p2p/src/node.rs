@@ -18,6 +18,7 @@ use libp2p::core::ConnectedPoint;
 use libp2p::identity::Keypair;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
 use libp2p::kad::{self, GetProvidersOk, QueryId, QueryResult, RecordKey};
+use libp2p::metrics::{Metrics, Recorder};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
@@ -78,6 +79,7 @@ pub(crate) struct EventLoop {
     lookups: HashMap<QueryId, Lookup>,
     provided: HashSet<RecordKey>,
     bootstrapped: bool,
+    metrics: Option<Metrics>,
 }
 
 fn build_swarm(keypair: Keypair, network: &Network, config: &P2pConfig) -> Result<Swarm<Behaviour>, P2pError> {
@@ -126,6 +128,7 @@ impl EventLoop {
         network: &Network,
         config: &P2pConfig,
         commands: mpsc::UnboundedReceiver<Command>,
+        metrics: Option<Metrics>,
     ) -> Result<Self, P2pError> {
         let mut swarm = build_swarm(keypair, network, config)?;
         for addr in &network.listen {
@@ -141,6 +144,7 @@ impl EventLoop {
             lookups: HashMap::new(),
             provided: HashSet::new(),
             bootstrapped: false,
+            metrics,
         })
     }
 
@@ -259,7 +263,21 @@ impl EventLoop {
         self.peers.values().any(|p| p.connections.values().any(|c| c.ip == ip))
     }
 
+    fn record(&self, event: &SwarmEvent<BehaviourEvent>) {
+        let Some(m) = &self.metrics else {
+            return;
+        };
+        m.record(event);
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => m.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => m.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => m.record(e),
+            _ => {}
+        }
+    }
+
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        self.record(&event);
         match event {
             SwarmEvent::NewListenAddr { address, .. } => tracing::info!(%address, "p2p listening"),
             SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, .. } => {

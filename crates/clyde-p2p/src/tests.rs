@@ -28,7 +28,7 @@ impl TestNode {
             bootstrap_dns: Vec::new(),
             peer_port,
         };
-        let p2p = P2p::start(dir.path(), network, P2pConfig::default(), store, &tasks, rx).await.unwrap();
+        let p2p = P2p::start(dir.path(), network, P2pConfig::default(), store, None, &tasks, rx).await.unwrap();
         Self { p2p, stop, tasks, _dir: dir }
     }
 

@@ -16,6 +16,7 @@ pub mod transfer;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clyde_metrics::Metrics;
 use clyde_store::{Store, StoreError};
 use clyde_types::{ContentKey, Digest, Registry, Repository};
 use clyde_upstream::{Upstream, UpstreamError};
@@ -152,6 +153,7 @@ struct Inner {
     peers: Option<Arc<peers::Peers>>,
     config: ResolverConfig,
     transfers: transfer::Transfers,
+    metrics: Metrics,
 }
 
 impl Resolver {
@@ -161,13 +163,20 @@ impl Resolver {
         upstream: Arc<Upstream>,
         discovery: Option<Arc<dyn Discovery>>,
         config: ResolverConfig,
+        metrics: Metrics,
     ) -> Result<Self, UpstreamError> {
         let peers = match discovery {
             Some(d) => Some(Arc::new(peers::Peers::new(d, config.clone())?)),
             None => None,
         };
-        let transfers = transfer::Transfers::new(store.clone(), upstream.clone(), peers.clone(), config.clone());
-        Ok(Self { inner: Arc::new(Inner { store, upstream, peers, config, transfers }) })
+        let transfers =
+            transfer::Transfers::new(store.clone(), upstream.clone(), peers.clone(), config.clone(), metrics.clone());
+        Ok(Self { inner: Arc::new(Inner { store, upstream, peers, config, transfers, metrics }) })
+    }
+
+    /// The metrics handle.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The store.

@@ -222,6 +222,10 @@ impl Resolver {
         checked_at: u64,
     ) -> Result<ServedManifest, ResolveError> {
         let store = &self.inner.store;
+        match source {
+            "peer" => self.inner.metrics.peer_bytes(m.bytes.len() as u64),
+            _ => self.inner.metrics.upstream_bytes(origin.registry.as_str(), m.bytes.len() as u64),
+        }
         store.put_blob(m.digest, m.bytes.clone()).await?;
         let now = unix_now();
         let existing = store.manifest(&m.digest)?;

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use clyde_metrics::Metrics;
 use clyde_store::{BlobFile, Outcome, PartialBlob, Store, StoreError};
 use clyde_types::{ByteRange, ContentKey, Digest, IntervalSet};
 use clyde_upstream::{BlobBody, ByteStream, Upstream, UpstreamError};
@@ -136,6 +137,7 @@ struct Shared {
     upstream: Arc<Upstream>,
     peers: Option<Arc<Peers>>,
     config: ResolverConfig,
+    metrics: Metrics,
     tasks: TaskTracker,
     shutdown: watch::Sender<bool>,
 }
@@ -234,9 +236,10 @@ impl Transfers {
         upstream: Arc<Upstream>,
         peers: Option<Arc<Peers>>,
         config: ResolverConfig,
+        metrics: Metrics,
     ) -> Self {
         let (shutdown, _) = watch::channel(false);
-        let shared = Arc::new(Shared { upstream, peers, config, tasks: TaskTracker::new(), shutdown });
+        let shared = Arc::new(Shared { upstream, peers, config, metrics, tasks: TaskTracker::new(), shutdown });
         Self { store, shared, jobs: Arc::new(Mutex::new(HashMap::new())) }
     }
 
@@ -552,6 +555,10 @@ impl Job {
                 lock(&self.peer_bytes).insert(cursor..cursor + take);
             }
             if take > 0 {
+                match source {
+                    Source::Peer(_) => self.shared.metrics.peer_bytes(take),
+                    Source::Upstream => self.shared.metrics.upstream_bytes(self.origin.registry.as_str(), take),
+                }
                 self.partial.write_chunks_at(cursor, chunks).await.map_err(PumpError::Store)?;
                 claim.cursor.store(cursor + take, Ordering::Release);
             }

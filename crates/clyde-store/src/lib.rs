@@ -113,6 +113,8 @@ struct Inner {
     /// Reads not yet written to the metadata: digest -> unix seconds.
     accesses: std::sync::Mutex<HashMap<Digest, u64>>,
     events: broadcast::Sender<StoreEvent>,
+    /// Bytes of complete blobs.
+    total_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// A change in what the store can serve, for those who advertise it.
@@ -159,6 +161,10 @@ impl Store {
                 let _ = std::fs::remove_file(&path);
             }
         }
+        let mut total = 0;
+        for entry in std::fs::read_dir(root.join("blobs/sha256"))? {
+            total += entry?.metadata()?.len();
+        }
         let (shutdown, _) = watch::channel(false);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -170,6 +176,7 @@ impl Store {
                 shutdown,
                 accesses: Default::default(),
                 events: broadcast::channel(EVENT_BUFFER).0,
+                total_bytes: total.into(),
             }),
         })
     }
@@ -235,6 +242,7 @@ impl Store {
             file.sync_all()?;
             std::fs::rename(&tmp, &to)?;
             sync_dir(to.parent().unwrap_or(&store.inner.root))?;
+            store.add_bytes(bytes.len() as u64);
             store.inner.meta.complete_blob(
                 &digest,
                 &BlobRecord { size: bytes.len() as u64, created: unix_now(), last_access: unix_now() },
@@ -244,6 +252,15 @@ impl Store {
         })
         .await
         .map_err(StoreError::join)?
+    }
+
+    /// Bytes of complete blobs in the store.
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.total_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn add_bytes(&self, n: u64) {
+        self.inner.total_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Follows changes in what the store holds.

@@ -411,6 +411,7 @@ impl PartialBlob {
             let to = store.blob_path(&digest);
             std::fs::rename(&from, &to)?;
             sync_dir(to.parent().unwrap_or(store.root()))?;
+            store.add_bytes(size);
             store.inner.meta.complete_blob(&digest, &BlobRecord { size, created: unix_now(), last_access: unix_now() })
         })
         .await

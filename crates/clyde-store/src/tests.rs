@@ -140,6 +140,7 @@ async fn events_follow_what_the_store_can_serve() {
     let good_digest = Digest::of(&good);
     store.put_blob(good_digest, Bytes::from(good)).await.unwrap();
     assert_eq!(events.recv().await.unwrap(), StoreEvent::Holding(ContentKey::Digest(good_digest)));
+    assert_eq!(store.total_bytes(), 1000);
 
     let data = random(100_000);
     let digest = Digest::of(&data);

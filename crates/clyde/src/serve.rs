@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clyde_api::Api;
+use clyde_metrics::Metrics;
+use clyde_metrics::prometheus_client::registry::Registry;
 use clyde_p2p::{Network, P2p, parse_multiaddrs};
 use clyde_resolver::{Discovery, Resolver, ResolverConfig};
 use clyde_store::Store;
@@ -36,6 +38,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tasks = TaskTracker::new();
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
 
     let mirror = bind("mirror_addr", &config.mirror_addr).await?;
     let peer = bind("peer_addr", &config.peer_addr).await?;
@@ -46,13 +50,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         bootstrap_dns: config.bootstrap_dns.clone(),
         peer_port: peer.local_addr()?.port(),
     };
-    let p2p =
-        P2p::start(&config.data_dir, network, config.p2p.clone(), store.clone(), &tasks, shutdown_rx.clone()).await?;
+    let p2p = P2p::start(
+        &config.data_dir,
+        network,
+        config.p2p.clone(),
+        store.clone(),
+        Some(registry.sub_registry_with_prefix("libp2p")),
+        &tasks,
+        shutdown_rx.clone(),
+    )
+    .await?;
+    let registry = Arc::new(registry);
 
     let never_upstream = config.air_gapped || config.mode == "p2p-only";
     let discovery: Arc<dyn Discovery> = Arc::new(p2p.clone());
     let resolver = Resolver::new(
-        store,
+        store.clone(),
         Arc::new(upstream),
         Some(discovery),
         ResolverConfig {
@@ -63,6 +76,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             peers: config.peers.clone(),
             ..ResolverConfig::default()
         },
+        metrics.clone(),
     )?;
     tracing::info!(
         mirror_addr = %mirror.local_addr()?,
@@ -75,11 +89,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     tasks.spawn(clyde_api::serve(mirror, Api::Mirror, resolver.clone(), shutdown_rx.clone()));
     tasks.spawn(clyde_api::serve(peer, Api::Peer, resolver.clone(), shutdown_rx.clone()));
-    let ready = move || {
+    let ready = {
         let p2p = p2p.clone();
-        async move { if p2p.joined().await { Ok(()) } else { Err("not connected to any peer yet".to_string()) } }
+        move || {
+            let p2p = p2p.clone();
+            async move { if p2p.joined().await { Ok(()) } else { Err("not connected to any peer yet".to_string()) } }
+        }
     };
-    tasks.spawn(clyde_api::serve_health(health, ready, shutdown_rx));
+    let render = move || {
+        let (p2p, store, metrics, registry) = (p2p.clone(), store.clone(), metrics.clone(), registry.clone());
+        async move {
+            let status = p2p.status().await;
+            metrics.sample(status.connected_peers as u64, store.total_bytes(), status.provided_keys as u64);
+            clyde_metrics::encode(&registry)
+        }
+    };
+    tasks.spawn(clyde_api::serve_health(health, ready, render, shutdown_rx));
     wait_for_signal().await;
     tracing::info!("shutting down");
     let _ = shutdown_tx.send(true);

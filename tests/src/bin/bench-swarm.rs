@@ -241,7 +241,10 @@ fn pull(args: &[String]) {
         std::fs::remove_dir_all(&hosts).expect("clean hosts dir");
         std::thread::sleep(Duration::from_millis(500));
         let b = (served() - before) as f64 / image.layer_bytes() as f64;
-        println!("round {round}: direct {d:.2} s, mirror {m:.2} s, ratio {:.3}, upstream bytes {b:.3}x the image", m / d);
+        println!(
+            "round {round}: direct {d:.2} s, mirror {m:.2} s, ratio {:.3}, upstream bytes {b:.3}x the image",
+            m / d
+        );
         direct.push(d);
         mirror.push(m);
         ratios.push(m / d);
