@@ -208,6 +208,8 @@ impl Resolver {
     /// on a peer's behalf.
     pub fn held_blob(&self, digest: &Digest) -> Result<BlobSource, ResolveError> {
         if let Some(file) = self.inner.store.open_blob(digest)? {
+            // A peer's read keeps the blob as recently used as a client's.
+            self.inner.store.touch(digest);
             return Ok(BlobSource::Local(file));
         }
         match self.inner.transfers.running(digest) {

@@ -115,6 +115,8 @@ struct Inner {
     events: broadcast::Sender<StoreEvent>,
     /// Bytes of complete blobs.
     total_bytes: std::sync::atomic::AtomicU64,
+    /// Woken whenever a complete blob is added.
+    grown: tokio::sync::Notify,
 }
 
 /// A change in what the store can serve, for those who advertise it.
@@ -177,6 +179,7 @@ impl Store {
                 accesses: Default::default(),
                 events: broadcast::channel(EVENT_BUFFER).0,
                 total_bytes: total.into(),
+                grown: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -261,6 +264,7 @@ impl Store {
 
     pub(crate) fn add_bytes(&self, n: u64) {
         self.inner.total_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        self.inner.grown.notify_one();
     }
 
     /// Follows changes in what the store holds.
@@ -471,6 +475,82 @@ impl Store {
     /// All cached manifests, by digest.
     pub fn manifests(&self) -> Result<Vec<(String, ManifestRecord)>, StoreError> {
         self.inner.meta.manifests()
+    }
+
+    /// Removes least-recently-read blobs (not manifests, which are small and name the
+    /// rest) until complete blobs take at most `target` bytes. Each removal is withdrawn
+    /// ([`StoreEvent::Dropped`]). Returns the digests removed.
+    pub async fn evict_to(&self, target: u64) -> Result<Vec<Digest>, StoreError> {
+        if self.total_bytes() <= target {
+            return Ok(Vec::new());
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.evict_blocking(target)).await.map_err(StoreError::join)?
+    }
+
+    fn evict_blocking(&self, target: u64) -> Result<Vec<Digest>, StoreError> {
+        let pending = self.inner.accesses.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let manifests: std::collections::HashSet<String> =
+            self.inner.meta.manifests()?.into_iter().map(|(k, _)| k).collect();
+        let mut candidates: Vec<(u64, Digest, u64)> = self
+            .inner
+            .meta
+            .blobs()?
+            .into_iter()
+            .filter(|(key, _)| !manifests.contains(key))
+            .filter_map(|(key, record)| {
+                let digest: Digest = key.parse().ok()?;
+                let last = pending.get(&digest).copied().unwrap_or(0).max(record.last_access).max(record.created);
+                Some((last, digest, record.size))
+            })
+            .collect();
+        candidates.sort();
+        let mut removed = Vec::new();
+        for (_, digest, _) in candidates {
+            if self.total_bytes() <= target {
+                break;
+            }
+            let path = self.blob_path(&digest);
+            let size = match std::fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            };
+            // Readers that have the file open keep reading it; new requests miss.
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.inner.meta.remove_blob(&digest)?;
+            self.inner.total_bytes.fetch_sub(size.min(self.total_bytes()), std::sync::atomic::Ordering::Relaxed);
+            self.emit(StoreEvent::Dropped(ContentKey::Digest(digest)));
+            tracing::info!(%digest, size, "evicted (least recently used)");
+            removed.push(digest);
+        }
+        Ok(removed)
+    }
+
+    /// Keeps complete blobs under `max` bytes: whenever a blob is added and the store is
+    /// above `max`, evicts down to `low_water` (a margin, so one eviction frees room for
+    /// several blobs rather than running on every commit).
+    pub fn spawn_evictor(&self, max: u64, low_water: u64) {
+        let store = self.clone();
+        let mut shutdown = self.inner.shutdown.subscribe();
+        self.inner.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+            loop {
+                tokio::select! {
+                    _ = store.inner.grown.notified() => {}
+                    _ = tick.tick() => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                if store.total_bytes() > max
+                    && let Err(e) = store.evict_to(low_water).await
+                {
+                    tracing::warn!(error = %e, "eviction failed");
+                }
+            }
+        });
     }
 
     /// Stops background work and waits for it.

@@ -197,6 +197,16 @@ impl Meta {
         txn.commit().map_err(db_err)
     }
 
+    pub(crate) fn blobs(&self) -> Result<Vec<(String, BlobRecord)>, StoreError> {
+        self.all(BLOBS)
+    }
+
+    pub(crate) fn remove_blob(&self, digest: &Digest) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(BLOBS).map_err(db_err)?.remove(digest.to_string().as_str()).map_err(db_err)?;
+        txn.commit().map_err(db_err)
+    }
+
     pub(crate) fn blob(&self, digest: &Digest) -> Result<Option<BlobRecord>, StoreError> {
         self.get(BLOBS, &digest.to_string())
     }

@@ -165,3 +165,27 @@ async fn events_follow_what_the_store_can_serve() {
     assert_eq!(events.recv().await.unwrap(), StoreEvent::Holding(ContentKey::tag("r.example", "app", "v1")));
     assert_eq!(store.held_keys().await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn eviction_removes_least_recently_read_blobs_and_withdraws_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let blobs: Vec<(Digest, Vec<u8>)> = (0..3).map(|_| random(1000)).map(|b| (Digest::of(&b), b)).collect();
+    for (d, b) in &blobs {
+        store.put_blob(*d, Bytes::from(b.clone())).await.unwrap();
+    }
+    // Blob 0 is read after the others were written: blob 1 is now the least recently used.
+    let mut events = store.subscribe();
+    store.touch(&blobs[0].0);
+    store.inner.accesses.lock().unwrap().insert(blobs[0].0, unix_now() + 10);
+    store.inner.accesses.lock().unwrap().insert(blobs[2].0, unix_now() + 5);
+    let removed = store.evict_to(2000).await.unwrap();
+    assert_eq!(removed, vec![blobs[1].0]);
+    assert_eq!(store.total_bytes(), 2000);
+    assert!(!store.blob_path(&blobs[1].0).exists());
+    assert!(store.blob_path(&blobs[0].0).exists() && store.blob_path(&blobs[2].0).exists());
+    assert_eq!(events.recv().await.unwrap(), StoreEvent::Dropped(ContentKey::Digest(blobs[1].0)));
+    assert!(store.blob_record(&blobs[1].0).unwrap().is_none());
+    // Under the target: nothing to do.
+    assert!(store.evict_to(2000).await.unwrap().is_empty());
+}

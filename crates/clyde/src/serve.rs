@@ -33,8 +33,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ..UpstreamConfig::default()
     })?;
     store.spawn_access_flusher(std::time::Duration::from_secs(30));
-    if config.cache_max_bytes.is_some() {
-        tracing::warn!(setting = "cache_max_bytes", "not implemented in this version yet; ignored");
+    if let Some(max) = config.cache_max_bytes {
+        // Evict down to 90%, so one eviction makes room for several blobs.
+        store.spawn_evictor(max, max / 10 * 9);
     }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tasks = TaskTracker::new();

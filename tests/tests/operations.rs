@@ -1,0 +1,45 @@
+//! Operating the cache: eviction under `--cache-max-bytes`.
+
+use std::time::Duration;
+
+use clyde_tests::{Cluster, ImageFormat, Registry, TestImage, http, sha256, wait_for};
+
+const MIB: usize = 1024 * 1024;
+
+#[test]
+fn eviction_keeps_recently_read_blobs_under_cache_max_bytes_and_withdraws_the_rest() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[2 * MIB, 2 * MIB, 2 * MIB]);
+    img.push(&reg, "lru", "v1", ImageFormat::Oci);
+    let max = (5 * MIB).to_string();
+    let cluster = Cluster::start(2, "[peers]\nlookup_timeout = \"1s\"\n", &["--cache-max-bytes", &max]);
+    let [first, second] = &cluster.nodes[..] else { unreachable!() };
+    let [a, b, c] = &img.layers[..] else { unreachable!() };
+    let get = |node: &clyde_tests::Agent, digest: &str| {
+        let url = format!("{}/v2/lru/blobs/{digest}?ns={}", node.url(), reg.addr());
+        let body = http().get(url).send().unwrap().bytes().unwrap();
+        assert_eq!(sha256(&body), digest);
+    };
+    let held = |digest: &str| first.data_dir().join("blobs").join(digest.replace(':', "/")).exists();
+    // Access times are kept in seconds: a second between steps orders them.
+    let tick = || std::thread::sleep(Duration::from_millis(1100));
+    get(first, &a.digest);
+    tick();
+    get(first, &b.digest);
+    tick();
+    get(first, &a.digest);
+    tick();
+    wait_for("a and b in the store", Duration::from_secs(10), || (held(&a.digest) && held(&b.digest)).then_some(()));
+    let advertised = first.metric("clyde_advertised_keys");
+    get(first, &c.digest);
+    // 6 MiB > 5 MiB: b, read least recently, goes; 4 MiB is under the 4.5 MiB low water.
+    wait_for("b to be evicted", Duration::from_secs(10), || (!held(&b.digest)).then_some(()));
+    assert!(held(&a.digest) && held(&c.digest), "the wrong blob was evicted");
+    assert_eq!(first.metric("clyde_store_bytes"), (a.size + c.size) as f64);
+    assert!(first.log().contains("evicted (least recently used)"));
+    // Withdrawn: one key fewer (c came in, b went), and node 2 still gets b (node 1 answers
+    // its peer request with 404, which is no fault, and the upstream serves it).
+    assert_eq!(first.metric("clyde_advertised_keys"), advertised);
+    get(second, &b.digest);
+    assert!(!second.log().contains("peer penalized"), "{}", second.log());
+}
