@@ -135,3 +135,61 @@ impl Drop for Lab {
         }
     }
 }
+
+/// A node of a [`LabCluster`]: its own containerd and its own agent, in one lab host.
+pub struct LabNode {
+    pub ctrd: crate::Containerd,
+    pub agent: crate::Agent,
+}
+
+/// An upstream registry holding `image` as `REPO:v1` on a lab host of its own, and `n` nodes
+/// whose agents joined one swarm (the first is the others' bootstrap peer). Fields drop in
+/// order, so the lab goes last.
+pub struct LabCluster {
+    pub nodes: Vec<LabNode>,
+    pub upstream: crate::Registry,
+    pub image: crate::TestImage,
+    /// `UPSTREAM/REPO:v1`.
+    pub reference: String,
+    pub lab: Lab,
+}
+
+impl LabCluster {
+    /// Starts it; `rate` limits the upstream's egress (`tc tbf`), `config` is prepended to
+    /// every agent's config file (which then names the upstream as a plain-HTTP registry).
+    pub fn start(n: usize, image: crate::TestImage, repo: &str, rate: Option<&str>, config: &str) -> Self {
+        let mut lab = Lab::new();
+        let up = lab.host("up");
+        let upstream = crate::Registry::start_in(&up, &crate::RegistryOptions::default());
+        image.push(&upstream, repo, "v1", crate::ImageFormat::Oci);
+        if let Some(rate) = rate {
+            lab.limit_egress(&up, rate);
+        }
+        let config = format!("{config}[[registries]]\nname = \"{}\"\nscheme = \"http\"\n", upstream.addr());
+        let mut nodes: Vec<LabNode> = Vec::new();
+        for i in 0..n {
+            let place = lab.host(&format!("n{i}"));
+            let boot = nodes.first().map(|first| first.agent.p2p_addr());
+            let args: Vec<&str> = boot.as_deref().map(|b| vec!["--bootstrap", b]).unwrap_or_default();
+            let agent = crate::Agent::start_in(&place, &config, &args);
+            nodes.push(LabNode { ctrd: crate::Containerd::start_in(&place), agent });
+        }
+        for node in &nodes {
+            node.agent.wait_ready();
+        }
+        let reference = format!("{}/{repo}:v1", upstream.addr());
+        Self { nodes, upstream, image, reference, lab }
+    }
+
+    /// `ctr images pull` on node `i` through its own mirror: whether it worked, and its output.
+    pub fn try_pull(&self, i: usize) -> (bool, String) {
+        let node = &self.nodes[i];
+        let hosts = node.ctrd.mirror_hosts_dir(&self.upstream, &node.agent);
+        node.ctrd.pull(&hosts, &self.reference, &["--plain-http"])
+    }
+
+    /// Upstream blob bytes sent for the image's layers, from the registry's log.
+    pub fn upstream_layer_bytes(&self) -> u64 {
+        self.image.layers.iter().map(|l| self.upstream.blob_bytes_served(&l.digest)).sum()
+    }
+}

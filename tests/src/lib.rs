@@ -34,7 +34,7 @@ pub use agent::Agent;
 pub use cluster::{Cluster, Pulled, pull_image, wait_log};
 pub use containerd::Containerd;
 pub use image::{ImageFormat, TestImage};
-pub use lab::{Lab, Place};
+pub use lab::{Lab, LabCluster, LabNode, Place};
 pub use pki::Pki;
 pub use proxy::SlowProxy;
 pub use registry::{Registry, RegistryOptions};

@@ -4,83 +4,34 @@
 
 use std::time::{Duration, Instant};
 
-use clyde_tests::{
-    Agent, Containerd, ImageFormat, Lab, Registry, RegistryOptions, TestImage, wait_for, wait_log, wait_store_holds,
-};
+use clyde_tests::{LabCluster, TestImage, wait_for, wait_log, wait_store_holds};
 
 const MIB: usize = 1024 * 1024;
 
-struct Node {
-    ctrd: Containerd,
-    agent: Agent,
+/// Egress is counted exactly: lookups get time enough on a busy CI machine.
+const PATIENT_LOOKUPS: &str = "[peers]\nlookup_timeout = \"1s\"\n";
+
+fn cluster(n: usize, layers: &[usize], upstream_rate: Option<&str>) -> LabCluster {
+    LabCluster::start(n, TestImage::single(layers), "team/app", upstream_rate, PATIENT_LOOKUPS)
 }
 
-/// An upstream host and `n` nodes in a lab. Fields drop in order: the lab goes last.
-struct Cluster {
-    nodes: Vec<Node>,
-    upstream: Registry,
-    image: TestImage,
-    reference: String,
-    lab: Lab,
+/// `ctr images pull` on node `i` through its own mirror; returns the image digest.
+fn pull(c: &LabCluster, i: usize) -> String {
+    let (ok, out) = c.try_pull(i);
+    assert!(ok, "pull on node {i} failed:\n{out}\nagent log:\n{}", c.nodes[i].agent.log());
+    c.nodes[i].ctrd.image_digest(&c.reference).expect("pulled image")
 }
 
-fn cluster(n: usize, layers: &[usize], upstream_rate: Option<&str>) -> Cluster {
-    let mut lab = Lab::new();
-    let up = lab.host("up");
-    let upstream = Registry::start_in(&up, &RegistryOptions::default());
-    let image = TestImage::single(layers);
-    image.push(&upstream, "team/app", "v1", ImageFormat::Oci);
-    if let Some(rate) = upstream_rate {
-        lab.limit_egress(&up, rate);
-    }
-    // Egress is counted exactly: lookups get time enough on a busy CI machine.
-    let config = format!(
-        "[peers]\nlookup_timeout = \"1s\"\n[[registries]]\nname = \"{}\"\nscheme = \"http\"\n",
-        upstream.addr()
-    );
-    let mut nodes = Vec::new();
-    let mut boot = String::new();
-    for i in 0..n {
-        let place = lab.host(&format!("n{i}"));
-        let args: Vec<&str> = if i == 0 { vec![] } else { vec!["--bootstrap", &boot] };
-        let agent = Agent::start_in(&place, &config, &args);
-        if i == 0 {
-            boot = agent.p2p_addr();
-        }
-        nodes.push(Node { ctrd: Containerd::start_in(&place), agent });
-    }
-    for node in &nodes {
-        node.agent.wait_ready();
-    }
-    let reference = format!("{}/team/app:v1", upstream.addr());
-    Cluster { nodes, upstream, image, reference, lab }
-}
-
-impl Cluster {
-    /// `ctr images pull` on node `i` through its own mirror; returns the image digest.
-    fn pull(&self, i: usize) -> String {
-        let node = &self.nodes[i];
-        let hosts = node.ctrd.mirror_hosts_dir(&self.upstream, &node.agent);
-        let (ok, out) = node.ctrd.pull(&hosts, &self.reference, &["--plain-http"]);
-        assert!(ok, "pull on node {i} failed:\n{out}\nagent log:\n{}", node.agent.log());
-        node.ctrd.image_digest(&self.reference).expect("pulled image")
-    }
-
-    fn upstream_layer_bytes(&self) -> u64 {
-        self.image.layers.iter().map(|l| self.upstream.blob_bytes_served(&l.digest)).sum()
-    }
-
-    fn partial_exists(&self, i: usize, digest: &str) -> bool {
-        self.nodes[i].agent.data_dir().join("partial").join(digest.replace(':', "/")).exists()
-    }
+fn partial_exists(c: &LabCluster, i: usize, digest: &str) -> bool {
+    c.nodes[i].agent.data_dir().join("partial").join(digest.replace(':', "/")).exists()
 }
 
 #[test]
 fn sequential_scale_out_takes_each_blob_from_the_upstream_once() {
     let c = cluster(3, &[8 * MIB, 4 * MIB, 2 * MIB], None);
-    let digest = c.pull(0);
+    let digest = pull(&c, 0);
     for i in 1..c.nodes.len() {
-        assert_eq!(c.pull(i), digest);
+        assert_eq!(pull(&c, i), digest);
     }
     assert_eq!(c.upstream_layer_bytes(), c.image.layer_bytes(), "upstream egress is not 1.0x the image");
     for node in &c.nodes {
@@ -96,9 +47,9 @@ fn a_node_streams_a_blob_another_node_is_still_downloading() {
     let c = cluster(2, &[48 * MIB], Some("100mbit"));
     let layer = c.image.layers[0].digest.clone();
     std::thread::scope(|s| {
-        let first = s.spawn(|| c.pull(0));
-        wait_for("node 1's download to start", Duration::from_secs(30), || c.partial_exists(0, &layer).then_some(()));
-        let second = c.pull(1);
+        let first = s.spawn(|| pull(&c, 0));
+        wait_for("node 1's download to start", Duration::from_secs(30), || partial_exists(&c, 0, &layer).then_some(()));
+        let second = pull(&c, 1);
         assert_eq!(first.join().expect("node 1"), second);
     });
     let egress = c.upstream.wait_blob_bytes(&layer, c.image.layers[0].size);
@@ -112,15 +63,13 @@ fn a_pull_completes_when_the_peer_it_streams_from_is_killed() {
     let layer = c.image.layers[0].digest.clone();
     let first_agent_pid = std::thread::scope(|s| {
         let c = &c;
-        let first = s.spawn(move || {
-            let node = &c.nodes[0];
-            let hosts = node.ctrd.mirror_hosts_dir(&c.upstream, &node.agent);
-            node.ctrd.pull(&hosts, &c.reference, &["--plain-http"]).0
-        });
-        wait_for("node 1's download to start", Duration::from_secs(30), || c.partial_exists(0, &layer).then_some(()));
-        let second = s.spawn(|| c.pull(1));
+        let first = s.spawn(move || c.try_pull(0).0);
+        wait_for("node 1's download to start", Duration::from_secs(30), || partial_exists(c, 0, &layer).then_some(()));
+        let second = s.spawn(move || pull(c, 1));
         // Kill node 1 once node 2 is streaming from it.
-        wait_for("node 2 to stream from node 1", Duration::from_secs(30), || c.partial_exists(1, &layer).then_some(()));
+        wait_for("node 2 to stream from node 1", Duration::from_secs(30), || {
+            partial_exists(c, 1, &layer).then_some(())
+        });
         let pid = c.nodes[0].agent.pid().expect("node 1 runs");
         clyde_tests::run(std::process::Command::new("kill").args(["-9", &pid.to_string()]));
         let digest = second.join().expect("node 2 pull");
@@ -138,7 +87,7 @@ fn a_pull_completes_when_the_peer_it_streams_from_is_killed() {
 #[test]
 fn a_hung_peer_is_forgotten_within_seconds_and_pulls_go_on() {
     let c = cluster(2, &[2 * MIB], None);
-    let digest = c.pull(0);
+    let digest = pull(&c, 0);
     c.nodes[0].agent.pause();
     let hung = Instant::now();
     wait_log(&c.nodes[1].agent, "peer disconnected");
@@ -149,7 +98,7 @@ fn a_hung_peer_is_forgotten_within_seconds_and_pulls_go_on() {
         c.nodes[1].agent.log()
     );
     let started = Instant::now();
-    assert_eq!(c.pull(1), digest);
+    assert_eq!(pull(&c, 1), digest);
     let took = started.elapsed();
     c.nodes[0].agent.resume();
     assert!(took < Duration::from_secs(10), "the pull waited on the hung peer: {took:?}");
@@ -159,7 +108,7 @@ fn a_hung_peer_is_forgotten_within_seconds_and_pulls_go_on() {
 #[test]
 fn a_peer_serving_corrupt_bytes_never_poisons_another_store() {
     let c = cluster(2, &[8 * MIB], None);
-    let digest = c.pull(0);
+    let digest = pull(&c, 0);
     let layer = &c.image.layers[0];
     wait_store_holds(&c.nodes[0].agent.data_dir(), 3);
     // Bit rot on node 1's disk: it keeps serving the layer, one byte wrong.
@@ -174,7 +123,7 @@ fn a_peer_serving_corrupt_bytes_never_poisons_another_store() {
     let (ok, out) = node.ctrd.pull(&hosts, &c.reference, &["--plain-http"]);
     if !ok {
         eprintln!("first pull on node 2 failed, as it should when its bytes do not verify:\n{out}");
-        assert_eq!(c.pull(1), digest);
+        assert_eq!(pull(&c, 1), digest);
     }
     assert_eq!(node.ctrd.image_digest(&c.reference).as_deref(), Some(digest.as_str()));
     wait_store_holds(&node.agent.data_dir(), 3);

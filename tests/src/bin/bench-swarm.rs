@@ -28,7 +28,7 @@
 use std::time::{Duration, Instant};
 
 use clyde_tests::{
-    Agent, Cluster, Containerd, ImageFormat, Lab, Registry, RegistryOptions, TestImage, http, pull_image,
+    Agent, Cluster, Containerd, ImageFormat, Lab, LabCluster, Registry, RegistryOptions, TestImage, http, pull_image,
 };
 
 const MIB: usize = 1024 * 1024;
@@ -42,68 +42,32 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, default: T) -> T {
     args.get(i).map(|a| a.parse().ok().expect("a number")).unwrap_or(default)
 }
 
-struct Node {
-    ctrd: Containerd,
-    agent: Agent,
-}
-
-/// A lab with an upstream (limited to `rate` if given) holding `image`, and `n` nodes.
-/// Fields drop in order: the lab goes last.
+/// A lab cluster as the benchmarks use it.
 struct NetCluster {
-    nodes: Vec<Node>,
-    upstream: Registry,
-    image: TestImage,
-    reference: String,
-    _lab: Lab,
+    c: LabCluster,
 }
 
 impl NetCluster {
     fn start(n: usize, image: TestImage, rate: Option<&str>) -> Self {
-        let mut lab = Lab::new();
-        let up = lab.host("up");
-        let upstream = Registry::start_in(&up, &RegistryOptions::default());
         eprintln!("pushing a {} MiB image in {} layers...", image.layer_bytes() / MIB as u64, image.layers.len());
-        image.push(&upstream, "bench/swarm", "v1", ImageFormat::Oci);
-        if let Some(rate) = rate {
-            lab.limit_egress(&up, rate);
-        }
-        let config = format!("[[registries]]\nname = \"{}\"\nscheme = \"http\"\n", upstream.addr());
-        let mut nodes = Vec::new();
-        let mut boot = String::new();
-        for i in 0..n {
-            let place = lab.host(&format!("n{i}"));
-            let args: Vec<&str> = if i == 0 { vec![] } else { vec!["--bootstrap", &boot] };
-            let agent = Agent::start_in(&place, &config, &args);
-            if i == 0 {
-                boot = agent.p2p_addr();
-            }
-            nodes.push(Node { ctrd: Containerd::start_in(&place), agent });
-        }
-        for node in &nodes {
-            node.agent.wait_ready();
-        }
-        let reference = format!("{}/bench/swarm:v1", upstream.addr());
-        Self { nodes, upstream, image, reference, _lab: lab }
+        Self { c: LabCluster::start(n, image, "bench/swarm", rate, "") }
     }
 
     /// A timed `ctr images pull` on node `i`; the image and its content are removed after,
     /// so the next pull on that node starts from an empty containerd again.
     fn pull(&self, i: usize) -> f64 {
-        let node = &self.nodes[i];
-        let hosts = node.ctrd.mirror_hosts_dir(&self.upstream, &node.agent);
         clyde_tests::run(&mut std::process::Command::new("sync"));
         let started = Instant::now();
-        let (ok, out) = node.ctrd.pull(&hosts, &self.reference, &["--plain-http"]);
+        let (ok, out) = self.c.try_pull(i);
         let took = started.elapsed().as_secs_f64();
         assert!(ok, "pull on node {} failed:\n{out}", i + 1);
-        node.ctrd.remove(&self.reference);
+        self.c.nodes[i].ctrd.remove(&self.c.reference);
         took
     }
 
     fn upstream_ratio(&self) -> f64 {
         std::thread::sleep(Duration::from_millis(500));
-        let sent: u64 = self.image.layers.iter().map(|l| self.upstream.blob_bytes_served(&l.digest)).sum();
-        sent as f64 / self.image.layer_bytes() as f64
+        self.c.upstream_layer_bytes() as f64 / self.c.image.layer_bytes() as f64
     }
 }
 
@@ -123,7 +87,7 @@ fn scale_out(args: &[String]) {
         }
         upstream.push(c.upstream_ratio());
         if std::env::var_os("BENCH_VERBOSE").is_some() {
-            for (i, node) in c.nodes.iter().enumerate() {
+            for (i, node) in c.c.nodes.iter().enumerate() {
                 for line in node.agent.log().lines().filter(|l| l.contains("api=\"mirror\"") && l.contains("blobs")) {
                     let field = |k: &str| {
                         line.split(&format!("{k}=")).nth(1).and_then(|v| v.split_whitespace().next()).unwrap_or("")
