@@ -25,8 +25,15 @@ pub fn clyde_bin() -> PathBuf {
 }
 
 /// A free TCP port on `ip` (bound and released).
+/// Ports are picked below Linux's ephemeral range (32768 and up), so no outgoing connection
+/// of a concurrent test takes one between this check and the agent's bind.
 pub fn free_port_on(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0)).and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..1000)
+        .map(|_| rng.gen_range(20_000..32_000))
+        .find(|port| std::net::TcpListener::bind((ip, *port)).is_ok())
+        .expect("no free port")
 }
 
 /// A running agent on a loopback address with its own data dir and ports.
@@ -75,11 +82,30 @@ impl Agent {
             child: None,
             runs: 0,
         };
+        // Another test may bind one of the ports first: pick others and try again. (A lab
+        // host has its network to itself.)
+        for _ in 0..4 {
+            if isolated {
+                break;
+            }
+            if a.try_spawn().is_ok() {
+                return a;
+            }
+            (a.port, a.peer_port, a.p2p_port, a.metrics_port) = (port(0), port(0), port(0), port(0));
+        }
         a.spawn();
         a
     }
 
     fn spawn(&mut self) {
+        if let Err(status) = self.try_spawn() {
+            panic!("clyde exited early with {status}:\n{}", self.log());
+        }
+    }
+
+    /// Starts the process and waits until it answers; the exit status if it quit, having
+    /// logged that it could not listen on one of its ports (anything else panics).
+    fn try_spawn(&mut self) -> Result<(), String> {
         self.runs += 1;
         let log = self.dir.path().join(format!("agent.{}.log", self.runs));
         let mut cmd = self.place.command(clyde_bin());
@@ -109,12 +135,24 @@ impl Agent {
         };
         let client = http();
         let child = self.child.as_mut().expect("child");
-        wait_for("clyde to answer /v2/", Duration::from_secs(30), || {
+        let exited = wait_for("clyde to answer", Duration::from_secs(30), || {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("clyde exited early with {status}");
+                return Some(Some(status));
             }
-            client.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ())
+            client.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| None)
         });
+        match exited {
+            None => Ok(()),
+            Some(status) => {
+                self.child = None;
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                if text.contains("cannot listen on") {
+                    Err(status.to_string())
+                } else {
+                    panic!("clyde exited early with {status}:\n{text}");
+                }
+            }
+        }
     }
 
     /// The mirror's URL, `http://IP:PORT`.

@@ -25,7 +25,6 @@ pub mod proxy;
 pub mod registry;
 pub mod token_gate;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -42,7 +41,7 @@ pub use token_gate::TokenGate;
 
 /// A free TCP port on 127.0.0.1 (bound and released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("no free port")
+    agent::free_port_on("127.0.0.1")
 }
 
 /// The absolute path of a program, or a panic that says which package provides it.
