@@ -48,6 +48,8 @@ pub struct Agent {
     args: Vec<String>,
     child: Option<Child>,
     runs: u32,
+    /// The data dir is a tmpfs of this many MiB, unmounted on drop.
+    tmpfs_mib: Option<u32>,
 }
 
 impl Agent {
@@ -65,6 +67,15 @@ impl Agent {
     /// Starts an agent in `place`. On a lab host it runs as on a real node: every address
     /// is the default (mirror on the host's own 127.0.0.1:30021, the rest on 0.0.0.0).
     pub fn start_in(place: &Place, config: &str, args: &[&str]) -> Self {
+        Self::start_with(place, config, args, None)
+    }
+
+    /// Starts an agent on 127.0.0.1 whose data dir is a tmpfs of `size_mib` (a small disk).
+    pub fn start_on_tmpfs(config: &str, args: &[&str], size_mib: u32) -> Self {
+        Self::start_with(&Place::local(), config, args, Some(size_mib))
+    }
+
+    fn start_with(place: &Place, config: &str, args: &[&str], tmpfs_mib: Option<u32>) -> Self {
         let dir = tempfile::Builder::new().prefix("clyde-agent").tempdir().expect("tempdir");
         std::fs::write(dir.path().join("config.toml"), config).expect("write config");
         let ip = &place.ip;
@@ -81,7 +92,14 @@ impl Agent {
             args: args.iter().map(|s| s.to_string()).collect(),
             child: None,
             runs: 0,
+            tmpfs_mib,
         };
+        if let Some(mib) = tmpfs_mib {
+            std::fs::create_dir_all(a.data_dir()).expect("data dir");
+            crate::run(
+                Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"]).arg(a.data_dir()),
+            );
+        }
         // Another test may bind one of the ports first: pick others and try again. (A lab
         // host has its network to itself.)
         for _ in 0..4 {
@@ -276,5 +294,8 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill9();
+        if self.tmpfs_mib.is_some() {
+            let _ = Command::new("umount").arg("-l").arg(self.data_dir()).status();
+        }
     }
 }

@@ -43,3 +43,27 @@ fn eviction_keeps_recently_read_blobs_under_cache_max_bytes_and_withdraws_the_re
     get(second, &b.digest);
     assert!(!second.log().contains("peer penalized"), "{}", second.log());
 }
+
+#[test]
+fn a_disk_above_its_high_watermark_is_relieved_by_eviction() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[6 * MIB, 6 * MIB, 6 * MIB]);
+    img.push(&reg, "full", "v1", ImageFormat::Oci);
+    // A 32 MiB disk, at most half full: three 6 MiB blobs (and the metadata) go above it.
+    let agent = clyde_tests::Agent::start_on_tmpfs("", &["--disk-high-watermark", "0.5"], 32);
+    let [a, b, c] = &img.layers[..] else { unreachable!() };
+    let held = |digest: &str| agent.data_dir().join("blobs").join(digest.replace(':', "/")).exists();
+    let tick = || std::thread::sleep(Duration::from_millis(1100));
+    for (i, layer) in [a, b, c].into_iter().enumerate() {
+        let url = format!("{}/v2/full/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
+        let body = http().get(url).send().unwrap().bytes().unwrap();
+        assert_eq!(sha256(&body), layer.digest);
+        wait_for("the blob to be committed", Duration::from_secs(10), || held(&layer.digest).then_some(()));
+        if i < 2 {
+            tick();
+        }
+    }
+    wait_for("a to be evicted", Duration::from_secs(20), || (!held(&a.digest)).then_some(()));
+    assert!(held(&b.digest) && held(&c.digest), "the wrong blob was evicted:\n{}", agent.log());
+    assert_eq!(agent.metric("clyde_store_bytes"), (b.size + c.size) as f64);
+}

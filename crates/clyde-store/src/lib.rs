@@ -128,6 +128,15 @@ pub enum StoreEvent {
     Dropped(ContentKey),
 }
 
+/// When the store gives up blobs to stay small.
+#[derive(Clone, Debug, Default)]
+pub struct EvictionPolicy {
+    /// Complete blobs may take at most this many bytes.
+    pub max_bytes: Option<u64>,
+    /// The disk holding the data dir may be at most this full (a fraction, 0.9 = 90%).
+    pub disk_high_watermark: Option<f64>,
+}
+
 /// Events buffered per subscriber; one that lags re-lists [`Store::held_keys`].
 const EVENT_BUFFER: usize = 4096;
 
@@ -530,22 +539,46 @@ impl Store {
         Ok(removed)
     }
 
-    /// Keeps complete blobs under `max` bytes: whenever a blob is added and the store is
-    /// above `max`, evicts down to `low_water` (a margin, so one eviction frees room for
-    /// several blobs rather than running on every commit).
-    pub fn spawn_evictor(&self, max: u64, low_water: u64) {
+    /// How many bytes complete blobs may take now under `policy`, if that is less than they
+    /// take: above `max_bytes`, 90% of it (a margin, so one eviction frees room for several
+    /// blobs); above the disk's high watermark, whatever brings the disk 5 points under it.
+    pub fn eviction_target(&self, policy: &EvictionPolicy) -> Option<u64> {
+        let total = self.total_bytes();
+        let mut target: Option<u64> = None;
+        if let Some(max) = policy.max_bytes
+            && total > max
+        {
+            target = Some(max / 10 * 9);
+        }
+        if let Some(high) = policy.disk_high_watermark
+            && let Ok(fs) = rustix::fs::statvfs(&self.inner.root)
+        {
+            let size = fs.f_blocks.saturating_mul(fs.f_frsize);
+            let used = size.saturating_sub(fs.f_bavail.saturating_mul(fs.f_frsize));
+            if size > 0 && used as f64 > high * size as f64 {
+                let low = ((high - 0.05).max(0.0) * size as f64) as u64;
+                let by_disk = total.saturating_sub(used - low.min(used));
+                target = Some(target.map_or(by_disk, |t| t.min(by_disk)));
+            }
+        }
+        target.filter(|t| *t < total)
+    }
+
+    /// Keeps the store within `policy`: checked whenever a blob is added, and every 10 s
+    /// (other data on the disk grows too).
+    pub fn spawn_evictor(&self, policy: EvictionPolicy) {
         let store = self.clone();
         let mut shutdown = self.inner.shutdown.subscribe();
         self.inner.tasks.spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
             loop {
                 tokio::select! {
                     _ = store.inner.grown.notified() => {}
                     _ = tick.tick() => {}
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 }
-                if store.total_bytes() > max
-                    && let Err(e) = store.evict_to(low_water).await
+                if let Some(target) = store.eviction_target(&policy)
+                    && let Err(e) = store.evict_to(target).await
                 {
                     tracing::warn!(error = %e, "eviction failed");
                 }

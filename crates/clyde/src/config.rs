@@ -38,6 +38,8 @@ pub struct Config {
     pub air_gapped: bool,
     /// Evict least-recently-used blobs above this many bytes.
     pub cache_max_bytes: Option<u64>,
+    /// Evict when the data dir's disk is fuller than this fraction (0.9); 0 or 1 disables.
+    pub disk_high_watermark: f64,
     /// containerd's socket (`/run/containerd/containerd.sock`); empty disables.
     pub containerd_socket: String,
     /// The containerd namespace whose content is shared (`k8s.io`).
@@ -81,6 +83,7 @@ impl Default for Config {
             mode: "pull-through".into(),
             air_gapped: false,
             cache_max_bytes: None,
+            disk_high_watermark: 0.9,
             containerd_socket: "/run/containerd/containerd.sock".into(),
             containerd_namespace: "k8s.io".into(),
             piece_size: clyde_types::piece::DEFAULT_PIECE_SIZE,

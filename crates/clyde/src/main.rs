@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: the registry mirror for containerd
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write containerd hosts.toml files that point registries at the mirror
     ContainerdConfig(containerd_config::ContainerdConfigArgs),
     /// Print version, git commit and build date
@@ -75,6 +75,9 @@ pub struct ServeArgs {
     /// Evict least-recently-used blobs above this many bytes
     #[arg(long)]
     cache_max_bytes: Option<u64>,
+    /// Evict when the data dir's disk is fuller than this fraction; 0 disables [default: 0.9]
+    #[arg(long)]
+    disk_high_watermark: Option<f64>,
     /// containerd's gRPC socket; "" disables
     #[arg(long)]
     containerd_socket: Option<String>,
@@ -106,6 +109,7 @@ impl ServeArgs {
         set(&mut c.containerd_socket, self.containerd_socket);
         set(&mut c.containerd_namespace, self.containerd_namespace);
         set(&mut c.piece_size, self.piece_size);
+        set(&mut c.disk_high_watermark, self.disk_high_watermark);
         set(&mut c.tag_ttl, self.tag_ttl.map(Into::into));
         if self.cache_max_bytes.is_some() {
             c.cache_max_bytes = self.cache_max_bytes;

@@ -9,7 +9,7 @@ use clyde_metrics::Metrics;
 use clyde_metrics::prometheus_client::registry::Registry;
 use clyde_p2p::{Network, P2p, parse_multiaddrs};
 use clyde_resolver::{Discovery, Resolver, ResolverConfig};
-use clyde_store::Store;
+use clyde_store::{EvictionPolicy, Store};
 use clyde_upstream::{Upstream, UpstreamConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -33,10 +33,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ..UpstreamConfig::default()
     })?;
     store.spawn_access_flusher(std::time::Duration::from_secs(30));
-    if let Some(max) = config.cache_max_bytes {
-        // Evict down to 90%, so one eviction makes room for several blobs.
-        store.spawn_evictor(max, max / 10 * 9);
-    }
+    let watermark = config.disk_high_watermark;
+    store.spawn_evictor(EvictionPolicy {
+        max_bytes: config.cache_max_bytes,
+        disk_high_watermark: (watermark > 0.0 && watermark < 1.0).then_some(watermark),
+    });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tasks = TaskTracker::new();
     let mut registry = Registry::default();
