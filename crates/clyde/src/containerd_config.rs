@@ -24,10 +24,23 @@ pub struct ContainerdConfigArgs {
     /// Keep the existing file's [host] entries, after the mirror
     #[arg(long)]
     keep_existing: bool,
+    /// How long containerd tries to connect to the mirror before it falls back to the
+    /// registry (containerd 1.7 and later; earlier versions ignore it)
+    #[arg(long, default_value = "200ms", value_parser = parse_timeout)]
+    dial_timeout: String,
+}
+
+fn parse_timeout(s: &str) -> Result<String, String> {
+    humantime::parse_duration(s).map(|_| s.to_string()).map_err(|e| format!("not a duration like 200ms: {e}"))
 }
 
 /// The hosts.toml text for one registry.
-pub fn render(registry: &str, mirror_url: &str, existing_hosts: Option<&str>) -> anyhow::Result<String> {
+pub fn render(
+    registry: &str,
+    mirror_url: &str,
+    dial_timeout: &str,
+    existing_hosts: Option<&str>,
+) -> anyhow::Result<String> {
     let mut out = String::from(
         "# Written by `clyde containerd-config`: containerd asks the Clyde mirror first,\n# then the registry itself.\n",
     );
@@ -36,7 +49,9 @@ pub fn render(registry: &str, mirror_url: &str, existing_hosts: Option<&str>) ->
         let scheme = if parsed.is_loopback() { "http" } else { "https" };
         out.push_str(&format!("server = \"{scheme}://{registry}\"\n"));
     }
-    out.push_str(&format!("\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"));
+    out.push_str(&format!(
+        "\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"{dial_timeout}\"\n"
+    ));
     if let Some(hosts) = existing_hosts {
         out.push('\n');
         out.push_str(hosts);
@@ -85,7 +100,7 @@ pub fn run(args: &ContainerdConfigArgs) -> anyhow::Result<()> {
             (Some(old), true) => existing_hosts(old, &args.mirror_url),
             _ => None,
         };
-        let text = render(registry, &args.mirror_url, kept.as_deref())?;
+        let text = render(registry, &args.mirror_url, &args.dial_timeout, kept.as_deref())?;
         if args.dry_run {
             println!("# {}\n{text}", path.display());
             continue;
@@ -108,12 +123,13 @@ mod tests {
 
     #[test]
     fn renders_server_and_mirror() {
-        let t = render("127.0.0.1:5000", "http://127.0.0.1:30021", None).unwrap();
+        let t = render("127.0.0.1:5000", "http://127.0.0.1:30021", "200ms", None).unwrap();
         assert!(t.contains("server = \"http://127.0.0.1:5000\""));
         assert!(t.contains("[host.\"http://127.0.0.1:30021\"]\n  capabilities = [\"pull\", \"resolve\"]"));
-        let t = render("_default", "http://127.0.0.1:30021", None).unwrap();
+        assert!(t.contains("  dial_timeout = \"200ms\"\n"));
+        let t = render("_default", "http://127.0.0.1:30021", "200ms", None).unwrap();
         assert!(!t.contains("server ="));
-        assert!(render("../etc", "http://x", None).is_err());
+        assert!(render("../etc", "http://x", "200ms", None).is_err());
     }
 
     #[test]
