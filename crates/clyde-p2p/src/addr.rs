@@ -56,6 +56,14 @@ mod tests {
         s.parse().unwrap()
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_agent_version_parses_without_panic_and_ports_round_trip(s in ".{0,80}", port in 0u16..) {
+            let _ = parse_peer_port(&s);
+            proptest::prop_assert_eq!(parse_peer_port(&agent_version(port)), Some(port));
+        }
+    }
+
     #[test]
     fn peer_port_comes_from_a_clyde_agent_version() {
         assert_eq!(parse_peer_port(&agent_version(30022)), Some(30022));
