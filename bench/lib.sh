@@ -24,10 +24,13 @@ make_cached_blob() {
   ln "$work/data/blobs/sha256/$hex" "$work/www/blob"
 }
 
-# start_clyde: clyde serve on the data dir; sets `cport` and `clyde_pid`.
+# start_clyde: clyde serve on the data dir, every port a free one on 127.0.0.1 (the
+# defaults would collide with another agent); sets `cport` and `clyde_pid`.
 start_clyde() {
   cport=$(free_port)
-  "$clyde" serve --data-dir "$work/data" --mirror-addr "127.0.0.1:$cport" --containerd-socket "" --log-level warn "$@" &
+  "$clyde" serve --data-dir "$work/data" --mirror-addr "127.0.0.1:$cport" \
+    --peer-addr "127.0.0.1:$(free_port)" --p2p-addr "/ip4/127.0.0.1/tcp/$(free_port)" \
+    --metrics-addr "127.0.0.1:$(free_port)" --containerd-socket "" --log-level warn "$@" &
   clyde_pid=$!
   pids+=("$clyde_pid")
   wait_url "http://127.0.0.1:$cport/v2/"
