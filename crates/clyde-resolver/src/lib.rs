@@ -48,6 +48,14 @@ pub struct ResolverConfig {
     pub peers: PeerTimeouts,
 }
 
+impl ResolverConfig {
+    /// The first provider lookup of a request: quick when the upstream comes next, patient
+    /// when it is never asked.
+    pub(crate) fn first_lookup(&self) -> peers::Lookup {
+        if self.air_gapped { peers::Lookup::Patient } else { peers::Lookup::Quick }
+    }
+}
+
 impl Default for ResolverConfig {
     fn default() -> Self {
         Self {
@@ -193,7 +201,7 @@ impl Resolver {
             return Ok(job.size());
         }
         if let Some(peers) = &self.inner.peers {
-            let candidates = peers.find(ContentKey::Digest(*digest), self.inner.config.air_gapped).await;
+            let candidates = peers.find(ContentKey::Digest(*digest), self.inner.config.first_lookup()).await;
             if let Some(size) = peers.blob_size(&candidates, origin, digest).await {
                 return Ok(size);
             }

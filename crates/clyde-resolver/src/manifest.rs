@@ -5,6 +5,7 @@ use clyde_store::{ManifestRecord, TagRecord, unix_now};
 use clyde_types::{ContentKey, Digest, Reference, media};
 use clyde_upstream::{Manifest, UpstreamError};
 
+use crate::peers::Lookup;
 use crate::{Origin, ResolveError, Resolver};
 
 /// A manifest ready to serve, byte-for-byte as the upstream sent it.
@@ -17,8 +18,9 @@ pub struct ServedManifest {
     pub source: &'static str,
 }
 
+/// The store's name of a tag, which is also what the DHT advertises it as.
 fn tag_key(origin: &Origin, tag: &str) -> String {
-    format!("{}/{}:{}", origin.registry, origin.repository, tag)
+    clyde_types::key::tag_name(origin.registry.as_str(), origin.repository.as_str(), tag)
 }
 
 /// Digests of the blobs and manifests a manifest refers to (config, layers, children).
@@ -83,7 +85,7 @@ impl Resolver {
         }
         let reference = Reference::Digest(*digest);
         // A manifest by digest verifies, so peers come before the upstream.
-        if let Some(m) = self.manifest_from_peers(origin, &reference, accept, self.inner.config.air_gapped).await? {
+        if let Some(m) = self.manifest_from_peers(origin, &reference, accept, self.inner.config.first_lookup()).await? {
             return Ok(m);
         }
         if self.inner.config.air_gapped {
@@ -103,16 +105,16 @@ impl Resolver {
         origin: &Origin,
         reference: &Reference,
         accept: Option<&str>,
-        patient: bool,
+        lookup: Lookup,
     ) -> Result<Option<ServedManifest>, ResolveError> {
         let Some(peers) = &self.inner.peers else {
             return Ok(None);
         };
         let key = match reference {
             Reference::Digest(d) => ContentKey::Digest(*d),
-            Reference::Tag(t) => ContentKey::tag(origin.registry.as_str(), origin.repository.as_str(), t),
+            Reference::Tag(t) => ContentKey::Tag(tag_key(origin, t)),
         };
-        let candidates = peers.find(key, patient).await;
+        let candidates = peers.find(key, lookup).await;
         let Some(m) = peers.get_manifest(&candidates, origin, reference, accept).await else {
             return Ok(None);
         };
@@ -139,7 +141,7 @@ impl Resolver {
         if config.air_gapped {
             return match (cached, record) {
                 (Some(m), _) => Ok(m),
-                (None, record) => match self.manifest_from_peers(origin, &reference, accept, true).await? {
+                (None, record) => match self.manifest_from_peers(origin, &reference, accept, Lookup::Patient).await? {
                     Some(m) => Ok(m),
                     None => match record {
                         Some(r) => Err(ResolveError::NotAcceptable(r.media_type)),
@@ -152,7 +154,7 @@ impl Resolver {
             return match self.fetch_manifest(origin, &reference, accept).await {
                 Err(ResolveError::Upstream(e)) if !matches!(e, UpstreamError::NotFound) => {
                     // Disconnected: a peer may have the tag cached.
-                    match self.manifest_from_peers(origin, &reference, accept, true).await? {
+                    match self.manifest_from_peers(origin, &reference, accept, Lookup::Patient).await? {
                         Some(m) => {
                             tracing::info!(tag = %key, error = %e, "upstream unavailable; tag resolved through a peer");
                             Ok(m)

@@ -32,6 +32,15 @@ pub trait Discovery: Send + Sync + 'static {
     fn providers(&self, key: ContentKey, timeout: Duration) -> BoxFuture<Vec<SocketAddr>>;
 }
 
+/// How long a provider lookup may take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Lookup {
+    /// Before asking the upstream: `lookup_timeout`.
+    Quick,
+    /// When the upstream cannot help, or is never asked: `offline_lookup_timeout`.
+    Patient,
+}
+
 /// Peers and what the resolver learned about them.
 pub(crate) struct Peers {
     discovery: Arc<dyn Discovery>,
@@ -50,10 +59,12 @@ impl Peers {
         self.penalties.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Peers holding `key`, without those serving a penalty. `patient` is for when the
-    /// upstream cannot help: the lookup may then take longer.
-    pub(crate) async fn find(&self, key: ContentKey, patient: bool) -> Vec<SocketAddr> {
-        let timeout = if patient { self.config.peers.offline_lookup_timeout } else { self.config.peers.lookup_timeout };
+    /// Peers holding `key`, without those serving a penalty.
+    pub(crate) async fn find(&self, key: ContentKey, lookup: Lookup) -> Vec<SocketAddr> {
+        let timeout = match lookup {
+            Lookup::Quick => self.config.peers.lookup_timeout,
+            Lookup::Patient => self.config.peers.offline_lookup_timeout,
+        };
         let started = Instant::now();
         let found = self.discovery.providers(key.clone(), timeout).await;
         let now = Instant::now();

@@ -34,7 +34,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::{OnceCell, watch};
 use tokio_util::task::TaskTracker;
 
-use crate::peers::Peers;
+use crate::peers::{Lookup, Peers};
 use crate::{Origin, ResolveError, ResolverConfig};
 
 /// Bytes handed to a client per read: large enough that a cached blob costs few blocking
@@ -156,6 +156,19 @@ impl Shared {
         let _ = rx.wait_for(|stop| *stop).await;
     }
 
+    /// `range` of a blob from the first peer that holds it and answers in time.
+    async fn open_from_peers(
+        &self,
+        origin: &Origin,
+        digest: &Digest,
+        range: Option<Range<u64>>,
+        lookup: Lookup,
+    ) -> Option<(BlobBody, SocketAddr)> {
+        let peers = self.peers.as_ref()?;
+        let candidates = peers.find(ContentKey::Digest(*digest), lookup).await;
+        peers.open_blob(&candidates, origin, digest, range).await.map(|(peer, body)| (body, peer))
+    }
+
     /// Opens `range` of a blob (`None`: all of it): from the first peer that serves it in
     /// time, else the upstream, else (the upstream failing) peers found by a patient lookup.
     async fn open(
@@ -164,13 +177,11 @@ impl Shared {
         digest: &Digest,
         range: Option<Range<u64>>,
     ) -> Result<(BlobBody, Source), ResolveError> {
-        let key = ContentKey::Digest(*digest);
         let never_upstream = self.config.air_gapped;
-        if let Some(peers) = &self.peers {
-            let candidates = peers.find(key.clone(), never_upstream).await;
-            if let Some((peer, body)) = peers.open_blob(&candidates, origin, digest, range.clone()).await {
-                return Ok((body, Source::Peer(peer)));
-            }
+        if let Some((body, peer)) =
+            self.open_from_peers(origin, digest, range.clone(), self.config.first_lookup()).await
+        {
+            return Ok((body, Source::Peer(peer)));
         }
         if never_upstream {
             return Err(if self.peers.is_some() { ResolveError::NoPeer } else { ResolveError::AirGapped });
@@ -183,12 +194,9 @@ impl Shared {
         if matches!(error, UpstreamError::NotFound | UpstreamError::Status { status: 416, .. }) {
             return Err(error.into());
         }
-        if let Some(peers) = &self.peers {
-            let candidates = peers.find(key, true).await;
-            if let Some((peer, body)) = peers.open_blob(&candidates, origin, digest, range).await {
-                tracing::info!(%digest, %peer, upstream_error = %error, "upstream unavailable; fetching from a peer");
-                return Ok((body, Source::Peer(peer)));
-            }
+        if let Some((body, peer)) = self.open_from_peers(origin, digest, range, Lookup::Patient).await {
+            tracing::info!(%digest, %peer, upstream_error = %error, "upstream unavailable; fetching from a peer");
+            return Ok((body, Source::Peer(peer)));
         }
         Err(error.into())
     }
@@ -202,8 +210,8 @@ pub struct Job {
     shared: Arc<Shared>,
     /// Peers whose bytes went into the blob: penalized together if it does not verify.
     peers_used: Mutex<HashSet<SocketAddr>>,
-    /// Where the first stream came from, for logs and metrics.
-    first_source: Mutex<Option<Source>>,
+    /// Where the first stream came from, for logs and metrics (`None`: a resumed blob).
+    first_source: Option<Source>,
     /// Bytes that came from peers: a response of the whole blob sends them only once the
     /// blob verified (see [`BlobSource::stream`]).
     peer_bytes: Mutex<IntervalSet>,
@@ -324,7 +332,7 @@ impl Transfers {
             return Err(ResolveError::AirGapped);
         }
         if let Some(partial) = self.store.existing_partial(digest).await? {
-            let job = Job::new(origin.clone(), partial, self.shared.clone());
+            let job = Job::new(origin.clone(), partial, self.shared.clone(), None);
             job.fill();
             return Ok(job);
         }
@@ -339,8 +347,7 @@ impl Transfers {
             other => other?,
         };
         let partial = self.store.partial(digest, body.size).await?;
-        let job = Job::new(origin.clone(), partial, self.shared.clone());
-        *lock(&job.first_source) = Some(source);
+        let job = Job::new(origin.clone(), partial, self.shared.clone(), Some(source));
         if !body.range.is_empty() {
             let claim = job.add_claim(&mut job.claims(), &body.range);
             job.spawn(claim, Some((body.stream, source)));
@@ -358,14 +365,14 @@ impl Transfers {
 }
 
 impl Job {
-    fn new(origin: Origin, partial: Arc<PartialBlob>, shared: Arc<Shared>) -> Arc<Self> {
+    fn new(origin: Origin, partial: Arc<PartialBlob>, shared: Arc<Shared>, first_source: Option<Source>) -> Arc<Self> {
         Arc::new(Self {
             origin,
             partial,
             claims: Mutex::new(Vec::new()),
             shared,
             peers_used: Mutex::new(HashSet::new()),
-            first_source: Mutex::new(None),
+            first_source,
             peer_bytes: Mutex::new(IntervalSet::new()),
         })
     }
@@ -394,7 +401,7 @@ impl Job {
 
     /// Where the bytes come from, for logs and metrics: `peer` or `upstream`.
     pub fn source_label(&self) -> &'static str {
-        match *lock(&self.first_source) {
+        match self.first_source {
             Some(Source::Peer(_)) => "peer",
             _ => "upstream",
         }

@@ -7,6 +7,11 @@ use crate::Digest;
 /// Multihash code of sha2-256, and its digest length.
 const SHA2_256: [u8; 2] = [0x12, 0x20];
 
+/// How a cached tag is named, in the store and in the DHT alike: `registry/repository:tag`.
+pub fn tag_name(registry: &str, repository: &str, tag: &str) -> String {
+    format!("{registry}/{repository}:{tag}")
+}
+
 /// A key in the content-routing table: a digest (a blob or manifest) or a cached tag.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ContentKey {
@@ -18,7 +23,7 @@ pub enum ContentKey {
 impl ContentKey {
     /// The tag key of `registry/repository:tag`.
     pub fn tag(registry: &str, repository: &str, tag: &str) -> Self {
-        Self::Tag(format!("{registry}/{repository}:{tag}"))
+        Self::Tag(tag_name(registry, repository, tag))
     }
 
     /// The routing key: the digest as a sha2-256 multihash, or the multihash of a tag's
