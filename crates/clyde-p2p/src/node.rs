@@ -70,6 +70,18 @@ struct Lookup {
     finished: bool,
 }
 
+impl Lookup {
+    /// Answers "nobody" once the walk is over and no provider is still being dialed.
+    fn settle_if_exhausted(&mut self) {
+        if self.finished
+            && self.waiting.is_empty()
+            && let Some(reply) = self.reply.take()
+        {
+            let _ = reply.send(Vec::new());
+        }
+    }
+}
+
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     /// A connection whose pings have gone unanswered this long is dead.
@@ -349,12 +361,7 @@ impl EventLoop {
     fn give_up_waiting(&mut self, peer_id: PeerId) {
         for lookup in self.lookups.values_mut() {
             lookup.waiting.remove(&peer_id);
-            if lookup.finished
-                && lookup.waiting.is_empty()
-                && let Some(reply) = lookup.reply.take()
-            {
-                let _ = reply.send(Vec::new());
-            }
+            lookup.settle_if_exhausted();
         }
         self.lookups.retain(|_, l| l.reply.is_some());
     }
@@ -391,11 +398,7 @@ impl EventLoop {
         }
         if step.last {
             lookup.finished = true;
-            if lookup.waiting.is_empty()
-                && let Some(reply) = lookup.reply.take()
-            {
-                let _ = reply.send(Vec::new());
-            }
+            lookup.settle_if_exhausted();
         }
         if lookup.reply.is_none() {
             self.lookups.remove(&id);
