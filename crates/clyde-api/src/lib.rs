@@ -123,12 +123,12 @@ pub async fn handle(resolver: &Resolver, api: Api, req: Request<Incoming>, peer:
     if method == Method::HEAD {
         *response.body_mut() = empty();
     }
-    let kind = if path.contains("/manifests/") {
-        "manifest"
-    } else if path.contains("/blobs/") {
-        "blob"
-    } else {
-        "other"
+    // The endpoint is the path's second-to-last segment, as the parser reads it (a repository
+    // may itself have a component named `blobs` or `manifests`).
+    let kind = match path.rsplit('/').nth(1) {
+        Some("manifests") => "manifest",
+        Some("blobs") => "blob",
+        _ => "other",
     };
     let metrics = resolver.metrics();
     metrics.request(api.name(), kind, response.status().as_u16(), started.elapsed().as_secs_f64());
