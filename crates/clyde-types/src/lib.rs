@@ -7,16 +7,20 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
 
 pub mod digest;
+pub mod image;
 pub mod intervals;
 pub mod key;
 pub mod media;
 pub mod piece;
 pub mod range;
 pub mod reference;
+pub mod size;
 
 pub use digest::{Digest, DigestError, DigestVerifier};
+pub use image::{ImageRef, ImageRefError};
 pub use intervals::IntervalSet;
 pub use key::ContentKey;
 pub use piece::PieceLayout;
 pub use range::{ByteRange, RangeError, RangeRequest};
 pub use reference::{ApiPath, PathError, Reference, Registry, Repository, Resource};
+pub use size::{SizeError, parse_size};
