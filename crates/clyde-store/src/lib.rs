@@ -9,6 +9,8 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
 
+mod catalog;
+mod lock;
 mod meta;
 mod partial;
 
@@ -24,6 +26,7 @@ use clyde_types::{ContentKey, Digest, PieceLayout};
 use tokio::sync::{Mutex, broadcast, watch};
 use tokio_util::task::TaskTracker;
 
+pub use catalog::{ImageEntry, ManifestKind, PrunePlan, PruneSelection};
 pub use meta::{BlobRecord, ManifestRecord, PartialRecord, TagRecord};
 pub use partial::{Outcome, PartialBlob};
 
@@ -44,6 +47,10 @@ pub enum StoreError {
     DigestMismatch(Digest),
     #[error("blob {digest} is already arriving with size {existing}, not {requested}")]
     SizeConflict { digest: Digest, existing: u64, requested: u64 },
+    #[error(
+        "the data dir {0} is in use by a running clyde; stop it, or run the command where it can reach the agent's admin socket"
+    )]
+    InUse(PathBuf),
     #[error("background task failed: {0}")]
     Join(String),
 }
@@ -105,6 +112,8 @@ pub struct Store {
 
 struct Inner {
     root: PathBuf,
+    /// Held while the store is open: one process writes a data dir at a time.
+    _lock: lock::DataDirLock,
     meta: meta::Meta,
     piece_size: u64,
     partials: Mutex<HashMap<Digest, Arc<PartialBlob>>>,
@@ -155,6 +164,7 @@ impl Store {
         for dir in ["blobs/sha256", "partial/sha256", "tmp"] {
             std::fs::create_dir_all(root.join(dir))?;
         }
+        let lock = lock::DataDirLock::acquire(root)?;
         for entry in std::fs::read_dir(root.join("tmp"))? {
             let _ = std::fs::remove_file(entry?.path());
         }
@@ -180,6 +190,7 @@ impl Store {
         Ok(Self {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
+                _lock: lock,
                 meta,
                 piece_size: piece_size.max(64 * 1024),
                 partials: Mutex::new(HashMap::new()),
@@ -519,24 +530,27 @@ impl Store {
             if self.total_bytes() <= target {
                 break;
             }
-            let path = self.blob_path(&digest);
-            let size = match std::fs::metadata(&path) {
-                Ok(m) => m.len(),
-                Err(_) => 0,
-            };
-            // Readers that have the file open keep reading it; new requests miss.
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e.into()),
-            }
-            self.inner.meta.remove_blob(&digest)?;
-            self.inner.total_bytes.fetch_sub(size.min(self.total_bytes()), std::sync::atomic::Ordering::Relaxed);
-            self.emit(StoreEvent::Dropped(ContentKey::Digest(digest)));
+            let size = self.remove_blob_blocking(&digest)?;
             tracing::info!(%digest, size, "evicted (least recently used)");
             removed.push(digest);
         }
         Ok(removed)
+    }
+
+    /// Removes a complete blob's file and record, and withdraws it; returns its size.
+    fn remove_blob_blocking(&self, digest: &Digest) -> Result<u64, StoreError> {
+        let path = self.blob_path(digest);
+        let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+        // Readers that have the file open keep reading it; new requests miss.
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.inner.meta.remove_blob(digest)?;
+        self.inner.total_bytes.fetch_sub(size.min(self.total_bytes()), std::sync::atomic::Ordering::Relaxed);
+        self.emit(StoreEvent::Dropped(ContentKey::Digest(*digest)));
+        Ok(size)
     }
 
     /// How many bytes complete blobs may take now under `policy`, if that is less than they

@@ -177,9 +177,7 @@ impl Meta {
     }
 
     pub(crate) fn remove_partial(&self, digest: &Digest) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(PARTIALS).map_err(db_err)?.remove(digest.to_string().as_str()).map_err(db_err)?;
-        txn.commit().map_err(db_err)
+        self.remove(PARTIALS, &digest.to_string())
     }
 
     /// Records when manifests were last pulled and blobs last read, in one transaction.
@@ -202,8 +200,20 @@ impl Meta {
     }
 
     pub(crate) fn remove_blob(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.remove(BLOBS, &digest.to_string())
+    }
+
+    pub(crate) fn remove_manifest(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.remove(MANIFESTS, &digest.to_string())
+    }
+
+    pub(crate) fn remove_tag(&self, key: &str) -> Result<(), StoreError> {
+        self.remove(TAGS, key)
+    }
+
+    fn remove(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(db_err)?;
-        txn.open_table(BLOBS).map_err(db_err)?.remove(digest.to_string().as_str()).map_err(db_err)?;
+        txn.open_table(table).map_err(db_err)?.remove(key).map_err(db_err)?;
         txn.commit().map_err(db_err)
     }
 

@@ -189,3 +189,133 @@ async fn eviction_removes_least_recently_read_blobs_and_withdraws_them() {
     // Under the target: nothing to do.
     assert!(store.evict_to(2000).await.unwrap().is_empty());
 }
+
+/// Caches a blob and returns its digest.
+async fn blob(store: &Store, data: &[u8]) -> Digest {
+    let d = Digest::of(data);
+    store.put_blob(d, Bytes::copy_from_slice(data)).await.unwrap();
+    d
+}
+
+/// Caches a manifest referencing `refs`, tagged `tag` when given; returns its digest.
+async fn manifest(store: &Store, repo: &str, tag: Option<&str>, kind: &str, refs: &[Digest], pulled: u64) -> Digest {
+    let body = format!("{{\"repo\":\"{repo}\",\"refs\":{:?}}}", refs.iter().map(|d| d.to_string()).collect::<Vec<_>>());
+    let d = blob(store, body.as_bytes()).await;
+    let record = ManifestRecord {
+        media_type: kind.to_string(),
+        size: body.len() as u64,
+        registry: "r.test".into(),
+        repository: repo.into(),
+        created: pulled,
+        last_pulled: pulled,
+        references: refs.to_vec(),
+    };
+    store.put_manifest(d, record).await.unwrap();
+    if let Some(tag) = tag {
+        let record = TagRecord { digest: d, media_type: kind.into(), checked_at: pulled };
+        store.put_tag(clyde_types::key::tag_name("r.test", repo, tag), record).await.unwrap();
+    }
+    d
+}
+
+struct Catalog {
+    shared: Digest,
+    app_layer: Digest,
+    tool_layer: Digest,
+    app_index: Digest,
+    app_image: Digest,
+    tool_image: Digest,
+}
+
+/// `app:v1` is an index over one image; `tool:v1` is an image; both share a layer.
+async fn catalog(store: &Store) -> Catalog {
+    let shared = blob(store, &random(1000)).await;
+    let app_layer = blob(store, &random(2000)).await;
+    let tool_layer = blob(store, &random(4000)).await;
+    let app_image = manifest(store, "app", None, clyde_types::media::OCI_MANIFEST, &[shared, app_layer], 100).await;
+    let app_index = manifest(store, "app", Some("v1"), clyde_types::media::OCI_INDEX, &[app_image], 100).await;
+    let tool_image =
+        manifest(store, "tool", Some("v1"), clyde_types::media::OCI_MANIFEST, &[shared, tool_layer], 200).await;
+    Catalog { shared, app_layer, tool_layer, app_index, app_image, tool_image }
+}
+
+#[tokio::test]
+async fn images_lists_names_kinds_and_held_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let c = catalog(&store).await;
+    let images = store.images().unwrap();
+    let names: Vec<&str> = images.iter().map(|e| e.reference.as_str()).collect();
+    let child = format!("r.test/app@{}", c.app_image);
+    assert_eq!(names, ["r.test/app:v1", "r.test/tool:v1", child.as_str()]);
+    let app = &images[0];
+    assert_eq!((app.kind, app.digest, app.tagged, app.child), (ManifestKind::Index, c.app_index, true, false));
+    let size = |d: &Digest| store.blob_size(d).unwrap();
+    assert_eq!(app.size, size(&c.app_index) + size(&c.app_image) + 1000 + 2000);
+    assert_eq!(images[1].size, size(&c.tool_image) + 1000 + 4000);
+    assert_eq!((images[2].kind, images[2].child, images[2].tagged), (ManifestKind::Image, true, false));
+}
+
+#[tokio::test]
+async fn prune_keeps_blobs_a_kept_image_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let c = catalog(&store).await;
+    let mut events = store.subscribe();
+    let select = |e: &ImageEntry| e.reference.contains("/app");
+    let plan = store.plan_prune(&PruneSelection { select: Some(&select), max_bytes: None }).unwrap();
+    assert_eq!(plan.tags, ["r.test/app:v1"]);
+    let mut manifests = vec![c.app_index, c.app_image];
+    manifests.sort();
+    assert_eq!(plan.manifests, manifests);
+    assert_eq!(plan.blobs, [c.app_layer]);
+    let before = store.total_bytes();
+    // Planning is a dry run: nothing changed.
+    assert_eq!(store.images().unwrap().len(), 3);
+    assert!(store.blob_size(&c.app_layer).is_some());
+
+    store.apply_prune(&plan).await.unwrap();
+    assert_eq!(store.total_bytes(), before - plan.bytes);
+    assert_eq!(store.images().unwrap().iter().map(|e| e.reference.clone()).collect::<Vec<_>>(), ["r.test/tool:v1"]);
+    for gone in [c.app_layer, c.app_index, c.app_image] {
+        assert_eq!(store.blob_size(&gone), None);
+    }
+    for kept in [c.shared, c.tool_layer, c.tool_image] {
+        assert!(store.blob_size(&kept).is_some());
+    }
+    assert_eq!(store.tag("r.test/app:v1").unwrap(), None);
+    let mut dropped = Vec::new();
+    while let Ok(StoreEvent::Dropped(k)) = events.try_recv() {
+        dropped.push(k);
+    }
+    assert!(dropped.contains(&ContentKey::Tag("r.test/app:v1".into())));
+    assert!(dropped.contains(&ContentKey::Digest(c.app_layer)));
+    assert_eq!(dropped.len(), 4, "{dropped:?}");
+}
+
+#[tokio::test]
+async fn prune_to_a_size_removes_least_recently_pulled_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let c = catalog(&store).await;
+    // app (pulled at 100) goes before tool (200); dropping app alone is enough.
+    let plan = store.plan_prune(&PruneSelection { select: None, max_bytes: Some(store.total_bytes() - 100) }).unwrap();
+    assert_eq!(plan.images, ["r.test/app:v1"]);
+    assert_eq!(plan.blobs, [c.app_layer]);
+    let nothing = store.plan_prune(&PruneSelection { select: None, max_bytes: Some(store.total_bytes()) }).unwrap();
+    assert_eq!(nothing, PrunePlan::default());
+    let all = store.plan_prune(&PruneSelection { select: None, max_bytes: Some(0) }).unwrap();
+    assert_eq!(all.images.len(), 2);
+    assert_eq!(all.blobs.len(), 3);
+}
+
+#[tokio::test]
+async fn a_second_opener_of_the_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let err = Store::open(dir.path(), 64 * 1024).err().unwrap();
+    assert!(matches!(err, StoreError::InUse(_)), "{err}");
+    store.shutdown().await;
+    drop(store);
+    Store::open(dir.path(), 64 * 1024).unwrap();
+}
