@@ -2,6 +2,10 @@
 # Not built in this project's CI (no Docker engine on its machines); see docs/architecture.md.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
+# protoc compiles proto/ (the admin API) at build time.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends protobuf-compiler \
+ && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN cargo build --release --locked --bin clyde && strip target/release/clyde
 

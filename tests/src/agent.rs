@@ -50,6 +50,8 @@ pub struct Agent {
     runs: u32,
     /// The data dir is a tmpfs of this many MiB, unmounted on drop.
     tmpfs_mib: Option<u32>,
+    /// A data dir the test made (else one in `dir`).
+    data: Option<PathBuf>,
 }
 
 impl Agent {
@@ -67,15 +69,20 @@ impl Agent {
     /// Starts an agent in `place`. On a lab host it runs as on a real node: every address
     /// is the default (mirror on the host's own 127.0.0.1:30021, the rest on 0.0.0.0).
     pub fn start_in(place: &Place, config: &str, args: &[&str]) -> Self {
-        Self::start_with(place, config, args, None)
+        Self::start_with(place, config, args, None, None)
+    }
+
+    /// Starts an agent on 127.0.0.1 on an existing data dir (one an offline command filled).
+    pub fn start_with_data_dir(data: &std::path::Path, config: &str, args: &[&str]) -> Self {
+        Self::start_with(&Place::local(), config, args, None, Some(data.to_path_buf()))
     }
 
     /// Starts an agent on 127.0.0.1 whose data dir is a tmpfs of `size_mib` (a small disk).
     pub fn start_on_tmpfs(config: &str, args: &[&str], size_mib: u32) -> Self {
-        Self::start_with(&Place::local(), config, args, Some(size_mib))
+        Self::start_with(&Place::local(), config, args, Some(size_mib), None)
     }
 
-    fn start_with(place: &Place, config: &str, args: &[&str], tmpfs_mib: Option<u32>) -> Self {
+    fn start_with(place: &Place, config: &str, args: &[&str], tmpfs_mib: Option<u32>, data: Option<PathBuf>) -> Self {
         let dir = tempfile::Builder::new().prefix("clyde-agent").tempdir().expect("tempdir");
         std::fs::write(dir.path().join("config.toml"), config).expect("write config");
         let ip = &place.ip;
@@ -93,6 +100,7 @@ impl Agent {
             child: None,
             runs: 0,
             tmpfs_mib,
+            data,
         };
         if let Some(mib) = tmpfs_mib {
             std::fs::create_dir_all(a.data_dir()).expect("data dir");
@@ -258,7 +266,7 @@ impl Agent {
 
     /// The agent's data dir.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data.clone().unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     /// Kills the process with SIGKILL.

@@ -9,6 +9,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
 
+pub mod load;
 mod manifest;
 pub mod peers;
 pub mod transfer;
@@ -22,6 +23,7 @@ use clyde_types::{ContentKey, Digest, Registry, Repository};
 use clyde_upstream::{Upstream, UpstreamError};
 use serde::Deserialize;
 
+pub use load::{LoadError, LoadEvent, Platform};
 pub use manifest::ServedManifest;
 pub use peers::{BoxFuture, Discovery};
 pub use transfer::{BlobSource, BlobStream};

@@ -72,7 +72,7 @@ pub struct PrunePlan {
 /// Which images to prune: those `select` accepts, then least-recently-pulled ones until
 /// the store fits in `max_bytes`.
 pub struct PruneSelection<'a> {
-    pub select: Option<&'a dyn Fn(&ImageEntry) -> bool>,
+    pub select: Option<&'a (dyn Fn(&ImageEntry) -> bool + Sync)>,
     pub max_bytes: Option<u64>,
 }
 

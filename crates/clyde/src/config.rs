@@ -60,6 +60,8 @@ pub struct Config {
     /// Longest upstream silence mid-answer (`30s`).
     #[serde(with = "humantime_serde")]
     pub upstream_read_timeout: Duration,
+    /// A file of image references (one per line) loaded at start while serving.
+    pub preload_images: Option<PathBuf>,
     /// Upstream registries with their endpoint, auth and TLS.
     pub registries: Vec<RegistryConfig>,
     /// Provider lookups and peer transfers (`[peers]`).
@@ -92,6 +94,7 @@ impl Default for Config {
             tag_check_timeout: Duration::from_secs(2),
             upstream_connect_timeout: Duration::from_secs(3),
             upstream_read_timeout: Duration::from_secs(30),
+            preload_images: None,
             registries: Vec::new(),
             peers: Default::default(),
             p2p: Default::default(),

@@ -2,6 +2,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
 
+mod admin;
 mod config;
 mod containerd_config;
 mod serve;
@@ -39,6 +40,12 @@ struct Cli {
 enum Command {
     /// Run the agent: the registry mirror for containerd
     Serve(Box<ServeArgs>),
+    /// List cached images: reference, kind, digest, size, created, last pulled
+    List(admin::ListArgs),
+    /// Remove cached images and the blobs only they reference
+    Prune(admin::PruneArgs),
+    /// Pull images into the store (through the running agent, or offline)
+    Load(admin::LoadArgs),
     /// Write containerd hosts.toml files that point registries at the mirror
     ContainerdConfig(containerd_config::ContainerdConfigArgs),
     /// Print version, git commit and build date
@@ -90,6 +97,9 @@ pub struct ServeArgs {
     /// How long a tag is served before it is re-checked upstream, e.g. 30s [default: 5m]
     #[arg(long)]
     tag_ttl: Option<humantime::Duration>,
+    /// A file of image references (one per line) to load at start while serving
+    #[arg(long)]
+    preload_images: Option<PathBuf>,
     /// Re-check the `latest` tag upstream on every request
     #[arg(long)]
     always_pull_latest: bool,
@@ -111,6 +121,9 @@ impl ServeArgs {
         set(&mut c.piece_size, self.piece_size);
         set(&mut c.disk_high_watermark, self.disk_high_watermark);
         set(&mut c.tag_ttl, self.tag_ttl.map(Into::into));
+        if self.preload_images.is_some() {
+            c.preload_images = self.preload_images;
+        }
         if self.cache_max_bytes.is_some() {
             c.cache_max_bytes = self.cache_max_bytes;
         }
@@ -159,6 +172,13 @@ fn init_logs(level: &str, format: &str) {
     }
 }
 
+/// Runs an admin command; its logs stay at warnings unless asked for.
+fn run_admin(config: &Config, work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let level = if config.log_level == "info" { "warn" } else { config.log_level.as_str() };
+    init_logs(level, &config.log_format);
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(work)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut config = Config::load(cli.config.as_ref())?;
@@ -185,5 +205,8 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(serve::run(config))
         }
+        Command::List(args) => run_admin(&config, admin::list(&config, &args)),
+        Command::Prune(args) => run_admin(&config, admin::prune(&config, &args)),
+        Command::Load(args) => run_admin(&config, admin::load(&config, &args)),
     }
 }

@@ -91,6 +91,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     tasks.spawn(clyde_api::serve(mirror, Api::Mirror, resolver.clone(), shutdown_rx.clone()));
     tasks.spawn(clyde_api::serve(peer, Api::Peer, resolver.clone(), shutdown_rx.clone()));
+    let (admin, admin_path) = clyde_admin::server::bind(&config.data_dir)
+        .with_context(|| format!("cannot create the admin socket in {}", config.data_dir.display()))?;
+    tasks.spawn(clyde_admin::server::serve(admin, admin_path, store.clone(), resolver.clone(), shutdown_rx.clone()));
+    if let Some(file) = &config.preload_images {
+        let images = crate::admin::load_images(&[], Some(file))?;
+        tasks.spawn(preload(resolver.clone(), images, shutdown_rx.clone()));
+    }
     let ready = {
         let p2p = p2p.clone();
         move || {
@@ -114,6 +121,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.wait().await;
     resolver.shutdown().await;
     Ok(())
+}
+
+/// Loads the images of `--preload-images` while the agent serves; each result is logged.
+async fn preload(resolver: clyde_resolver::Resolver, images: Vec<String>, mut shutdown: watch::Receiver<bool>) {
+    tracing::info!(images = images.len(), "preloading images");
+    let request = clyde_admin::LoadRequest { images, ..Default::default() };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    let drain = async move { while rx.recv().await.is_some() {} };
+    tokio::select! {
+        (result, ()) = async { tokio::join!(clyde_admin::ops::load(&resolver, &request, tx), drain) } => match result {
+            Ok(0) => tracing::info!("preloaded every image"),
+            Ok(failed) => tracing::warn!(failed, "some images could not be preloaded"),
+            Err(e) => tracing::warn!(error = %e, "preload failed"),
+        },
+        _ = shutdown.wait_for(|stop| *stop) => {}
+    }
 }
 
 async fn wait_for_signal() {

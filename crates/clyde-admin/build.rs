@@ -1,0 +1,10 @@
+//! Generates the admin API's gRPC code from `proto/` (needs `protoc`, Debian's
+//! `protobuf-compiler`).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let proto = root.join("clyde/admin/v1/admin.proto");
+    println!("cargo:rerun-if-changed={}", proto.display());
+    tonic_prost_build::configure().compile_protos(&[proto], &[root])?;
+    Ok(())
+}
