@@ -153,12 +153,9 @@ impl Agent {
         }
         cmd.args(&self.args);
         self.child = Some(spawn_logged(&mut cmd, &log));
-        // A lab host's mirror is on its own loopback: the health port says it is up.
-        let url = if self.place.is_isolated() {
-            format!("{}/healthz", self.metrics_url())
-        } else {
-            format!("{}/v2/", self.url())
-        };
+        // The health port answers once every listener is bound (the mirror may be on a lab
+        // host's own loopback, or speak TLS).
+        let url = format!("{}/healthz", self.metrics_url());
         let client = http();
         let child = self.child.as_mut().expect("child");
         let exited = wait_for("clyde to answer", Duration::from_secs(30), || {

@@ -28,6 +28,8 @@ impl Pki {
         for (name, ext) in [
             ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"),
             ("client", "extendedKeyUsage=clientAuth\n"),
+            // One certificate for every agent, client and server of each other.
+            ("peer", "subjectAltName=DNS:clyde-peer\nextendedKeyUsage=serverAuth,clientAuth\n"),
         ] {
             std::fs::write(p.join(format!("{name}.ext")), ext).expect("ext");
             run(Command::new(&openssl).arg("req").args(ec).args(["-subj", &format!("/CN=clyde-test-{name}")]).args([
@@ -58,7 +60,8 @@ impl Pki {
         Self { dir }
     }
 
-    /// A file of the PKI: `ca.pem`, `server.pem`, `server-key.pem`, `client.pem`, `client-key.pem`.
+    /// A file of the PKI: `ca.pem`, `server.pem`, `server-key.pem`, `client.pem`,
+    /// `client-key.pem`, `peer.pem`, `peer-key.pem` (for the name `clyde-peer`).
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

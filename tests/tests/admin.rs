@@ -55,6 +55,8 @@ fn load_list_and_prune_through_the_running_agent() {
     let agent = Agent::start("", &[]);
     let dir = agent.data_dir();
     let r = reg.addr();
+    let socket = std::fs::metadata(dir.join("admin.sock")).expect("the agent's admin socket");
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&socket.permissions()) & 0o777, 0o600, "owner-only");
 
     // One image that does not exist: reported, the rest loaded, and the exit code says so.
     let (app_ref, tool_ref, missing) = (format!("{r}/app:v1"), format!("{r}/tool:v1"), format!("{r}/missing:v1"));

@@ -11,6 +11,7 @@
 mod errors;
 mod health;
 mod query;
+mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use tokio_util::task::TaskTracker;
 
 pub use errors::ErrorCode;
 pub use health::serve_health;
+pub use tls::ServerTls;
 
 /// The response body type.
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -57,11 +59,12 @@ impl Api {
     }
 }
 
-/// Serves `api` on `listener` until `shutdown` turns true.
+/// Serves `api` on `listener`, over TLS when `tls` is given, until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     api: Api,
     resolver: Resolver,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let connections = TaskTracker::new();
@@ -79,30 +82,54 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let resolver = resolver.clone();
-        let mut conn_shutdown = shutdown.clone();
+        let shutdown = shutdown.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let resolver = resolver.clone();
-                async move { Ok::<_, Infallible>(handle(&resolver, api, req, peer).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(stream), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, %peer, "connection ended with an error") },
-                _ = conn_shutdown.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
+            let Some(tls) = tls else {
+                return serve_connection(TokioIo::new(stream), api, resolver, peer, shutdown).await;
+            };
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(TokioIo::new(stream), api, resolver, peer, shutdown).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
     }
     connections.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), connections.wait()).await;
     Ok(())
+}
+
+/// Longest a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves HTTP/1.1 requests on one connection until it ends or the server shuts down.
+async fn serve_connection<IO>(
+    io: TokioIo<IO>,
+    api: Api,
+    resolver: Resolver,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let resolver = resolver.clone();
+        async move { Ok::<_, Infallible>(handle(&resolver, api, req, peer).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, %peer, "connection ended with an error") },
+        _ = shutdown.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
+    }
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {

@@ -48,6 +48,9 @@ pub struct ResolverConfig {
     pub transfer_attempts: u32,
     /// Peer lookups and transfers (`[peers]` in the config file).
     pub peers: PeerTimeouts,
+    /// Mutual TLS to peers (`[peer_tls]` in the config file); none: plain HTTP.
+    #[serde(skip)]
+    pub peer_tls: Option<clyde_upstream::PeerTls>,
 }
 
 impl ResolverConfig {
@@ -68,6 +71,7 @@ impl Default for ResolverConfig {
             steal_distance: 1024 * 1024,
             transfer_attempts: 4,
             peers: PeerTimeouts::default(),
+            peer_tls: None,
         }
     }
 }

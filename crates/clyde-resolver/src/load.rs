@@ -10,7 +10,7 @@ use clyde_types::{Digest, ImageRef, Reference, media};
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
-use crate::{Origin, ResolveError, Resolver};
+use crate::{BlobSource, Origin, ResolveError, Resolver};
 
 /// Blobs of one image fetched at once.
 const BLOBS_AT_ONCE: usize = 3;
@@ -177,6 +177,10 @@ impl Resolver {
         if source.size() != size {
             return Err(blob_error(format!("the manifest says {size} bytes, the source {}", source.size())));
         }
+        let arriving = match &source {
+            BlobSource::Transfer(job) | BlobSource::Arriving(job) => Some(job.partial().clone()),
+            BlobSource::Local(_) => None,
+        };
         let mut stream = source.stream(clyde_types::ByteRange::full(size));
         let (mut done, mut reported) = (0u64, 0u64);
         while let Some(chunk) = stream.next().await {
@@ -191,6 +195,10 @@ impl Resolver {
         }
         if done != size {
             return Err(blob_error(format!("ended after {done} of {size} bytes")));
+        }
+        // Loaded means in the store: a `list` or an air-gapped agent right after sees it.
+        if let Some(partial) = arriving {
+            partial.wait_committed().await.map_err(|e| blob_error(e.to_string()))?;
         }
         Ok(())
     }

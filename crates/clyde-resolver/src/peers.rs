@@ -51,7 +51,8 @@ pub(crate) struct Peers {
 
 impl Peers {
     pub(crate) fn new(discovery: Arc<dyn Discovery>, config: ResolverConfig) -> Result<Self, UpstreamError> {
-        let client = PeerClient::new(config.peers.connect_timeout, config.peers.read_timeout)?;
+        let client =
+            PeerClient::new(config.peers.connect_timeout, config.peers.read_timeout, config.peer_tls.as_ref())?;
         Ok(Self { discovery, client, penalties: Mutex::new(HashMap::new()), config })
     }
 

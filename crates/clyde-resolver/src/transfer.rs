@@ -381,6 +381,11 @@ impl Job {
         lock(&self.claims)
     }
 
+    /// The blob being written.
+    pub(crate) fn partial(&self) -> &Arc<PartialBlob> {
+        &self.partial
+    }
+
     /// The blob's size.
     pub fn size(&self) -> u64 {
         self.partial.size()

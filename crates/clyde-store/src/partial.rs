@@ -215,6 +215,22 @@ impl PartialBlob {
         }
     }
 
+    /// Waits until the blob is committed to the store (verified, fsynced, renamed); an
+    /// error if it was discarded or abandoned.
+    pub async fn wait_committed(&self) -> Result<(), StoreError> {
+        let mut rx = self.subscribe();
+        loop {
+            match self.outcome() {
+                Outcome::Complete => return Ok(()),
+                Outcome::Failed(reason) => return Err(StoreError::Discarded(reason.to_string())),
+                Outcome::Pending => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(StoreError::Finished);
+            }
+        }
+    }
+
     /// Like [`PartialBlob::read_at`], but the last byte too as soon as it is written: for
     /// ranged responses, which no digest covers.
     pub async fn read_range_at(&self, offset: u64, max: u64) -> Result<Bytes, StoreError> {

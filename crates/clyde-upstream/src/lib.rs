@@ -9,7 +9,7 @@
 
 mod auth;
 mod config;
-mod peer;
+pub mod peer;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -23,7 +23,7 @@ use futures_util::{Stream, StreamExt};
 use reqwest::{Method, StatusCode, header};
 
 pub use config::{AuthConfig, RegistryConfig, TlsConfig, UpstreamConfig};
-pub use peer::PeerClient;
+pub use peer::{PeerClient, PeerTls};
 
 /// What went wrong talking to an upstream; decides the mirror's answer.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -7,10 +7,17 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clyde_types::{Digest, Reference, Registry, Repository, media};
 use reqwest::{StatusCode, header};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore};
 
 use crate::{BlobBody, Manifest, UpstreamError, blob_body, error_chain, range_header, read_manifest};
 
@@ -18,25 +25,34 @@ use crate::{BlobBody, Manifest, UpstreamError, blob_body, error_chain, range_hea
 #[derive(Clone)]
 pub struct PeerClient {
     http: reqwest::Client,
+    /// `https` when peers speak TLS.
+    scheme: &'static str,
 }
 
 impl PeerClient {
     /// A client that gives up connecting after `connect_timeout` (a dead peer is skipped
-    /// fast) and on a body silent for `read_timeout` (a stalled peer is replaced).
-    pub fn new(connect_timeout: Duration, read_timeout: Duration) -> Result<Self, UpstreamError> {
-        let http = reqwest::Client::builder()
+    /// fast) and on a body silent for `read_timeout` (a stalled peer is replaced); over
+    /// mutual TLS when `tls` is given.
+    pub fn new(
+        connect_timeout: Duration,
+        read_timeout: Duration,
+        tls: Option<&PeerTls>,
+    ) -> Result<Self, UpstreamError> {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
             .read_timeout(read_timeout)
             .tcp_nodelay(true)
             .no_proxy()
-            .http1_only()
-            .build()
-            .map_err(|e| UpstreamError::Config("peers".into(), error_chain(&e)))?;
-        Ok(Self { http })
+            .http1_only();
+        if let Some(tls) = tls {
+            builder = builder.use_preconfigured_tls(client_tls(tls)?);
+        }
+        let http = builder.build().map_err(|e| UpstreamError::Config("peers".into(), error_chain(&e)))?;
+        Ok(Self { http, scheme: if tls.is_some() { "https" } else { "http" } })
     }
 
-    fn url(peer: SocketAddr, registry: &Registry, repository: &Repository, what: &str) -> String {
-        format!("http://{peer}/v2/{repository}/{what}?ns={}", registry.as_str())
+    fn url(&self, peer: SocketAddr, registry: &Registry, repository: &Repository, what: &str) -> String {
+        format!("{}://{peer}/v2/{repository}/{what}?ns={}", self.scheme, registry.as_str())
     }
 
     async fn send(&self, peer: SocketAddr, req: reqwest::RequestBuilder) -> Result<reqwest::Response, UpstreamError> {
@@ -59,7 +75,7 @@ impl PeerClient {
         repository: &Repository,
         digest: &Digest,
     ) -> Result<u64, UpstreamError> {
-        let req = self.http.head(Self::url(peer, registry, repository, &format!("blobs/{digest}")));
+        let req = self.http.head(self.url(peer, registry, repository, &format!("blobs/{digest}")));
         let resp = self.send(peer, req).await?;
         crate::content_length(resp.headers())
             .ok_or_else(|| UpstreamError::Protocol(format!("peer {peer}: blob HEAD without Content-Length")))
@@ -74,7 +90,7 @@ impl PeerClient {
         digest: &Digest,
         range: Option<Range<u64>>,
     ) -> Result<BlobBody, UpstreamError> {
-        let mut req = self.http.get(Self::url(peer, registry, repository, &format!("blobs/{digest}")));
+        let mut req = self.http.get(self.url(peer, registry, repository, &format!("blobs/{digest}")));
         if let Some(r) = &range {
             req = req.header(header::RANGE, range_header(r));
         }
@@ -93,9 +109,119 @@ impl PeerClient {
     ) -> Result<Manifest, UpstreamError> {
         let req = self
             .http
-            .get(Self::url(peer, registry, repository, &format!("manifests/{reference}")))
+            .get(self.url(peer, registry, repository, &format!("manifests/{reference}")))
             .header(header::ACCEPT, media::upstream_accept(accept));
         let resp = self.send(peer, req).await?;
         read_manifest(resp, reference, &format!("peer {peer}")).await
     }
+}
+
+/// TLS between agents, the same on every node: each peer port serves `cert` and requires a
+/// client certificate signed by `ca`; each agent fetching from a peer presents `cert` and
+/// checks the peer's certificate against `ca`, for `server_name` or else the peer's IP.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerTls {
+    /// PEM certificate chain of this agent (server and client use: both key usages).
+    pub cert: PathBuf,
+    /// PEM private key of `cert`.
+    pub key: PathBuf,
+    /// PEM CA certificates that sign every agent's certificate.
+    pub ca: PathBuf,
+    /// The name peers' certificates are checked for (one certificate for all nodes, e.g.
+    /// `clyde-peer`); default: the address dialed.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+fn tls_error(what: &str, path: &Path, e: impl std::fmt::Display) -> UpstreamError {
+    UpstreamError::Config("peer_tls".into(), format!("{what} {}: {e}", path.display()))
+}
+
+/// Certificates from a PEM file.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, UpstreamError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| tls_error("cannot read certificates from", path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_error("bad certificate in", path, e))?;
+    if certs.is_empty() {
+        return Err(tls_error("no certificate in", path, "expected PEM CERTIFICATE blocks"));
+    }
+    Ok(certs)
+}
+
+/// The private key in a PEM file.
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, UpstreamError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| tls_error("cannot read a private key from", path, e))
+}
+
+/// A trust store of the CA certificates in a PEM file.
+pub fn read_roots(path: &Path) -> Result<Arc<RootCertStore>, UpstreamError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots.add(cert).map_err(|e| tls_error("unusable CA certificate in", path, e))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// Checks a peer's chain against the cluster CA, for a fixed name when one is configured.
+#[derive(Debug)]
+struct PeerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    name: Option<ServerName<'static>>,
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let name = self.name.as_ref().unwrap_or(server_name);
+        self.inner.verify_server_cert(end_entity, intermediates, name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn client_tls(tls: &PeerTls) -> Result<rustls::ClientConfig, UpstreamError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let bad = |e: &dyn std::fmt::Display| UpstreamError::Config("peer_tls".into(), e.to_string());
+    let inner = WebPkiServerVerifier::builder_with_provider(read_roots(&tls.ca)?, provider.clone())
+        .build()
+        .map_err(|e| bad(&e))?;
+    let name = match &tls.server_name {
+        Some(n) => Some(ServerName::try_from(n.clone()).map_err(|e| bad(&format!("server_name {n:?}: {e}")))?),
+        None => None,
+    };
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(&e))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PeerVerifier { inner, name }))
+        .with_client_auth_cert(read_certs(&tls.cert)?, read_key(&tls.key)?)
+        .map_err(|e| bad(&format!("cert and key: {e}")))
 }

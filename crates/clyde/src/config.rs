@@ -68,6 +68,10 @@ pub struct Config {
     pub peers: clyde_resolver::PeerTimeouts,
     /// The DHT: provider TTL, republishing, DNS re-resolution, liveness pings (`[p2p]`).
     pub p2p: clyde_p2p::P2pConfig,
+    /// TLS on the mirror port, optionally mutual (`[mirror_tls]`); none: plain HTTP.
+    pub mirror_tls: Option<clyde_api::ServerTls>,
+    /// Mutual TLS between agents' peer ports (`[peer_tls]`); none: plain HTTP.
+    pub peer_tls: Option<clyde_upstream::PeerTls>,
 }
 
 impl Default for Config {
@@ -98,6 +102,8 @@ impl Default for Config {
             registries: Vec::new(),
             peers: Default::default(),
             p2p: Default::default(),
+            mirror_tls: None,
+            peer_tls: None,
         }
     }
 }

@@ -28,6 +28,32 @@ pub struct ContainerdConfigArgs {
     /// registry (containerd 1.7 and later; earlier versions ignore it)
     #[arg(long, default_value = "200ms", value_parser = parse_timeout)]
     dial_timeout: String,
+    /// CA certificate (PEM) containerd checks an https mirror against
+    #[arg(long)]
+    mirror_ca: Option<PathBuf>,
+    /// Client certificate (PEM) containerd presents to a mirror that requires one (mTLS)
+    #[arg(long, requires = "mirror_client_key")]
+    mirror_client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM)
+    #[arg(long, requires = "mirror_client_cert")]
+    mirror_client_key: Option<PathBuf>,
+}
+
+/// The mirror's `[host]` entry.
+pub struct MirrorHost<'a> {
+    pub url: &'a str,
+    pub dial_timeout: &'a str,
+    pub ca: Option<&'a Path>,
+    pub client: Option<(&'a Path, &'a Path)>,
+}
+
+/// A TOML basic string of a path.
+fn quoted(path: &Path) -> anyhow::Result<String> {
+    let s = path.to_str().with_context(|| format!("{} is not UTF-8", path.display()))?;
+    if s.chars().any(char::is_control) {
+        bail!("{s:?} has control characters");
+    }
+    Ok(format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
 }
 
 fn parse_timeout(s: &str) -> Result<String, String> {
@@ -35,12 +61,7 @@ fn parse_timeout(s: &str) -> Result<String, String> {
 }
 
 /// The hosts.toml text for one registry.
-pub fn render(
-    registry: &str,
-    mirror_url: &str,
-    dial_timeout: &str,
-    existing_hosts: Option<&str>,
-) -> anyhow::Result<String> {
+pub fn render(registry: &str, mirror: &MirrorHost<'_>, existing_hosts: Option<&str>) -> anyhow::Result<String> {
     let mut out = String::from(
         "# Written by `clyde containerd-config`: containerd asks the Clyde mirror first,\n# then the registry itself.\n",
     );
@@ -50,8 +71,15 @@ pub fn render(
         out.push_str(&format!("server = \"{scheme}://{registry}\"\n"));
     }
     out.push_str(&format!(
-        "\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"{dial_timeout}\"\n"
+        "\n[host.\"{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  dial_timeout = \"{}\"\n",
+        mirror.url, mirror.dial_timeout
     ));
+    if let Some(ca) = mirror.ca {
+        out.push_str(&format!("  ca = {}\n", quoted(ca)?));
+    }
+    if let Some((cert, key)) = mirror.client {
+        out.push_str(&format!("  client = [[{}, {}]]\n", quoted(cert)?, quoted(key)?));
+    }
     if let Some(hosts) = existing_hosts {
         out.push('\n');
         out.push_str(hosts);
@@ -100,7 +128,13 @@ pub fn run(args: &ContainerdConfigArgs) -> anyhow::Result<()> {
             (Some(old), true) => existing_hosts(old, &args.mirror_url),
             _ => None,
         };
-        let text = render(registry, &args.mirror_url, &args.dial_timeout, kept.as_deref())?;
+        let mirror = MirrorHost {
+            url: &args.mirror_url,
+            dial_timeout: &args.dial_timeout,
+            ca: args.mirror_ca.as_deref(),
+            client: args.mirror_client_cert.as_deref().zip(args.mirror_client_key.as_deref()),
+        };
+        let text = render(registry, &mirror, kept.as_deref())?;
         if args.dry_run {
             println!("# {}\n{text}", path.display());
             continue;
@@ -121,15 +155,33 @@ pub fn run(args: &ContainerdConfigArgs) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    const PLAIN: MirrorHost<'static> =
+        MirrorHost { url: "http://127.0.0.1:30021", dial_timeout: "200ms", ca: None, client: None };
+
     #[test]
     fn renders_server_and_mirror() {
-        let t = render("127.0.0.1:5000", "http://127.0.0.1:30021", "200ms", None).unwrap();
+        let t = render("127.0.0.1:5000", &PLAIN, None).unwrap();
         assert!(t.contains("server = \"http://127.0.0.1:5000\""));
         assert!(t.contains("[host.\"http://127.0.0.1:30021\"]\n  capabilities = [\"pull\", \"resolve\"]"));
         assert!(t.contains("  dial_timeout = \"200ms\"\n"));
-        let t = render("_default", "http://127.0.0.1:30021", "200ms", None).unwrap();
+        let t = render("_default", &PLAIN, None).unwrap();
         assert!(!t.contains("server ="));
-        assert!(render("../etc", "http://x", "200ms", None).is_err());
+        assert!(render("../etc", &PLAIN, None).is_err());
+    }
+
+    #[test]
+    fn renders_the_mirror_ca_and_client_certificate() {
+        let mirror = MirrorHost {
+            url: "https://127.0.0.1:30021",
+            ca: Some(Path::new("/etc/clyde/ca.pem")),
+            client: Some((Path::new("/etc/clyde/c.pem"), Path::new("/etc/clyde/c\"key.pem"))),
+            ..PLAIN
+        };
+        let t = render("_default", &mirror, None).unwrap();
+        assert!(t.contains("  ca = \"/etc/clyde/ca.pem\"\n"), "{t}");
+        assert!(t.contains("  client = [[\"/etc/clyde/c.pem\", \"/etc/clyde/c\\\"key.pem\"]]\n"), "{t}");
+        let parsed: toml::Value = toml::from_str(&t).unwrap();
+        assert_eq!(parsed["host"]["https://127.0.0.1:30021"]["client"][0][1].as_str(), Some("/etc/clyde/c\"key.pem"));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use clyde_api::Api;
+use clyde_api::{Api, ServerTls};
 use clyde_metrics::Metrics;
 use clyde_metrics::prometheus_client::registry::Registry;
 use clyde_p2p::{Network, P2p, parse_multiaddrs};
@@ -38,6 +38,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         max_bytes: config.cache_max_bytes,
         disk_high_watermark: (watermark > 0.0 && watermark < 1.0).then_some(watermark),
     });
+    let mirror_tls = config.mirror_tls.as_ref().map(ServerTls::acceptor).transpose().context("[mirror_tls]")?;
+    // Peers present their certificate as clients too: the peer port requires one the CA signed.
+    let peer_tls = config
+        .peer_tls
+        .as_ref()
+        .map(|t| ServerTls { cert: t.cert.clone(), key: t.key.clone(), client_ca: Some(t.ca.clone()) }.acceptor())
+        .transpose()
+        .context("[peer_tls]")?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let tasks = TaskTracker::new();
     let mut registry = Registry::default();
@@ -76,6 +84,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             always_pull_latest: config.always_pull_latest,
             tag_check_timeout: config.tag_check_timeout,
             peers: config.peers.clone(),
+            peer_tls: config.peer_tls.clone(),
             ..ResolverConfig::default()
         },
         metrics.clone(),
@@ -87,10 +96,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         peer_id = %p2p.peer_id(),
         data_dir = %config.data_dir.display(),
         never_upstream,
+        mirror_tls = mirror_tls.is_some(),
+        peer_tls = peer_tls.is_some(),
         "clyde serving"
     );
-    tasks.spawn(clyde_api::serve(mirror, Api::Mirror, resolver.clone(), shutdown_rx.clone()));
-    tasks.spawn(clyde_api::serve(peer, Api::Peer, resolver.clone(), shutdown_rx.clone()));
+    tasks.spawn(clyde_api::serve(mirror, Api::Mirror, resolver.clone(), mirror_tls, shutdown_rx.clone()));
+    tasks.spawn(clyde_api::serve(peer, Api::Peer, resolver.clone(), peer_tls, shutdown_rx.clone()));
     let (admin, admin_path) = clyde_admin::server::bind(&config.data_dir)
         .with_context(|| format!("cannot create the admin socket in {}", config.data_dir.display()))?;
     tasks.spawn(clyde_admin::server::serve(admin, admin_path, store.clone(), resolver.clone(), shutdown_rx.clone()));
