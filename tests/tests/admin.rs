@@ -130,6 +130,16 @@ fn a_blob_a_kept_tag_references_survives_a_prune() {
     let out = clyde(&dir, &["load", &format!("{r}/same:v1"), &format!("{r}/same:v2")]);
     assert!(out.ok, "{}{}", out.stdout, out.stderr);
     let before = blob_count(&dir);
+    // Sizes and ages as operators write them; both tags were pulled just now.
+    let out = clyde(&dir, &["prune", "--accessed-before", "1h", "--output", "json"]);
+    assert!(out.ok && out.stdout.contains("\"images\": []"), "{}{}", out.stdout, out.stderr);
+    let out = clyde(&dir, &["prune", "--max-size", "1KiB", "--dry-run"]);
+    assert!(out.ok && out.stdout.contains("would remove 2 images, 1 manifests, 2 blobs"), "{}{}", out.stdout, out.stderr);
+    let out = clyde(&dir, &["prune", "--max-size", "lots"]);
+    assert!(!out.ok && out.stderr.contains("invalid size"), "{}", out.stderr);
+    let out = clyde(&dir, &["prune"]);
+    assert!(!out.ok && out.stderr.contains("say what to prune"), "{}", out.stderr);
+    assert_eq!(blob_count(&dir), before);
     let out = clyde(&dir, &["prune", "--pattern", ":v1$"]);
     assert!(out.ok, "{}", out.stderr);
     assert!(out.stdout.contains("removed 1 images, 0 manifests, 0 blobs"), "{}", out.stdout);

@@ -172,9 +172,10 @@ fn init_logs(level: &str, format: &str) {
     }
 }
 
-/// Runs an admin command; its logs stay at warnings unless asked for.
+/// Runs an admin command. It reports every outcome itself, so its logs stay at errors
+/// unless asked for (`--log-level warn` shows retries and the like).
 fn run_admin(config: &Config, work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    let level = if config.log_level == "info" { "warn" } else { config.log_level.as_str() };
+    let level = if config.log_level == "info" { "error" } else { config.log_level.as_str() };
     init_logs(level, &config.log_format);
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(work)
 }
