@@ -1,41 +1,63 @@
-//! Follows the store and keeps the DHT told: every key the store holds is provided (a blob
-//! from the moment it starts arriving), every key it drops is withdrawn. A subscriber that
-//! falls behind the store's events lists everything again rather than guess.
+//! Follows a holder of content (the store, containerd) and keeps the DHT told: every key it
+//! holds is provided (a blob from the moment it starts arriving), every key it drops is
+//! withdrawn for that holder. A follower that falls behind the events lists everything
+//! again rather than guess.
 
+use clyde_resolver::BoxFuture;
 use clyde_store::{Store, StoreEvent};
+use clyde_types::ContentKey;
 use tokio::sync::{broadcast, watch};
 
-use crate::P2p;
+use crate::{Holder, P2p};
 
-pub(crate) async fn run(store: Store, node: P2p, mut shutdown: watch::Receiver<bool>) {
+/// Something that holds content and says when that changes.
+pub trait KeyFeed: Send + Sync + 'static {
+    /// Follows changes from now on.
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent>;
+    /// Everything held now.
+    fn held_keys(&self) -> BoxFuture<Result<Vec<ContentKey>, String>>;
+}
+
+impl KeyFeed for Store {
+    fn subscribe(&self) -> broadcast::Receiver<StoreEvent> {
+        Store::subscribe(self)
+    }
+
+    fn held_keys(&self) -> BoxFuture<Result<Vec<ContentKey>, String>> {
+        let store = self.clone();
+        Box::pin(async move { Store::held_keys(&store).await.map_err(|e| e.to_string()) })
+    }
+}
+
+pub(crate) async fn run(feed: impl KeyFeed, holder: Holder, node: P2p, mut shutdown: watch::Receiver<bool>) {
     // Subscribe before listing, so nothing that happens in between is missed.
-    let mut events = store.subscribe();
-    provide_all(&store, &node).await;
+    let mut events = feed.subscribe();
+    provide_all(&feed, holder, &node).await;
     loop {
         let event = tokio::select! {
             e = events.recv() => e,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         match event {
-            Ok(StoreEvent::Holding(key)) => node.provide(key),
-            Ok(StoreEvent::Dropped(key)) => node.withdraw(key),
+            Ok(StoreEvent::Holding(key)) => node.provide(key, holder),
+            Ok(StoreEvent::Dropped(key)) => node.withdraw(key, holder),
             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                tracing::info!(missed, "advertiser fell behind the store; advertising everything again");
-                provide_all(&store, &node).await;
+                tracing::info!(missed, ?holder, "advertiser fell behind; advertising everything again");
+                provide_all(&feed, holder, &node).await;
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }
 
-async fn provide_all(store: &Store, node: &P2p) {
-    match store.held_keys().await {
+async fn provide_all(feed: &impl KeyFeed, holder: Holder, node: &P2p) {
+    match feed.held_keys().await {
         Ok(keys) => {
-            tracing::info!(keys = keys.len(), "advertising what the store holds");
+            tracing::info!(keys = keys.len(), ?holder, "advertising what is held");
             for key in keys {
-                node.provide(key);
+                node.provide(key, holder);
             }
         }
-        Err(e) => tracing::warn!(error = %e, "cannot list the store to advertise it"),
+        Err(e) => tracing::warn!(error = %e, ?holder, "cannot list what is held to advertise it"),
     }
 }

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::task::TaskTracker;
 
 pub use addr::{http_addr, parse_peer_port};
+pub use advertise::KeyFeed;
 
 /// The Kademlia protocol name: private, so Clyde's DHT never mixes with another network's.
 pub const KAD_PROTOCOL: &str = "/clyde/kad/1.0.0";
@@ -105,9 +106,27 @@ pub struct Status {
     pub listen_addrs: Vec<Multiaddr>,
 }
 
+/// Who on this node holds advertised content: a key is withdrawn once no holder has it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holder {
+    /// Clyde's own store.
+    Store,
+    /// containerd's content store.
+    Containerd,
+}
+
+impl Holder {
+    pub(crate) fn bit(self) -> u8 {
+        match self {
+            Self::Store => 1,
+            Self::Containerd => 2,
+        }
+    }
+}
+
 pub(crate) enum Command {
-    Provide(ContentKey),
-    Withdraw(ContentKey),
+    Provide(ContentKey, Holder),
+    Withdraw(ContentKey, Holder),
     FindProviders { key: ContentKey, reply: oneshot::Sender<Vec<SocketAddr>> },
     Dial(Multiaddr),
     Status(oneshot::Sender<Status>),
@@ -159,8 +178,19 @@ impl P2p {
                 shutdown.clone(),
             ));
         }
-        tasks.spawn(advertise::run(store, handle.clone(), shutdown));
+        handle.advertise(store, Holder::Store, tasks, shutdown);
         Ok(handle)
+    }
+
+    /// Advertises what `feed` holds from now on, as `holder`, until `shutdown`.
+    pub fn advertise(
+        &self,
+        feed: impl KeyFeed,
+        holder: Holder,
+        tasks: &TaskTracker,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        tasks.spawn(advertise::run(feed, holder, self.clone(), shutdown));
     }
 
     /// This node's peer id.
@@ -168,14 +198,14 @@ impl P2p {
         self.peer_id
     }
 
-    /// Advertises that this node holds `key`.
-    pub fn provide(&self, key: ContentKey) {
-        let _ = self.commands.send(Command::Provide(key));
+    /// Advertises that `holder` on this node holds `key`.
+    pub fn provide(&self, key: ContentKey, holder: Holder) {
+        let _ = self.commands.send(Command::Provide(key, holder));
     }
 
-    /// Stops advertising `key`.
-    pub fn withdraw(&self, key: ContentKey) {
-        let _ = self.commands.send(Command::Withdraw(key));
+    /// Notes that `holder` no longer holds `key`; withdrawn when no holder has it.
+    pub fn withdraw(&self, key: ContentKey, holder: Holder) {
+        let _ = self.commands.send(Command::Withdraw(key, holder));
     }
 
     /// Dials a peer address (`/p2p/<id>` optional).

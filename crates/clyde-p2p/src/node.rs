@@ -89,7 +89,8 @@ pub(crate) struct EventLoop {
     commands: mpsc::UnboundedReceiver<Command>,
     peers: HashMap<PeerId, PeerState>,
     lookups: HashMap<QueryId, Lookup>,
-    provided: HashSet<RecordKey>,
+    /// Provided keys, with the holders (bits of [`crate::Holder`]) that hold each.
+    provided: HashMap<RecordKey, u8>,
     bootstrapped: bool,
     metrics: Option<Metrics>,
 }
@@ -154,7 +155,7 @@ impl EventLoop {
             commands,
             peers: HashMap::new(),
             lookups: HashMap::new(),
-            provided: HashSet::new(),
+            provided: HashMap::new(),
             bootstrapped: false,
             metrics,
         })
@@ -210,18 +211,22 @@ impl EventLoop {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Provide(key) => {
+            Command::Provide(key, holder) => {
                 let record = RecordKey::new(&key.routing_key());
                 if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(record.clone()) {
                     tracing::warn!(%key, error = %e, "cannot advertise");
                     return;
                 }
-                self.provided.insert(record);
+                *self.provided.entry(record).or_default() |= holder.bit();
             }
-            Command::Withdraw(key) => {
+            Command::Withdraw(key, holder) => {
                 let record = RecordKey::new(&key.routing_key());
-                self.swarm.behaviour_mut().kad.stop_providing(&record);
-                self.provided.remove(&record);
+                let Some(holders) = self.provided.get_mut(&record) else { return };
+                *holders &= !holder.bit();
+                if *holders == 0 {
+                    self.swarm.behaviour_mut().kad.stop_providing(&record);
+                    self.provided.remove(&record);
+                }
             }
             Command::FindProviders { key, reply } => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(RecordKey::new(&key.routing_key()));

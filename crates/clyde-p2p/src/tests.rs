@@ -71,8 +71,8 @@ async fn a_provider_is_found_with_its_peer_server_address_and_forgotten_when_it_
 
     let blob = ContentKey::Digest(Digest::of(b"layer"));
     let tag = ContentKey::tag("r.example", "app", "v1");
-    second.p2p.provide(blob.clone());
-    second.p2p.provide(tag.clone());
+    second.p2p.provide(blob.clone(), crate::Holder::Store);
+    second.p2p.provide(tag.clone(), crate::Holder::Store);
     let want: SocketAddr = "127.0.0.1:40002".parse().unwrap();
     eventually("the blob's provider", || async {
         third.p2p.find_providers(blob.clone(), Duration::from_secs(2)).await == vec![want]
@@ -95,4 +95,26 @@ async fn a_provider_is_found_with_its_peer_server_address_and_forgotten_when_it_
     assert!(died.elapsed() < Duration::from_secs(10), "took {:?}", died.elapsed());
     first.stop().await;
     third.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_stays_advertised_while_any_holder_has_it() {
+    let node = TestNode::start(1, Vec::new()).await;
+    let key = ContentKey::Digest(Digest::of(b"held twice"));
+    let provided = |n: usize| {
+        let p2p = node.p2p.clone();
+        move || {
+            let p2p = p2p.clone();
+            async move { p2p.status().await.provided_keys == n }
+        }
+    };
+    node.p2p.provide(key.clone(), Holder::Store);
+    node.p2p.provide(key.clone(), Holder::Containerd);
+    eventually("the key to be provided", provided(1)).await;
+    node.p2p.withdraw(key.clone(), Holder::Store);
+    // containerd still holds it: still provided (a status answer follows the withdrawal).
+    assert_eq!(node.p2p.status().await.provided_keys, 1);
+    node.p2p.withdraw(key, Holder::Containerd);
+    eventually("the key to be withdrawn", provided(0)).await;
+    node.stop().await;
 }
