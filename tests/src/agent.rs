@@ -140,7 +140,11 @@ impl Agent {
             .arg(self.dir.path().join("config.toml"))
             .arg("--data-dir")
             .arg(self.data_dir())
-            .args(["--log-level", "debug", "--containerd-socket", ""]);
+            .args(["--log-level", "debug"]);
+        // No containerd unless the test gives one.
+        if !self.args.iter().any(|a| a == "--containerd-socket") {
+            cmd.args(["--containerd-socket", ""]);
+        }
         if !self.place.is_isolated() {
             cmd.arg("--mirror-addr")
                 .arg(self.addr())

@@ -15,7 +15,8 @@ pub struct Containerd {
     child: Option<Child>,
 }
 
-const NAMESPACE: &str = "clyde-test";
+/// The namespace the test containerd's `ctr` commands use.
+pub const NAMESPACE: &str = "clyde-test";
 
 impl Containerd {
     /// Starts containerd and waits until `ctr version` answers.
@@ -25,7 +26,7 @@ impl Containerd {
 
     /// Starts containerd in `place`; its `ctr` commands (which pull) run there too.
     pub fn start_in(place: &Place) -> Self {
-        let bin = require("containerd", "containerd");
+        require("containerd", "containerd");
         require("ctr", "containerd");
         let dir = tempfile::Builder::new().prefix("clyde-ctrd").tempdir().expect("tempdir");
         let p = dir.path();
@@ -39,13 +40,36 @@ impl Containerd {
             ),
         )
         .expect("containerd config");
-        let child =
-            spawn_logged(place.command(bin).arg("--config").arg(p.join("config.toml")), &p.join("containerd.log"));
-        let c = Self { dir, place: place.clone(), child: Some(child) };
-        wait_for("containerd to answer", Duration::from_secs(30), || {
-            c.ctr(&["version"]).status().ok().filter(|s| s.success()).map(|_| ())
-        });
+        let mut c = Self { dir, place: place.clone(), child: None };
+        c.spawn();
         c
+    }
+
+    fn spawn(&mut self) {
+        let bin = require("containerd", "containerd");
+        let p = self.dir.path();
+        self.child = Some(spawn_logged(
+            self.place.command(bin).arg("--config").arg(p.join("config.toml")),
+            &p.join("containerd.log"),
+        ));
+        wait_for("containerd to answer", Duration::from_secs(30), || {
+            self.ctr(&["version"]).status().ok().filter(|s| s.success()).map(|_| ())
+        });
+    }
+
+    /// Stops containerd (SIGKILL, as a crash or an OOM kill would) and starts it again on the
+    /// same root and socket.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    /// containerd's content directory.
+    pub fn content_dir(&self) -> PathBuf {
+        self.dir.path().join("root/io.containerd.content.v1.content")
     }
 
     /// A `ctr` command against this containerd, in the test namespace.

@@ -134,7 +134,12 @@ fn a_blob_a_kept_tag_references_survives_a_prune() {
     let out = clyde(&dir, &["prune", "--accessed-before", "1h", "--output", "json"]);
     assert!(out.ok && out.stdout.contains("\"images\": []"), "{}{}", out.stdout, out.stderr);
     let out = clyde(&dir, &["prune", "--max-size", "1KiB", "--dry-run"]);
-    assert!(out.ok && out.stdout.contains("would remove 2 images, 1 manifests, 2 blobs"), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.ok && out.stdout.contains("would remove 2 images, 1 manifests, 2 blobs"),
+        "{}{}",
+        out.stdout,
+        out.stderr
+    );
     let out = clyde(&dir, &["prune", "--max-size", "lots"]);
     assert!(!out.ok && out.stderr.contains("invalid size"), "{}", out.stderr);
     let out = clyde(&dir, &["prune"]);

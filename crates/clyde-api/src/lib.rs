@@ -293,7 +293,7 @@ async fn blob(
     if req.method() == Method::HEAD {
         let size = match api {
             Api::Mirror => resolver.blob_size(origin, digest).await,
-            Api::Peer => resolver.held_blob(digest).map(|source| source.size()),
+            Api::Peer => resolver.held_blob(digest).await.map(|source| source.size()),
         };
         return match size {
             Ok(size) => (blob_head(size, digest, range), "local"),
@@ -306,7 +306,7 @@ async fn blob(
     };
     let source = match api {
         Api::Mirror => resolver.blob(origin, digest, first_byte).await,
-        Api::Peer => resolver.held_blob(digest),
+        Api::Peer => resolver.held_blob(digest).await,
     };
     let source = match source {
         Ok(s) => s,

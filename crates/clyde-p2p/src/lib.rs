@@ -183,13 +183,7 @@ impl P2p {
     }
 
     /// Advertises what `feed` holds from now on, as `holder`, until `shutdown`.
-    pub fn advertise(
-        &self,
-        feed: impl KeyFeed,
-        holder: Holder,
-        tasks: &TaskTracker,
-        shutdown: watch::Receiver<bool>,
-    ) {
+    pub fn advertise(&self, feed: impl KeyFeed, holder: Holder, tasks: &TaskTracker, shutdown: watch::Receiver<bool>) {
         tasks.spawn(advertise::run(feed, holder, self.clone(), shutdown));
     }
 

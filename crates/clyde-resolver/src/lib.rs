@@ -10,6 +10,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
 
 pub mod load;
+pub mod local;
 mod manifest;
 pub mod peers;
 pub mod transfer;
@@ -24,6 +25,7 @@ use clyde_upstream::{Upstream, UpstreamError};
 use serde::Deserialize;
 
 pub use load::{LoadError, LoadEvent, Platform};
+pub use local::{BlobReader, LocalBlob, LocalContent};
 pub use manifest::ServedManifest;
 pub use peers::{BoxFuture, Discovery};
 pub use transfer::{BlobSource, BlobStream};
@@ -165,15 +167,19 @@ struct Inner {
     store: Store,
     upstream: Arc<Upstream>,
     peers: Option<Arc<peers::Peers>>,
+    /// containerd's content store, when it is shared.
+    local: Option<Arc<dyn LocalContent>>,
     config: ResolverConfig,
     transfers: transfer::Transfers,
     metrics: Metrics,
 }
 
 impl Resolver {
-    /// A resolver over `store`, `upstream`, and the peers `discovery` finds (none: no peers).
+    /// A resolver over `store`, other `local` content (containerd's), `upstream`, and the
+    /// peers `discovery` finds (none: no peers).
     pub fn new(
         store: Store,
+        local: Option<Arc<dyn LocalContent>>,
         upstream: Arc<Upstream>,
         discovery: Option<Arc<dyn Discovery>>,
         config: ResolverConfig,
@@ -185,7 +191,7 @@ impl Resolver {
         };
         let transfers =
             transfer::Transfers::new(store.clone(), upstream.clone(), peers.clone(), config.clone(), metrics.clone());
-        Ok(Self { inner: Arc::new(Inner { store, upstream, peers, config, transfers, metrics }) })
+        Ok(Self { inner: Arc::new(Inner { store, upstream, peers, local, config, transfers, metrics }) })
     }
 
     /// The metrics handle.
@@ -201,6 +207,9 @@ impl Resolver {
     /// The size of a blob: cached, arriving, or by asking the upstream.
     pub async fn blob_size(&self, origin: &Origin, digest: &Digest) -> Result<u64, ResolveError> {
         if let Some(size) = self.inner.store.blob_size(digest) {
+            return Ok(size);
+        }
+        if let Some(size) = self.inner.local.as_ref().and_then(|l| l.blob_size(digest)) {
             return Ok(size);
         }
         if let Some(job) = self.inner.transfers.running(digest) {
@@ -220,16 +229,29 @@ impl Resolver {
 
     /// A blob this node holds, complete or arriving, for the peer server: never fetched
     /// on a peer's behalf.
-    pub fn held_blob(&self, digest: &Digest) -> Result<BlobSource, ResolveError> {
+    pub async fn held_blob(&self, digest: &Digest) -> Result<BlobSource, ResolveError> {
         if let Some(file) = self.inner.store.open_blob(digest)? {
             // A peer's read keeps the blob as recently used as a client's.
             self.inner.store.touch(digest);
             return Ok(BlobSource::Local(file));
         }
+        if let Some(blob) = self.local_blob(digest).await {
+            return Ok(blob);
+        }
         match self.inner.transfers.running(digest) {
             Some(job) => Ok(BlobSource::Arriving(job)),
             None => Err(ResolveError::NotHeld),
         }
+    }
+
+    /// A blob containerd holds, opened.
+    async fn local_blob(&self, digest: &Digest) -> Option<BlobSource> {
+        let local = self.inner.local.as_ref()?;
+        local.blob_size(digest)?;
+        Some(match local.open_blob(*digest).await? {
+            LocalBlob::File(file) => BlobSource::Local(file),
+            LocalBlob::Reader { size, reader } => BlobSource::Held { size, reader },
+        })
     }
 
     /// Where the bytes of a blob come from: the store's file, or a transfer in progress.
@@ -244,6 +266,9 @@ impl Resolver {
     async fn blob_source(&self, origin: &Origin, digest: &Digest, first_byte: u64) -> Result<BlobSource, ResolveError> {
         if let Some(file) = self.inner.store.open_blob(digest)? {
             return Ok(BlobSource::Local(file));
+        }
+        if let Some(blob) = self.local_blob(digest).await {
+            return Ok(blob);
         }
         self.inner.transfers.join(origin, digest, first_byte).await
     }

@@ -173,13 +173,18 @@ impl Resolver {
         events: &mpsc::Sender<LoadEvent>,
     ) -> Result<(), LoadError> {
         let blob_error = |error: String| LoadError::Blob { digest, error };
-        let source = self.blob(origin, &digest, 0).await?;
+        // Into Clyde's own store: a copy containerd holds does not count (it may discard it).
+        let source = match self.inner.store.open_blob(&digest).map_err(ResolveError::from)? {
+            Some(file) => BlobSource::Local(file),
+            None => self.inner.transfers.join(origin, &digest, 0).await?,
+        };
+        self.inner.store.touch(&digest);
         if source.size() != size {
             return Err(blob_error(format!("the manifest says {size} bytes, the source {}", source.size())));
         }
         let arriving = match &source {
             BlobSource::Transfer(job) | BlobSource::Arriving(job) => Some(job.partial().clone()),
-            BlobSource::Local(_) => None,
+            BlobSource::Local(_) | BlobSource::Held { .. } => None,
         };
         let mut stream = source.stream(clyde_types::ByteRange::full(size));
         let (mut done, mut reported) = (0u64, 0u64);

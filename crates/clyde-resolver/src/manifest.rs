@@ -256,18 +256,62 @@ impl Resolver {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<ServedManifest, ResolveError> {
-        let digest = match reference {
-            Reference::Digest(d) => *d,
+        let local = self.inner.local.as_ref();
+        let (digest, local_type) = match reference {
+            Reference::Digest(d) => (*d, None),
             Reference::Tag(tag) => match self.inner.store.tag(&tag_key(origin, tag))? {
-                Some(record) => record.digest,
-                None => return Err(ResolveError::NotHeld),
+                Some(record) => (record.digest, None),
+                None => match local.and_then(|l| l.tag(&tag_key(origin, tag))) {
+                    Some((digest, media_type)) => (digest, Some(media_type)),
+                    None => return Err(ResolveError::NotHeld),
+                },
             },
         };
-        match self.cached_manifest(&digest).await? {
+        let held = match self.cached_manifest(&digest).await? {
+            Some(m) => Some(m),
+            None => self.containerd_manifest(&digest, local_type).await,
+        };
+        match held {
             Some(m) if media::accepts(accept, &m.media_type) => Ok(m),
             Some(m) => Err(ResolveError::NotAcceptable(m.media_type)),
             None => Err(ResolveError::NotHeld),
         }
+    }
+
+    /// A manifest in containerd's content store, verified; its media type from the image
+    /// record when known, else from the document itself.
+    async fn containerd_manifest(&self, digest: &Digest, media_type: Option<String>) -> Option<ServedManifest> {
+        let source = self.local_blob(digest).await?;
+        let size = source.size();
+        if size > media::MAX_MANIFEST_BYTES {
+            return None;
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        let mut stream = source.stream(clyde_types::ByteRange::full(size));
+        while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
+            bytes.extend_from_slice(&chunk.ok()?);
+        }
+        if Digest::of(&bytes) != *digest {
+            tracing::warn!(%digest, "containerd's copy of a manifest does not match its digest");
+            return None;
+        }
+        let media_type = media_type.or_else(|| manifest_media_type(&bytes))?;
+        Some(ServedManifest { bytes: Bytes::from(bytes), media_type, digest: *digest, source: "local" })
+    }
+}
+
+/// A manifest's media type from its own `mediaType`, or from its shape when it has none.
+fn manifest_media_type(bytes: &[u8]) -> Option<String> {
+    let doc: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    if let Some(t) = doc.get("mediaType").and_then(|t| t.as_str()) {
+        return Some(t.to_string());
+    }
+    if doc.get("manifests").is_some() {
+        Some(media::OCI_INDEX.to_string())
+    } else if doc.get("layers").is_some() {
+        Some(media::OCI_MANIFEST.to_string())
+    } else {
+        None
     }
 }
 

@@ -610,6 +610,8 @@ pub enum BlobSource {
     /// A transfer in progress, read as it arrives and nothing more (for peers: this node
     /// never fetches on a peer's behalf).
     Arriving(Arc<Job>),
+    /// A blob another holder on this node has (containerd), read through its API.
+    Held { size: u64, reader: Arc<dyn crate::BlobReader> },
 }
 
 /// A stream of a blob's bytes for one response.
@@ -620,6 +622,7 @@ impl BlobSource {
     pub fn size(&self) -> u64 {
         match self {
             Self::Local(f) => f.size(),
+            Self::Held { size, .. } => *size,
             Self::Transfer(j) | Self::Arriving(j) => j.size(),
         }
     }
@@ -627,7 +630,7 @@ impl BlobSource {
     /// Where the bytes come from, for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Local(_) | Self::Arriving(_) => "local",
+            Self::Local(_) | Self::Arriving(_) | Self::Held { .. } => "local",
             Self::Transfer(j) => j.source_label(),
         }
     }
@@ -643,6 +646,11 @@ impl BlobSource {
             let len = (end - pos).min(READ_CHUNK);
             let read = match &source {
                 Self::Local(file) => file.read_at(pos, len).await,
+                Self::Held { reader, .. } => match reader.read_at(pos, len).await {
+                    Ok(bytes) if !bytes.is_empty() => Ok(bytes),
+                    Ok(_) => Err(StoreError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+                    Err(e) => Err(StoreError::Io(std::io::Error::other(e))),
+                },
                 Self::Transfer(job) | Self::Arriving(job) => {
                     if matches!(source, Self::Transfer(_)) && job.partial.written_from(pos) == pos {
                         job.demand(pos);

@@ -68,6 +68,13 @@ pub struct BlobFile {
 }
 
 impl BlobFile {
+    /// A blob file another holder keeps (containerd's content directory), for reading.
+    pub fn open_path(path: &Path) -> std::io::Result<Self> {
+        let file = File::open(path)?;
+        let size = file.metadata()?.len();
+        Ok(Self { file: Arc::new(file), size })
+    }
+
     /// Its size in bytes.
     pub fn size(&self) -> u64 {
         self.size

@@ -217,7 +217,7 @@ pub fn offline_resolver(config: &Config, store: Store) -> anyhow::Result<Resolve
         tag_check_timeout: config.tag_check_timeout,
         ..ResolverConfig::default()
     };
-    Ok(Resolver::new(store, Arc::new(upstream), None, resolver_config, metrics)?)
+    Ok(Resolver::new(store, None, Arc::new(upstream), None, resolver_config, metrics)?)
 }
 
 pub async fn load(config: &Config, args: &LoadArgs) -> anyhow::Result<()> {

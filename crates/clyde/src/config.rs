@@ -44,6 +44,9 @@ pub struct Config {
     pub containerd_socket: String,
     /// The containerd namespace whose content is shared (`k8s.io`).
     pub containerd_namespace: String,
+    /// containerd's content directory, read directly when present; empty: read over gRPC
+    /// (`/var/lib/containerd/io.containerd.content.v1.content`).
+    pub containerd_content_dir: String,
     /// Piece size in bytes (4 MiB).
     pub piece_size: u64,
     /// How long a tag is served before it is re-checked upstream (`5m`).
@@ -92,6 +95,7 @@ impl Default for Config {
             disk_high_watermark: 0.9,
             containerd_socket: "/run/containerd/containerd.sock".into(),
             containerd_namespace: "k8s.io".into(),
+            containerd_content_dir: "/var/lib/containerd/io.containerd.content.v1.content".into(),
             piece_size: clyde_types::piece::DEFAULT_PIECE_SIZE,
             tag_ttl: Duration::from_secs(300),
             always_pull_latest: false,

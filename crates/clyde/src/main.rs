@@ -91,6 +91,10 @@ pub struct ServeArgs {
     /// The containerd namespace whose content is shared [default: k8s.io]
     #[arg(long)]
     containerd_namespace: Option<String>,
+    /// containerd's content directory, read directly when mounted; "" reads over gRPC
+    /// [default: /var/lib/containerd/io.containerd.content.v1.content]
+    #[arg(long)]
+    containerd_content_dir: Option<String>,
     /// Piece size in bytes [default: 4194304]
     #[arg(long)]
     piece_size: Option<u64>,
@@ -118,6 +122,7 @@ impl ServeArgs {
         set(&mut c.mode, self.mode);
         set(&mut c.containerd_socket, self.containerd_socket);
         set(&mut c.containerd_namespace, self.containerd_namespace);
+        set(&mut c.containerd_content_dir, self.containerd_content_dir);
         set(&mut c.piece_size, self.piece_size);
         set(&mut c.disk_high_watermark, self.disk_high_watermark);
         set(&mut c.tag_ttl, self.tag_ttl.map(Into::into));

@@ -1,14 +1,16 @@
 //! `clyde serve`: wires the store, the upstream client, the p2p node, the resolver, the
 //! mirror and peer APIs, and the health endpoints; stops them all on SIGTERM or Ctrl-C.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clyde_api::{Api, ServerTls};
+use clyde_containerd::{Containerd, ContainerdConfig};
 use clyde_metrics::Metrics;
 use clyde_metrics::prometheus_client::registry::Registry;
-use clyde_p2p::{Network, P2p, parse_multiaddrs};
-use clyde_resolver::{Discovery, Resolver, ResolverConfig};
+use clyde_p2p::{Holder, Network, P2p, parse_multiaddrs};
+use clyde_resolver::{Discovery, LocalContent, Resolver, ResolverConfig};
 use clyde_store::{EvictionPolicy, Store};
 use clyde_upstream::{Upstream, UpstreamConfig};
 use tokio::net::TcpListener;
@@ -72,10 +74,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .await?;
     let registry = Arc::new(registry);
 
+    let containerd = (!config.containerd_socket.is_empty()).then(|| {
+        let dir = PathBuf::from(&config.containerd_content_dir);
+        let content_dir = (!config.containerd_content_dir.is_empty() && dir.is_dir()).then_some(dir);
+        tracing::info!(socket = %config.containerd_socket, namespace = %config.containerd_namespace, content_dir = ?content_dir, "sharing containerd's content");
+        Containerd::spawn(
+            ContainerdConfig {
+                socket: PathBuf::from(&config.containerd_socket),
+                namespace: config.containerd_namespace.clone(),
+                content_dir,
+                relist_interval: std::time::Duration::from_secs(30),
+                reconnect_interval: std::time::Duration::from_secs(2),
+            },
+            &tasks,
+            shutdown_rx.clone(),
+        )
+    });
+    if let Some(c) = &containerd {
+        p2p.advertise(c.clone(), Holder::Containerd, &tasks, shutdown_rx.clone());
+    }
+    let local = containerd.map(|c| Arc::new(c) as Arc<dyn LocalContent>);
     let never_upstream = config.air_gapped || config.mode == "p2p-only";
     let discovery: Arc<dyn Discovery> = Arc::new(p2p.clone());
     let resolver = Resolver::new(
         store.clone(),
+        local,
         Arc::new(upstream),
         Some(discovery),
         ResolverConfig {

@@ -1,0 +1,97 @@
+//! containerd's content store as a source: what a node's containerd holds (pulled without
+//! the mirror) is advertised and served to other nodes, withdrawn when containerd deletes
+//! it, and followed across containerd restarts. Real containerd, real registry, two agents
+//! on 127.0.0.2 and 127.0.0.3.
+
+use std::time::{Duration, Instant};
+
+use clyde_tests::containerd::NAMESPACE;
+use clyde_tests::{Agent, Containerd, ImageFormat, Registry, TestImage, http, poll, wait_for};
+
+const MIB: usize = 1024 * 1024;
+const PATIENT_LOOKUPS: &str = "[peers]\nlookup_timeout = \"1s\"\n";
+
+/// An agent sharing `ctrd`'s content: over gRPC, or from its content directory.
+fn agent_sharing(ctrd: &Containerd, grpc_only: bool) -> Agent {
+    let socket = ctrd.socket().display().to_string();
+    let dir = if grpc_only { String::new() } else { ctrd.content_dir().display().to_string() };
+    let args = ["--containerd-socket", &socket, "--containerd-namespace", NAMESPACE, "--containerd-content-dir", &dir];
+    Agent::start_on("127.0.0.2", "", &args)
+}
+
+fn pull_direct(ctrd: &Containerd, reference: &str) {
+    let (ok, out) = ctrd.pull(&ctrd.hosts_dir(), reference, &["--plain-http"]);
+    assert!(ok, "direct pull failed: {out}");
+}
+
+fn store_blobs(agent: &Agent) -> usize {
+    std::fs::read_dir(agent.data_dir().join("blobs/sha256")).map_or(0, |d| d.count())
+}
+
+fn share_and_pull(grpc_only: bool) {
+    let mut reg = Registry::start();
+    let img = TestImage::single(&[MIB, 2 * MIB]);
+    img.push(&reg, "shared", "v1", ImageFormat::Oci);
+    let later = TestImage::single(&[MIB]);
+    later.push(&reg, "later", "v1", ImageFormat::Oci);
+    let reference = format!("{}/shared:v1", reg.addr());
+
+    // Node A's containerd pulls straight from the registry; Clyde on A never sees the pull.
+    let mut ctrd_a = Containerd::start();
+    pull_direct(&ctrd_a, &reference);
+    let a = agent_sharing(&ctrd_a, grpc_only);
+    let b = Agent::start_on("127.0.0.3", PATIENT_LOOKUPS, &["--bootstrap", &a.p2p_addr()]);
+    b.wait_ready();
+    // Manifest, config, two layers, and the tag.
+    let advertised = poll(Duration::from_secs(20), || (a.metric("clyde_advertised_keys") >= 5.0).then_some(()));
+    assert!(advertised.is_some(), "A did not advertise containerd's content:\n{}", a.log());
+    assert_eq!(store_blobs(&a), 0, "A's own store stays empty");
+
+    // The upstream is gone: B's containerd pulls through B's mirror, from A's containerd.
+    reg.stop();
+    let ctrd_b = Containerd::start();
+    let (ok, out) = ctrd_b.pull(&ctrd_b.mirror_hosts_dir(&reg, &b), &reference, &[]);
+    assert!(ok, "pull through B failed: {out}\nB:\n{}\nA:\n{}", b.log(), a.log());
+    assert_eq!(ctrd_b.image_digest(&reference), ctrd_a.image_digest(&reference));
+    let layers = img.layer_bytes() as f64;
+    assert!(b.metric("clyde_peer_fetch_bytes_total") >= layers, "B fetched from peers:\n{}", b.log());
+    assert!(a.metric("clyde_served_bytes_total{api=\"peer\",source=\"local\"}") >= layers);
+    assert_eq!(store_blobs(&a), 0, "A served containerd's bytes, not its own");
+
+    // containerd on A restarts (Clyde reconnects and lists again); an image it pulls
+    // afterwards, with the registry back for that pull only, is shared too.
+    let before = a.metric("clyde_advertised_keys");
+    ctrd_a.restart();
+    reg.restart();
+    pull_direct(&ctrd_a, &format!("{}/later:v1", reg.addr()));
+    reg.stop();
+    wait_for("A to advertise the image pulled after the restart", Duration::from_secs(20), || {
+        (a.metric("clyde_advertised_keys") >= before + 4.0).then_some(())
+    });
+    assert!(a.log().contains("lost containerd; reconnecting"), "{}", a.log());
+    let url = format!("{}/v2/later/blobs/{}?ns={}", b.url(), later.layers[0].digest, reg.addr());
+    let body = http().get(url).send().expect("get").bytes().expect("body");
+    assert_eq!(clyde_tests::sha256(&body), later.layers[0].digest, "{}", b.log());
+
+    // containerd deletes the first image on A: A withdraws its keys within seconds and its
+    // peer port no longer serves them.
+    let advertised = a.metric("clyde_advertised_keys");
+    ctrd_a.remove(&reference);
+    let started = Instant::now();
+    wait_for("A to withdraw the deleted image", Duration::from_secs(10), || {
+        (a.metric("clyde_advertised_keys") <= advertised - 5.0).then_some(())
+    });
+    eprintln!("withdrawn {:?} after containerd deleted the image", started.elapsed());
+    let peer_url = format!("http://{}/v2/shared/blobs/{}?ns={}", a.peer_addr(), img.layers[0].digest, reg.addr());
+    assert_eq!(http().get(peer_url).send().expect("get").status(), 404);
+}
+
+#[test]
+fn a_peer_pulls_from_another_nodes_containerd_over_grpc() {
+    share_and_pull(true);
+}
+
+#[test]
+fn a_peer_pulls_from_another_nodes_containerd_content_directory() {
+    share_and_pull(false);
+}
