@@ -145,6 +145,11 @@ impl Agent {
         if !self.args.iter().any(|a| a == "--containerd-socket") {
             cmd.args(["--containerd-socket", ""]);
         }
+        // The disk watermark (on by default, 0.9) would make agents evict whenever the test
+        // machine's disk is that full: off unless the test sets it.
+        if !self.args.iter().any(|a| a == "--disk-high-watermark") {
+            cmd.args(["--disk-high-watermark", "0"]);
+        }
         if !self.place.is_isolated() {
             cmd.arg("--mirror-addr")
                 .arg(self.addr())

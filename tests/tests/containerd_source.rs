@@ -95,3 +95,42 @@ fn a_peer_pulls_from_another_nodes_containerd_over_grpc() {
 fn a_peer_pulls_from_another_nodes_containerd_content_directory() {
     share_and_pull(false);
 }
+
+/// What `discard_unpacked_layers = true` does (containerd drops layer blobs once unpacked),
+/// done here with `ctr content rm` (the CRI plugin that has the option is not run in the
+/// tests): the layers A's containerd pulled through A's mirror stay in Clyde's store, stay
+/// advertised, and B gets them from there.
+#[test]
+fn layers_containerd_discarded_after_unpack_are_still_shared_from_clydes_store() {
+    let mut reg = Registry::start();
+    let img = TestImage::single(&[MIB, 2 * MIB]);
+    img.push(&reg, "discard", "v1", ImageFormat::Oci);
+    let reference = format!("{}/discard:v1", reg.addr());
+    let ctrd_a = Containerd::start();
+    let a = agent_sharing(&ctrd_a, true);
+    let (ok, out) = ctrd_a.pull(&ctrd_a.mirror_hosts_dir(&reg, &a), &reference, &[]);
+    assert!(ok, "pull through A failed: {out}");
+    for layer in &img.layers {
+        let path = a.data_dir().join("blobs").join(layer.digest.replace(':', "/"));
+        let held = poll(Duration::from_secs(10), || path.exists().then_some(()));
+        assert!(held.is_some(), "A's store does not hold {}:\n{}", layer.digest, a.log());
+    }
+    let advertised = a.metric("clyde_advertised_keys");
+    let layers: Vec<&str> = img.layers.iter().map(|l| l.digest.as_str()).collect();
+    let mut rm = vec!["content", "rm"];
+    rm.extend(&layers);
+    clyde_tests::run(&mut ctrd_a.ctr(&rm));
+    let content = ctrd_a.content();
+    assert!(layers.iter().all(|l| !content.iter().any(|c| c.contains(l))), "containerd still has the layers");
+    // Still advertised: Clyde's store holds them even though containerd let them go.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(a.metric("clyde_advertised_keys"), advertised);
+
+    let b = Agent::start_on("127.0.0.3", PATIENT_LOOKUPS, &["--bootstrap", &a.p2p_addr()]);
+    b.wait_ready();
+    reg.stop();
+    let ctrd_b = Containerd::start();
+    let (ok, out) = ctrd_b.pull(&ctrd_b.mirror_hosts_dir(&reg, &b), &reference, &[]);
+    assert!(ok, "pull through B failed: {out}\nB:\n{}", b.log());
+    assert!(b.metric("clyde_peer_fetch_bytes_total") >= img.layer_bytes() as f64, "{}", b.log());
+}
