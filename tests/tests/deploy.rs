@@ -15,8 +15,12 @@ fn repo() -> PathBuf {
 }
 
 fn rendered() -> Vec<Value> {
+    rendered_from("deploy/kustomize")
+}
+
+fn rendered_from(dir: &str) -> Vec<Value> {
     let kubectl = require("kubectl", "kubectl (it comes with the machine image; kustomize is built in)");
-    let out = run(Command::new(kubectl).arg("kustomize").arg(repo().join("deploy/kustomize")));
+    let out = run(Command::new(kubectl).arg("kustomize").arg(repo().join(dir)));
     serde_yaml::Deserializer::from_str(&out).map(|d| Value::deserialize(d).expect("yaml")).collect()
 }
 
@@ -37,15 +41,19 @@ fn assert_flags_exist(args: &[String]) {
     }
 }
 
-#[test]
-fn kustomize_base_validates_against_the_kubernetes_schemas() {
-    let docs = rendered();
+fn validate(docs: &[Value]) -> String {
     let file = tempfile::NamedTempFile::new().expect("tempfile");
     std::fs::write(file.path(), serde_yaml_docs(&docs)).expect("write");
     let validate = require("kubernetes-validate", "kubernetes-validate (pip; scripts/test installs it)");
     let out = Command::new(validate).args(["--strict", "-k", "1.32.0"]).arg(file.path()).output().expect("run");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "kubernetes-validate refused the manifests:\n{text}");
+    text
+}
+
+#[test]
+fn kustomize_base_validates_against_the_kubernetes_schemas() {
+    let text = validate(&rendered());
     for kind in ["namespace", "serviceaccount", "configmap", "service", "daemonset"] {
         assert!(text.contains(&format!("passed for resource {kind}/")), "{kind} was not validated:\n{text}");
     }
@@ -127,4 +135,31 @@ fn the_helm_chart_uses_only_values_it_defines() {
         }
     }
     assert!(checked > 10, "only {checked} values referenced");
+}
+
+#[test]
+fn the_endpointslices_overlay_watches_the_service_with_read_only_rbac() {
+    let docs = rendered_from("deploy/endpointslices");
+    let text = validate(&docs);
+    for kind in ["role", "rolebinding", "daemonset"] {
+        assert!(text.contains(&format!("passed for resource {kind}/")), "{kind} was not validated:\n{text}");
+    }
+    let role = find(&docs, "Role");
+    let rules = role["rules"].as_sequence().expect("rules");
+    assert_eq!(rules.len(), 1, "one rule: {rules:?}");
+    assert_eq!(strings(&rules[0]["apiGroups"]), ["discovery.k8s.io"]);
+    assert_eq!(strings(&rules[0]["resources"]), ["endpointslices"]);
+    assert_eq!(strings(&rules[0]["verbs"]), ["get", "list", "watch"]);
+    let binding = find(&docs, "RoleBinding");
+    assert_eq!(binding["subjects"][0]["name"], "clyde");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let pod = &find(&docs, "DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    let args = strings(&pod["containers"][0]["args"]);
+    let at = args.iter().position(|a| a == "--bootstrap-kubernetes").expect("--bootstrap-kubernetes");
+    assert_eq!(args[at + 1], "clyde/clyde-peers:30023");
+    assert!(!args.contains(&"--bootstrap-dns".to_string()));
+    let service = find(&docs, "Service");
+    assert_eq!(service["metadata"]["name"], "clyde-peers");
+    assert_flags_exist(&args);
 }

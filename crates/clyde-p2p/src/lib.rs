@@ -22,6 +22,7 @@ use std::time::Duration;
 use clyde_resolver::{BoxFuture, Discovery};
 use clyde_store::Store;
 use clyde_types::ContentKey;
+use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -76,6 +77,8 @@ pub struct Network {
     pub bootstrap: Vec<Multiaddr>,
     /// `NAME:PORT` names whose every address is a peer to dial.
     pub bootstrap_dns: Vec<String>,
+    /// Whether peers are also told by Kubernetes ([`P2p::dial`] and [`P2p::departed`]).
+    pub kubernetes: bool,
     /// The port of this node's peer server, told to other nodes through identify.
     pub peer_port: u16,
 }
@@ -129,6 +132,7 @@ pub(crate) enum Command {
     Withdraw(ContentKey, Holder),
     FindProviders { key: ContentKey, reply: oneshot::Sender<Vec<SocketAddr>> },
     Dial(Multiaddr),
+    Departed(std::net::IpAddr),
     Status(oneshot::Sender<Status>),
 }
 
@@ -160,7 +164,8 @@ impl P2p {
     ) -> Result<Self, P2pError> {
         let keypair = keyfile::load_or_create(&data_dir.join("node.key"))?;
         let peer_id = keypair.public().to_peer_id();
-        let alone_by_configuration = network.bootstrap.is_empty() && network.bootstrap_dns.is_empty();
+        let alone_by_configuration =
+            network.bootstrap.is_empty() && network.bootstrap_dns.is_empty() && !network.kubernetes;
         let (tx, rx) = mpsc::unbounded_channel();
         let metrics = registry.map(libp2p::metrics::Metrics::new);
         let event_loop = node::EventLoop::new(keypair, &network, &config, rx, metrics)?;
@@ -205,6 +210,21 @@ impl P2p {
     /// Dials a peer address (`/p2p/<id>` optional).
     pub fn dial(&self, addr: Multiaddr) {
         let _ = self.commands.send(Command::Dial(addr));
+    }
+
+    /// Dials a peer's libp2p port by address (what DNS and Kubernetes tell).
+    pub fn dial_addr(&self, addr: SocketAddr) {
+        let ip = match addr.ip() {
+            std::net::IpAddr::V4(ip) => Protocol::Ip4(ip),
+            std::net::IpAddr::V6(ip) => Protocol::Ip6(ip),
+        };
+        self.dial(Multiaddr::empty().with(ip).with(Protocol::Tcp(addr.port())));
+    }
+
+    /// Forgets the peers at `ip` at once (it left the cluster): its connections close and
+    /// it leaves the routing table, so lookups stop offering it.
+    pub fn departed(&self, ip: std::net::IpAddr) {
+        let _ = self.commands.send(Command::Departed(ip));
     }
 
     /// What the node knows now.

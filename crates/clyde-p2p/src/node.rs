@@ -233,6 +233,20 @@ impl EventLoop {
                 self.lookups.insert(id, Lookup { reply: Some(reply), waiting: HashSet::new(), finished: false });
             }
             Command::Dial(addr) => self.dial(addr),
+            Command::Departed(ip) => {
+                let gone: Vec<(PeerId, Vec<ConnectionId>)> = self
+                    .peers
+                    .iter()
+                    .filter(|(_, state)| state.connections.values().any(|c| c.ip == ip))
+                    .map(|(id, state)| (*id, state.connections.keys().copied().collect()))
+                    .collect();
+                for (peer, connections) in gone {
+                    for connection in connections {
+                        self.declare_dead(peer, connection, "left the cluster");
+                    }
+                    self.swarm.behaviour_mut().kad.remove_peer(&peer);
+                }
+            }
             Command::Status(reply) => {
                 let _ = reply.send(Status {
                     connected_peers: self.peers.values().filter(|p| !p.connections.is_empty()).count(),
@@ -429,11 +443,7 @@ pub(crate) async fn resolve_dns_forever(
             match tokio::net::lookup_host(name.as_str()).await {
                 Ok(addrs) => {
                     for addr in addrs {
-                        let ip = match addr.ip() {
-                            IpAddr::V4(ip) => Protocol::Ip4(ip),
-                            IpAddr::V6(ip) => Protocol::Ip6(ip),
-                        };
-                        node.dial(Multiaddr::empty().with(ip).with(Protocol::Tcp(addr.port())));
+                        node.dial_addr(addr);
                     }
                 }
                 Err(e) => tracing::warn!(name, error = %e, "cannot resolve bootstrap name"),

@@ -26,6 +26,7 @@ impl TestNode {
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
             bootstrap,
             bootstrap_dns: Vec::new(),
+            kubernetes: false,
             peer_port,
         };
         let p2p = P2p::start(dir.path(), network, P2pConfig::default(), store, None, &tasks, rx).await.unwrap();
@@ -117,4 +118,17 @@ async fn a_key_stays_advertised_while_any_holder_has_it() {
     node.p2p.withdraw(key, Holder::Containerd);
     eventually("the key to be withdrawn", provided(0)).await;
     node.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_kubernetes_says_departed_is_dropped_at_once() {
+    let first = TestNode::start(40011, Vec::new()).await;
+    let second = TestNode::start(40012, vec![first.address().await]).await;
+    eventually("the nodes to connect", || async { first.p2p.status().await.connected_peers == 1 }).await;
+    // Both nodes are on 127.0.0.1 here; the command goes by address, as Kubernetes tells it.
+    first.p2p.departed("127.0.0.1".parse().unwrap());
+    // Commands are handled in order: by the time the status answers, the peer is gone.
+    assert_eq!(first.p2p.status().await.connected_peers, 0);
+    first.stop().await;
+    second.stop().await;
 }

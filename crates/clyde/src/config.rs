@@ -32,6 +32,8 @@ pub struct Config {
     pub bootstrap: Vec<String>,
     /// `NAME:PORT` of a headless Service whose records are peers.
     pub bootstrap_dns: Vec<String>,
+    /// `NAMESPACE/SERVICE:PORT` of a Service whose EndpointSlices are peers (watched).
+    pub bootstrap_kubernetes: Vec<String>,
     /// `pull-through` (default) or `p2p-only`.
     pub mode: String,
     /// Never contact the upstream.
@@ -89,6 +91,7 @@ impl Default for Config {
             metrics_addr: "0.0.0.0:30024".into(),
             bootstrap: Vec::new(),
             bootstrap_dns: Vec::new(),
+            bootstrap_kubernetes: Vec::new(),
             mode: "pull-through".into(),
             air_gapped: false,
             cache_max_bytes: None,

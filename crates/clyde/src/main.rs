@@ -73,6 +73,10 @@ pub struct ServeArgs {
     /// NAME:PORT of a headless Service whose records are peers, repeatable
     #[arg(long)]
     bootstrap_dns: Vec<String>,
+    /// NAMESPACE/SERVICE:PORT of a Service whose EndpointSlices are watched for peers
+    /// (needs get/list/watch on endpointslices), repeatable
+    #[arg(long)]
+    bootstrap_kubernetes: Vec<String>,
     /// pull-through, or p2p-only (never contact the upstream)
     #[arg(long, value_parser = ["pull-through", "p2p-only"])]
     mode: Option<String>,
@@ -137,6 +141,7 @@ impl ServeArgs {
         }
         c.bootstrap.extend(self.bootstrap);
         c.bootstrap_dns.extend(self.bootstrap_dns);
+        c.bootstrap_kubernetes.extend(self.bootstrap_kubernetes);
         c.air_gapped |= self.air_gapped;
         c.always_pull_latest |= self.always_pull_latest;
     }

@@ -24,6 +24,8 @@ async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let kube_services =
+        config.bootstrap_kubernetes.iter().map(|s| clyde_kube::ServiceRef::parse(s)).collect::<Result<Vec<_>, _>>()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir, config.piece_size)
@@ -60,6 +62,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         listen: parse_multiaddrs(&config.p2p_addr)?,
         bootstrap: parse_multiaddrs(&config.bootstrap)?,
         bootstrap_dns: config.bootstrap_dns.clone(),
+        kubernetes: !config.bootstrap_kubernetes.is_empty(),
         peer_port: peer.local_addr()?.port(),
     };
     let p2p = P2p::start(
@@ -73,6 +76,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     let registry = Arc::new(registry);
+    if !kube_services.is_empty() {
+        let client = clyde_kube::client().await?;
+        for service in kube_services {
+            tasks.spawn(clyde_kube::follow(client.clone(), service, KubePeers(p2p.clone()), shutdown_rx.clone()));
+        }
+    }
 
     let containerd = (!config.containerd_socket.is_empty()).then(|| {
         let dir = PathBuf::from(&config.containerd_content_dir);
@@ -155,6 +164,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.wait().await;
     resolver.shutdown().await;
     Ok(())
+}
+
+/// The p2p node, told by Kubernetes who joined and who left.
+struct KubePeers(P2p);
+
+impl clyde_kube::PeerSink for KubePeers {
+    fn joined(&self, addr: std::net::SocketAddr) {
+        self.0.dial_addr(addr);
+    }
+
+    fn departed(&self, ip: std::net::IpAddr) {
+        self.0.departed(ip);
+    }
 }
 
 /// Loads the images of `--preload-images` while the agent serves; each result is logged.
