@@ -43,7 +43,7 @@ fn assert_flags_exist(args: &[String]) {
 
 fn validate(docs: &[Value]) -> String {
     let file = tempfile::NamedTempFile::new().expect("tempfile");
-    std::fs::write(file.path(), serde_yaml_docs(&docs)).expect("write");
+    std::fs::write(file.path(), serde_yaml_docs(docs)).expect("write");
     let validate = require("kubernetes-validate", "kubernetes-validate (pip; scripts/test installs it)");
     let out = Command::new(validate).args(["--strict", "-k", "1.32.0"]).arg(file.path()).output().expect("run");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
