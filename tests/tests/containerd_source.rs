@@ -84,6 +84,19 @@ fn share_and_pull(grpc_only: bool) {
     eprintln!("withdrawn {:?} after containerd deleted the image", started.elapsed());
     let peer_url = format!("http://{}/v2/shared/blobs/{}?ns={}", a.peer_addr(), img.layers[0].digest, reg.addr());
     assert_eq!(http().get(peer_url).send().expect("get").status(), 404);
+    // B drops its own copy (through its admin socket): nobody has the layer now, and B
+    // answers 404 at once instead of trying A.
+    let out = std::process::Command::new(clyde_tests::agent::clyde_bin())
+        .args(["prune", "--pattern", "/shared:"])
+        .arg("--data-dir")
+        .arg(b.data_dir())
+        .output()
+        .expect("clyde prune");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let started = Instant::now();
+    let url = format!("{}/v2/shared/blobs/{}?ns={}", b.url(), img.layers[0].digest, reg.addr());
+    assert_eq!(http().get(url).send().expect("get").status(), 404, "{}", b.log());
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
 }
 
 #[test]

@@ -46,14 +46,27 @@ pub(crate) struct Peers {
     discovery: Arc<dyn Discovery>,
     client: PeerClient,
     penalties: Mutex<HashMap<SocketAddr, Instant>>,
+    /// Peers that answered `404` for a piece of content, and until when they are not asked
+    /// for it again: a provider record outlives a withdrawal (other nodes keep it until it
+    /// expires), and this keeps a node from asking a peer that said no, again and again.
+    misses: Mutex<HashMap<(SocketAddr, String), Instant>>,
     config: ResolverConfig,
 }
+
+/// Misses remembered at most; beyond this the oldest are forgotten.
+const MAX_MISSES: usize = 1 << 16;
 
 impl Peers {
     pub(crate) fn new(discovery: Arc<dyn Discovery>, config: ResolverConfig) -> Result<Self, UpstreamError> {
         let client =
             PeerClient::new(config.peers.connect_timeout, config.peers.read_timeout, config.peer_tls.as_ref())?;
-        Ok(Self { discovery, client, penalties: Mutex::new(HashMap::new()), config })
+        Ok(Self {
+            discovery,
+            client,
+            penalties: Mutex::new(HashMap::new()),
+            misses: Mutex::new(HashMap::new()),
+            config,
+        })
     }
 
     fn penalties(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Instant>> {
@@ -86,6 +99,27 @@ impl Peers {
         self.penalties().get(peer).is_some_and(|until| *until > Instant::now())
     }
 
+    fn misses(&self) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, String), Instant>> {
+        self.misses.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes that `peer` does not hold `what`, for as long as a penalty lasts.
+    fn missed(&self, peer: SocketAddr, what: &str) {
+        let now = Instant::now();
+        let mut misses = self.misses();
+        if misses.len() >= MAX_MISSES {
+            misses.retain(|_, until| *until > now);
+            if misses.len() >= MAX_MISSES {
+                misses.clear();
+            }
+        }
+        misses.insert((peer, what.to_string()), now + self.config.peers.penalty);
+    }
+
+    fn said_no(&self, peer: &SocketAddr, what: &str) -> bool {
+        self.misses().get(&(*peer, what.to_string())).is_some_and(|until| *until > Instant::now())
+    }
+
     /// Asks `candidates` in turn with `ask`; a candidate that has not answered within the
     /// first-byte timeout is *hedged*: the next one is asked too, and the first good answer
     /// wins (the others are dropped). Gives up once every candidate failed, or the last one
@@ -96,7 +130,7 @@ impl Peers {
         Fut: Future<Output = Result<T, UpstreamError>>,
     {
         let timeout = self.config.peers.first_byte_timeout;
-        let mut queue = candidates.iter().copied().filter(|p| !self.penalized(p));
+        let mut queue = candidates.iter().copied().filter(|p| !self.penalized(p) && !self.said_no(p, what));
         let mut asked = FuturesUnordered::new();
         let ask_next = |asked: &mut FuturesUnordered<_>, queue: &mut dyn Iterator<Item = SocketAddr>| {
             let Some(peer) = queue.next() else { return false };
@@ -125,8 +159,12 @@ impl Peers {
             match answer {
                 Ok(value) => return Some((peer, value)),
                 // No longer held, or a range past the end: an answer, not a fault.
-                Err(UpstreamError::NotFound | UpstreamError::Status { status: 416, .. }) => {
-                    tracing::debug!(%peer, what, "peer cannot serve it");
+                Err(UpstreamError::NotFound) => {
+                    tracing::debug!(%peer, what, "peer does not hold it; not asking it again for a while");
+                    self.missed(peer, what);
+                }
+                Err(UpstreamError::Status { status: 416, .. }) => {
+                    tracing::debug!(%peer, what, "peer cannot serve that range");
                 }
                 Err(e) => self.penalize(peer, &e.to_string()),
             }
@@ -171,7 +209,7 @@ impl Peers {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Option<Manifest> {
-        let what = reference.to_string();
+        let what = format!("{}/{}:{reference}", origin.registry, origin.repository);
         let found = self
             .hedged(candidates, &what, |peer| {
                 self.client.get_manifest(peer, &origin.registry, &origin.repository, reference, accept)
@@ -243,6 +281,25 @@ mod tests {
         let got = p.hedged(&both, "x", |peer| answer(peer.port(), 0, Some(UpstreamError::NotFound)));
         assert!(got.await.is_none());
         assert!(!p.penalized(&addr(1)) && !p.penalized(&addr(2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_said_no_is_not_asked_again_for_the_same_content() {
+        let p = peers();
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let no = |peer: SocketAddr| {
+            asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            answer(peer.port(), 0, Some(UpstreamError::NotFound))
+        };
+        assert!(p.hedged(&[addr(1)], "x", no).await.is_none());
+        assert!(p.hedged(&[addr(1)], "x", no).await.is_none());
+        assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1, "asked again for x");
+        // Other content: asked.
+        assert_eq!(p.hedged(&[addr(1)], "y", |peer| answer(peer.port(), 0, None)).await.map(|(_, v)| v), Some(1));
+        // After a penalty's time, asked again.
+        tokio::time::advance(ResolverConfig::default().peers.penalty).await;
+        assert!(p.hedged(&[addr(1)], "x", no).await.is_none());
+        assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 
     #[tokio::test(start_paused = true)]
