@@ -46,6 +46,16 @@ fn share_and_pull(grpc_only: bool) {
     let advertised = poll(Duration::from_secs(20), || (a.metric("clyde_advertised_keys") >= 5.0).then_some(()));
     assert!(advertised.is_some(), "A did not advertise containerd's content:\n{}", a.log());
     assert_eq!(store_blobs(&a), 0, "A's own store stays empty");
+    // A's peer port serves containerd's copy, whole and by range.
+    let layer = &img.layers[1];
+    let peer_url = format!("http://{}/v2/shared/blobs/{}?ns={}", a.peer_addr(), layer.digest, reg.addr());
+    let whole = http().get(&peer_url).send().expect("get").bytes().expect("body");
+    assert_eq!(clyde_tests::sha256(&whole), layer.digest);
+    let part = http().get(&peer_url).header("Range", "bytes=1000-1999").send().expect("range");
+    assert_eq!(part.status(), 206);
+    let total = layer.size;
+    assert_eq!(part.headers()["content-range"].to_str().unwrap_or(""), format!("bytes 1000-1999/{total}"));
+    assert_eq!(part.bytes().expect("body"), whole.slice(1000..2000));
 
     // The upstream is gone: B's containerd pulls through B's mirror, from A's containerd.
     reg.stop();
