@@ -12,9 +12,9 @@ use anyhow::{Context, bail};
 use clap::Args;
 use clyde_admin::client::AdminClient;
 use clyde_admin::{ImageEvent, LoadRequest, LoadUpdate, PruneRequest, ops};
-use clyde_resolver::{Resolver, ResolverConfig};
+use clyde_resolver::Resolver;
 use clyde_store::{ImageEntry, PrunePlan, Store};
-use clyde_upstream::{Upstream, UpstreamConfig};
+use clyde_upstream::Upstream;
 use futures_util::{Stream, StreamExt};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::sync::mpsc;
@@ -203,21 +203,9 @@ pub fn load_images(images: &[String], file: Option<&PathBuf>) -> anyhow::Result<
 
 /// A resolver over `store` with no peers, for commands that run without an agent.
 pub fn offline_resolver(config: &Config, store: Store) -> anyhow::Result<Resolver> {
-    let upstream = Upstream::new(UpstreamConfig {
-        registries: config.registries.clone(),
-        connect_timeout: config.upstream_connect_timeout,
-        read_timeout: config.upstream_read_timeout,
-        ..UpstreamConfig::default()
-    })?;
+    let upstream = Upstream::new(config.upstream())?;
     let metrics = clyde_metrics::Metrics::new(&mut Default::default());
-    let resolver_config = ResolverConfig {
-        air_gapped: config.air_gapped || config.mode == "p2p-only",
-        tag_ttl: config.tag_ttl,
-        always_pull_latest: config.always_pull_latest,
-        tag_check_timeout: config.tag_check_timeout,
-        ..ResolverConfig::default()
-    };
-    Ok(Resolver::new(store, None, Arc::new(upstream), None, resolver_config, metrics)?)
+    Ok(Resolver::new(store, None, Arc::new(upstream), None, config.resolver(), metrics)?)
 }
 
 pub async fn load(config: &Config, args: &LoadArgs) -> anyhow::Result<()> {

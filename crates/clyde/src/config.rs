@@ -116,6 +116,34 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Whether the upstream is never contacted (`air_gapped`, or `mode = "p2p-only"`).
+    pub fn never_upstream(&self) -> bool {
+        self.air_gapped || self.mode == "p2p-only"
+    }
+
+    /// The upstream client's settings.
+    pub fn upstream(&self) -> clyde_upstream::UpstreamConfig {
+        clyde_upstream::UpstreamConfig {
+            registries: self.registries.clone(),
+            connect_timeout: self.upstream_connect_timeout,
+            read_timeout: self.upstream_read_timeout,
+            ..Default::default()
+        }
+    }
+
+    /// The resolver's settings.
+    pub fn resolver(&self) -> clyde_resolver::ResolverConfig {
+        clyde_resolver::ResolverConfig {
+            air_gapped: self.never_upstream(),
+            tag_ttl: self.tag_ttl,
+            always_pull_latest: self.always_pull_latest,
+            tag_check_timeout: self.tag_check_timeout,
+            peers: self.peers.clone(),
+            peer_tls: self.peer_tls.clone(),
+            ..Default::default()
+        }
+    }
+
     /// Reads the file named by `--config`, or the default file when it exists, or defaults.
     pub fn load(path: Option<&PathBuf>) -> anyhow::Result<Self> {
         let path = match path {

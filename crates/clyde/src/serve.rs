@@ -10,9 +10,9 @@ use clyde_containerd::{Containerd, ContainerdConfig};
 use clyde_metrics::Metrics;
 use clyde_metrics::prometheus_client::registry::Registry;
 use clyde_p2p::{Holder, Network, P2p, parse_multiaddrs};
-use clyde_resolver::{Discovery, LocalContent, Resolver, ResolverConfig};
+use clyde_resolver::{Discovery, LocalContent, Resolver};
 use clyde_store::{EvictionPolicy, Store};
-use clyde_upstream::{Upstream, UpstreamConfig};
+use clyde_upstream::Upstream;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
@@ -30,12 +30,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let store = Store::open(&config.data_dir, config.piece_size)
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
-    let upstream = Upstream::new(UpstreamConfig {
-        registries: config.registries.clone(),
-        connect_timeout: config.upstream_connect_timeout,
-        read_timeout: config.upstream_read_timeout,
-        ..UpstreamConfig::default()
-    })?;
+    let upstream = Upstream::new(config.upstream())?;
     store.spawn_access_flusher(std::time::Duration::from_secs(30));
     let watermark = config.disk_high_watermark;
     store.spawn_evictor(EvictionPolicy {
@@ -103,24 +98,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         p2p.advertise(c.clone(), Holder::Containerd, &tasks, shutdown_rx.clone());
     }
     let local = containerd.map(|c| Arc::new(c) as Arc<dyn LocalContent>);
-    let never_upstream = config.air_gapped || config.mode == "p2p-only";
+    let never_upstream = config.never_upstream();
     let discovery: Arc<dyn Discovery> = Arc::new(p2p.clone());
-    let resolver = Resolver::new(
-        store.clone(),
-        local,
-        Arc::new(upstream),
-        Some(discovery),
-        ResolverConfig {
-            air_gapped: never_upstream,
-            tag_ttl: config.tag_ttl,
-            always_pull_latest: config.always_pull_latest,
-            tag_check_timeout: config.tag_check_timeout,
-            peers: config.peers.clone(),
-            peer_tls: config.peer_tls.clone(),
-            ..ResolverConfig::default()
-        },
-        metrics.clone(),
-    )?;
+    let resolver =
+        Resolver::new(store.clone(), local, Arc::new(upstream), Some(discovery), config.resolver(), metrics.clone())?;
     tracing::info!(
         mirror_addr = %mirror.local_addr()?,
         peer_addr = %peer.local_addr()?,
