@@ -185,7 +185,7 @@ fn an_offline_load_prepares_a_data_dir_for_an_air_gapped_agent() {
     assert!(socket.exists());
     std::fs::rename(&socket, data.join("aside.sock")).expect("move socket");
     let out = clyde(&data, &["prune", "--pattern", "edge"]);
-    assert!(!out.ok && out.stderr.contains("in use by a running clyde"), "{}", out.stderr);
+    assert!(!out.ok && out.stderr.contains("in use by another clyde process"), "{}", out.stderr);
     std::fs::rename(data.join("aside.sock"), &socket).expect("move socket back");
     agent.stop();
     assert!(!socket.exists(), "the agent leaves no socket behind");

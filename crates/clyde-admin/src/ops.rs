@@ -75,10 +75,10 @@ pub async fn prune(store: &Store, request: &PruneRequest) -> Result<PrunePlan, A
     // Reads noted but not yet written count: an image pulled a second ago is not stale.
     store.flush_accesses().await?;
     let plan = store.plan_prune(&selection)?;
-    if !request.dry_run {
-        store.apply_prune(&plan).await?;
+    if request.dry_run {
+        return Ok(plan);
     }
-    Ok(plan)
+    Ok(store.apply_prune(&plan).await?)
 }
 
 /// What to load.

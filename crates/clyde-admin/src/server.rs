@@ -1,6 +1,6 @@
-//! The admin gRPC service on `<data-dir>/admin.sock`. The socket is created under a
-//! temporary name, made owner-only, then renamed into place, so nobody else can ever
-//! connect to it. A `Load` runs in a task that owns its progress stream; it stops at
+//! The admin gRPC service on `<data-dir>/admin.sock`. The socket is created in a private
+//! directory, made owner-only, then moved into place, so nobody else can ever connect to
+//! it. A `Load` runs in a task that owns its progress stream; it stops at
 //! shutdown.
 
 use std::os::unix::fs::PermissionsExt;
@@ -131,16 +131,26 @@ impl pb::admin_server::Admin for AdminService {
     }
 }
 
-/// Binds the admin socket in `data_dir`, owner-only. A socket file left by an agent that
-/// died is replaced (the store's lock already proved no other agent uses this data dir).
+/// Binds the admin socket in `data_dir`, owner-only. The socket is made in a private
+/// (`0700`) directory, made `0600`, then moved into place, so at no moment can another user
+/// connect to it. A socket file left by an agent that died is replaced (the store's lock
+/// already proved no other agent uses this data dir).
 pub fn bind(data_dir: &Path) -> std::io::Result<(UnixListener, PathBuf)> {
+    use std::os::unix::fs::DirBuilderExt;
     let path = crate::socket_path(data_dir);
-    let staging = data_dir.join(format!(".{}.{}", crate::SOCKET_NAME, std::process::id()));
-    let _ = std::fs::remove_file(&staging);
-    let listener = UnixListener::bind(&staging)?;
-    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&staging, &path)?;
-    Ok((listener, path))
+    let private = data_dir.join(format!(".admin.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    // `mode` is filtered by the umask: make sure of it.
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
+    let staging = private.join(crate::SOCKET_NAME);
+    let bound = UnixListener::bind(&staging).and_then(|listener| {
+        std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staging, &path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    Ok((bound?, path))
 }
 
 /// Serves the admin API on `listener` until `shutdown`, then removes the socket file.

@@ -26,7 +26,7 @@ impl ServerTls {
     /// error that names it.
     pub fn acceptor(&self) -> Result<TlsAcceptor, clyde_upstream::UpstreamError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let bad = |e: &dyn std::fmt::Display| clyde_upstream::UpstreamError::Config("server TLS".into(), e.to_string());
+        let bad = |e: &dyn std::fmt::Display| clyde_upstream::UpstreamError::Tls(e.to_string());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| bad(&e))?;

@@ -25,7 +25,7 @@ use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::events_client::EventsClient;
 use containerd_client::services::v1::images_client::ImagesClient;
 use containerd_client::services::v1::{ListContentRequest, ListImagesRequest, ReadContentRequest, SubscribeRequest};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::task::TaskTracker;
 use tonic::transport::Channel;
 
@@ -127,78 +127,69 @@ impl Containerd {
 
     async fn follow(self, mut shutdown: watch::Receiver<bool>) {
         let config = &self.inner.config;
-        let mut warned = false;
+        // Failed attempts since containerd was last followed: the first is a warning, the
+        // next ones are quiet and further apart.
+        let mut failures = 0u32;
         loop {
+            let mut following = false;
             let result = tokio::select! {
-                r = self.session() => r,
+                r = self.session(&mut following) => r,
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
             *self.inner.channel.write().unwrap_or_else(|p| p.into_inner()) = None;
+            if following {
+                failures = 0;
+            }
             match result {
-                Err(Error::Connect(e)) if !warned => {
+                Err(Error::Connect(e)) if failures == 0 => {
                     tracing::warn!(socket = %config.socket.display(), error = %e, "containerd is not reachable; running without its content, and retrying");
-                    warned = true;
                 }
-                Err(Error::Connect(e)) => tracing::debug!(error = %e, "containerd still not reachable"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "lost containerd; reconnecting");
-                    warned = false;
-                }
+                Err(e) if failures == 0 => tracing::warn!(error = %e, "lost containerd; reconnecting"),
+                Err(e) => tracing::debug!(error = %e, failures, "containerd still failing"),
                 Ok(()) => {}
             }
+            failures = failures.saturating_add(1);
+            // 2 s, 4 s, ... up to 32 times the interval while containerd keeps failing.
+            let wait = config.reconnect_interval * 2u32.saturating_pow(failures.min(6) - 1);
             tokio::select! {
-                _ = tokio::time::sleep(config.reconnect_interval) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
     }
 
     /// One connection: subscribe, list, then list again after events until it fails.
-    async fn session(&self) -> Result<(), Error> {
+    async fn session(&self, following: &mut bool) -> Result<(), Error> {
         let config = &self.inner.config;
         let channel = containerd_client::connect(&config.socket).await?;
-        let filters = vec!["topic~=\"^/images/\"".to_string(), "topic~=\"^/content/\"".to_string()];
-        let mut events_client = EventsClient::new(channel.clone());
-        // containerd answers a subscription only with its first event: list meanwhile (an
-        // event in between is caught by the next periodic list).
-        let subscribe = events_client.subscribe(SubscribeRequest { filters });
-        tokio::pin!(subscribe);
-        let mut events = None;
+        // containerd answers a subscription only with its first event, so the subscription
+        // runs in its own task (started before the first list, so nothing in between is
+        // missed) and hands events over; the task ends with this session.
+        let (events_tx, mut events) = mpsc::channel::<Result<String, tonic::Status>>(1024);
+        let _subscription = AbortOnDrop(tokio::spawn(subscribe(channel.clone(), config.namespace.clone(), events_tx)));
         *self.inner.channel.write().unwrap_or_else(|p| p.into_inner()) = Some(channel.clone());
         self.relist(&channel).await?;
+        *following = true;
         let held = (self.held().blobs.len(), self.held().tags.len());
         tracing::info!(namespace = %config.namespace, blobs = held.0, tags = held.1, "following containerd's content");
         let mut tick = tokio::time::interval(config.relist_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
         loop {
-            let subscribed_yet = events.is_some();
-            let next_event = async {
-                match events.as_mut() {
-                    Some(stream) => tonic::Streaming::message(stream).await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
-                subscribed = &mut subscribe, if !subscribed_yet => {
-                    let mut stream = subscribed?.into_inner();
-                    // The answer came with the first event; it counts.
-                    let first = stream.message().await?;
-                    events = Some(stream);
-                    if first.is_none_or(|e| e.namespace != config.namespace) {
-                        continue;
-                    }
-                }
-                event = next_event => match event? {
-                    Some(e) if e.namespace == config.namespace => {
-                        tracing::debug!(topic = %e.topic, "containerd event");
-                    }
-                    Some(_) => continue,
+                event = events.recv() => match event {
+                    Some(topic) => tracing::debug!(topic = %topic?, "containerd event"),
                     None => return Err(Error::Call(tonic::Status::unavailable("containerd closed the event stream"))),
                 },
                 _ = tick.tick() => {}
             }
+            // A burst of events (a pull commits many blobs) costs one list.
             tokio::time::sleep(SETTLE).await;
+            while let Ok(event) = events.try_recv() {
+                event?;
+            }
             self.relist(&channel).await?;
+            tick.reset();
         }
     }
 
@@ -230,6 +221,10 @@ impl Containerd {
             if !blobs.contains_key(&digest) {
                 continue;
             }
+            // CRI also names images by their ID (`sha256:...`): not a tag anyone pulls.
+            if image.name.starts_with("sha256:") {
+                continue;
+            }
             if let Ok(r) = ImageRef::parse(&image.name)
                 && let Reference::Tag(tag) = &r.reference
             {
@@ -244,6 +239,43 @@ impl Containerd {
             let _ = self.inner.events.send(event);
         }
         Ok(())
+    }
+}
+
+/// Aborts a task when its owner goes away.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Forwards the topics of containerd's events in `namespace` (or the error that ended the
+/// stream) to `events`.
+async fn subscribe(channel: Channel, namespace: String, events: mpsc::Sender<Result<String, tonic::Status>>) {
+    let filters = vec!["topic~=\"^/images/\"".to_string(), "topic~=\"^/content/\"".to_string()];
+    let mut stream = match EventsClient::new(channel).subscribe(SubscribeRequest { filters }).await {
+        Ok(r) => r.into_inner(),
+        Err(e) => {
+            let _ = events.send(Err(e)).await;
+            return;
+        }
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(e)) if e.namespace == namespace => {
+                if events.send(Ok(e.topic)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return,
+            Err(e) => {
+                let _ = events.send(Err(e)).await;
+                return;
+            }
+        }
     }
 }
 

@@ -37,9 +37,16 @@ fn references(bytes: &[u8]) -> Vec<Digest> {
     if let Some(config) = doc.get("config") {
         push(config);
     }
-    for list in ["layers", "manifests"] {
+    // `blobs`: artifact manifests.
+    for list in ["layers", "manifests", "blobs"] {
         for item in doc.get(list).and_then(|l| l.as_array()).into_iter().flatten() {
             push(item);
+        }
+    }
+    // Docker schema 1.
+    for layer in doc.get("fsLayers").and_then(|l| l.as_array()).into_iter().flatten() {
+        if let Some(d) = layer.get("blobSum").and_then(|d| d.as_str()).and_then(|d| d.parse().ok()) {
+            out.push(d);
         }
     }
     out
@@ -327,5 +334,9 @@ mod tests {
         assert_eq!(references(doc.as_bytes()), vec![d1, d2]);
         let idx = format!(r#"{{"manifests":[{{"digest":"{d1}"}}]}}"#);
         assert_eq!(references(idx.as_bytes()), vec![d1]);
+        let artifact = format!(r#"{{"blobs":[{{"digest":"{d2}"}}]}}"#);
+        assert_eq!(references(artifact.as_bytes()), vec![d2]);
+        let schema1 = format!(r#"{{"fsLayers":[{{"blobSum":"{d1}"}},{{"blobSum":"{d2}"}}]}}"#);
+        assert_eq!(references(schema1.as_bytes()), vec![d1, d2]);
     }
 }

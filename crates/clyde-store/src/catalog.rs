@@ -177,6 +177,9 @@ impl Store {
             let mut order: Vec<usize> = (0..roots.len()).filter(|i| !selected[*i]).collect();
             order.sort_by_key(|i| (roots[*i].last_pulled, roots[*i].created));
             let unowned = self.unowned_bytes(&snapshot);
+            if unowned > max {
+                return Err(StoreError::Unprunable { unowned, max });
+            }
             for i in order {
                 if snapshot.held_bytes(&kept(&selected)) + unowned <= max {
                     break;
@@ -213,12 +216,28 @@ impl Store {
         snapshot.blob_sizes.iter().filter(|(d, _)| !owned.contains(d)).map(|(_, s)| s).sum()
     }
 
-    /// Removes what `plan` names, withdrawing each key. Blobs a reader has open stay
-    /// readable by it; new requests miss.
-    pub async fn apply_prune(&self, plan: &PrunePlan) -> Result<(), StoreError> {
+    /// Removes what `plan` names, withdrawing each key, and returns what it removed: a
+    /// manifest recorded since the plan was made keeps what it references. Blobs a reader
+    /// has open stay readable by it; new requests miss.
+    pub async fn apply_prune(&self, plan: &PrunePlan) -> Result<PrunePlan, StoreError> {
         let store = self.clone();
         let plan = plan.clone();
         tokio::task::spawn_blocking(move || {
+            let _catalog = store.inner.catalog.write().unwrap_or_else(|p| p.into_inner());
+            // What the store holds now, against the names the plan keeps.
+            let snapshot = Snapshot::read(&store)?;
+            let pruned: HashSet<&str> = plan.images.iter().map(String::as_str).collect();
+            let kept = snapshot.reach(
+                snapshot
+                    .entries()
+                    .into_iter()
+                    .filter(|e| (e.tagged || !e.child) && !pruned.contains(e.reference.as_str()))
+                    .map(|e| e.digest),
+            );
+            let mut plan = plan;
+            plan.manifests.retain(|d| !kept.contains(d));
+            plan.blobs.retain(|d| !kept.contains(d));
+            plan.bytes = snapshot.held_bytes(&plan.manifests.iter().chain(&plan.blobs).copied().collect());
             for tag in &plan.tags {
                 store.inner.meta.remove_tag(tag)?;
                 store.emit(StoreEvent::Dropped(ContentKey::Tag(tag.clone())));
@@ -237,7 +256,7 @@ impl Store {
                 bytes = plan.bytes,
                 "pruned"
             );
-            Ok(())
+            Ok(plan)
         })
         .await
         .map_err(StoreError::join)?

@@ -48,9 +48,13 @@ pub enum StoreError {
     #[error("blob {digest} is already arriving with size {existing}, not {requested}")]
     SizeConflict { digest: Digest, existing: u64, requested: u64 },
     #[error(
-        "the data dir {0} is in use by a running clyde; stop it, or run the command where it can reach the agent's admin socket"
+        "the data dir {0} is in use by another clyde process (an agent, or a command working on it offline); stop it, or run the command where it can reach the agent's admin socket"
     )]
     InUse(PathBuf),
+    #[error(
+        "blobs no image references take {unowned} bytes, more than {max}: no prune of images fits the store in that size (eviction, --cache-max-bytes, removes those blobs)"
+    )]
+    Unprunable { unowned: u64, max: u64 },
     #[error("background task failed: {0}")]
     Join(String),
 }
@@ -133,6 +137,9 @@ struct Inner {
     total_bytes: std::sync::atomic::AtomicU64,
     /// Woken whenever a complete blob is added.
     grown: tokio::sync::Notify,
+    /// Held to write manifests and tags, and exclusively while a prune removes: a manifest
+    /// recorded meanwhile keeps what it references.
+    catalog: std::sync::RwLock<()>,
 }
 
 /// A change in what the store can serve, for those who advertise it.
@@ -207,6 +214,7 @@ impl Store {
                 events: broadcast::channel(EVENT_BUFFER).0,
                 total_bytes: total.into(),
                 grown: tokio::sync::Notify::new(),
+                catalog: std::sync::RwLock::new(()),
             }),
         })
     }
@@ -473,6 +481,7 @@ impl Store {
     pub async fn put_tag(&self, key: String, record: TagRecord) -> Result<(), StoreError> {
         let store = self.clone();
         tokio::task::spawn_blocking(move || {
+            let _catalog = store.inner.catalog.read().unwrap_or_else(|p| p.into_inner());
             store.inner.meta.put_tag(&key, &record)?;
             store.emit(StoreEvent::Holding(ContentKey::Tag(key)));
             Ok(())
@@ -494,9 +503,12 @@ impl Store {
     /// Records a cached manifest.
     pub async fn put_manifest(&self, digest: Digest, record: ManifestRecord) -> Result<(), StoreError> {
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.inner.meta.put_manifest(&digest, &record))
-            .await
-            .map_err(StoreError::join)?
+        tokio::task::spawn_blocking(move || {
+            let _catalog = store.inner.catalog.read().unwrap_or_else(|p| p.into_inner());
+            store.inner.meta.put_manifest(&digest, &record)
+        })
+        .await
+        .map_err(StoreError::join)?
     }
 
     /// All cached manifests, by digest.

@@ -355,7 +355,15 @@ impl PartialBlob {
         self.state().verified = true;
         self.notify();
         if let Err(e) = self.commit().await {
-            self.fail(&format!("could not commit blob: {e}")).await;
+            // `fail` leaves a verified blob alone; a commit that failed (disk full, fsync)
+            // must still end as failed, or those waiting for the commit wait forever.
+            let reason = format!("could not commit blob: {e}");
+            tracing::warn!(digest = %self.digest, reason, "discarding verified blob");
+            if let Err(e) = self.store.discard_partial(&self).await {
+                tracing::warn!(digest = %self.digest, error = %e, "could not remove the uncommitted blob");
+            }
+            self.state().outcome = Outcome::Failed(reason.into());
+            self.notify();
         }
     }
 

@@ -274,7 +274,7 @@ async fn prune_keeps_blobs_a_kept_image_shares() {
     assert_eq!(store.images().unwrap().len(), 3);
     assert!(store.blob_size(&c.app_layer).is_some());
 
-    store.apply_prune(&plan).await.unwrap();
+    assert_eq!(store.apply_prune(&plan).await.unwrap(), plan);
     assert_eq!(store.total_bytes(), before - plan.bytes);
     assert_eq!(store.images().unwrap().iter().map(|e| e.reference.clone()).collect::<Vec<_>>(), ["r.test/tool:v1"]);
     for gone in [c.app_layer, c.app_index, c.app_image] {
@@ -318,4 +318,30 @@ async fn a_second_opener_of_the_data_dir_is_refused() {
     store.shutdown().await;
     drop(store);
     Store::open(dir.path(), 64 * 1024).unwrap();
+}
+
+#[tokio::test]
+async fn a_manifest_recorded_between_plan_and_prune_keeps_its_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let c = catalog(&store).await;
+    let select = |e: &ImageEntry| e.reference.contains("/app");
+    let plan = store.plan_prune(&PruneSelection { select: Some(&select), max_bytes: None }).unwrap();
+    assert_eq!(plan.blobs, [c.app_layer]);
+    // A pull records another image using app's layer before the prune runs.
+    manifest(&store, "other", Some("v1"), clyde_types::media::OCI_MANIFEST, &[c.app_layer], 300).await;
+    let applied = store.apply_prune(&plan).await.unwrap();
+    assert!(applied.blobs.is_empty(), "{applied:?}");
+    assert!(store.blob_size(&c.app_layer).is_some());
+    assert_eq!(store.blob_size(&c.app_index), None);
+}
+
+#[tokio::test]
+async fn a_size_no_prune_of_images_can_reach_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    catalog(&store).await;
+    blob(&store, &random(5000)).await;
+    let err = store.plan_prune(&PruneSelection { select: None, max_bytes: Some(1000) }).unwrap_err();
+    assert!(matches!(err, StoreError::Unprunable { unowned: 5000, max: 1000 }), "{err}");
 }

@@ -42,6 +42,8 @@ pub enum UpstreamError {
     TooLarge(u64),
     #[error("registry {0} is misconfigured: {1}")]
     Config(String, String),
+    #[error("TLS settings are unusable: {0}")]
+    Tls(String),
 }
 
 impl UpstreamError {

@@ -135,7 +135,7 @@ pub struct PeerTls {
 }
 
 fn tls_error(what: &str, path: &Path, e: impl std::fmt::Display) -> UpstreamError {
-    UpstreamError::Config("peer_tls".into(), format!("{what} {}: {e}", path.display()))
+    UpstreamError::Tls(format!("{what} {}: {e}", path.display()))
 }
 
 /// Certificates from a PEM file.
@@ -209,7 +209,7 @@ impl ServerCertVerifier for PeerVerifier {
 
 fn client_tls(tls: &PeerTls) -> Result<rustls::ClientConfig, UpstreamError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let bad = |e: &dyn std::fmt::Display| UpstreamError::Config("peer_tls".into(), e.to_string());
+    let bad = |e: &dyn std::fmt::Display| UpstreamError::Tls(format!("[peer_tls]: {e}"));
     let inner = WebPkiServerVerifier::builder_with_provider(read_roots(&tls.ca)?, provider.clone())
         .build()
         .map_err(|e| bad(&e))?;
