@@ -35,11 +35,17 @@ fn eviction_keeps_recently_read_blobs_under_cache_max_bytes_and_withdraws_the_re
     // 6 MiB > 5 MiB: b, read least recently, goes; 4 MiB is under the 4.5 MiB low water.
     wait_for("b to be evicted", Duration::from_secs(10), || (!held(&b.digest)).then_some(()));
     assert!(held(&a.digest) && held(&c.digest), "the wrong blob was evicted");
-    assert_eq!(first.metric("clyde_store_bytes"), (a.size + c.size) as f64);
+    // The file goes first, then its record and the byte count.
+    let kept = (a.size + c.size) as f64;
+    wait_for("the store gauge to follow", Duration::from_secs(5), || {
+        (first.metric("clyde_store_bytes") == kept).then_some(())
+    });
     assert!(first.log().contains("evicted (least recently used)"));
     // Withdrawn: one key fewer (c came in, b went), and node 2 still gets b (node 1 answers
     // its peer request with 404, which is no fault, and the upstream serves it).
-    assert_eq!(first.metric("clyde_advertised_keys"), advertised);
+    wait_for("the evicted key to be withdrawn", Duration::from_secs(5), || {
+        (first.metric("clyde_advertised_keys") == advertised).then_some(())
+    });
     get(second, &b.digest);
     assert!(!second.log().contains("peer penalized"), "{}", second.log());
 }
@@ -65,5 +71,8 @@ fn a_disk_above_its_high_watermark_is_relieved_by_eviction() {
     }
     wait_for("a to be evicted", Duration::from_secs(20), || (!held(&a.digest)).then_some(()));
     assert!(held(&b.digest) && held(&c.digest), "the wrong blob was evicted:\n{}", agent.log());
-    assert_eq!(agent.metric("clyde_store_bytes"), (b.size + c.size) as f64);
+    let kept = (b.size + c.size) as f64;
+    wait_for("the store gauge to follow", Duration::from_secs(5), || {
+        (agent.metric("clyde_store_bytes") == kept).then_some(())
+    });
 }
