@@ -308,29 +308,63 @@ impl clyde_p2p::KeyFeed for Containerd {
     }
 }
 
-/// Reads a blob over gRPC `Read`.
-struct GrpcReader {
+/// Reads a blob over gRPC `Read`. A reader reads in order, so one `Read` call streams from
+/// its offset to the end and consecutive reads take from it; a read elsewhere starts another.
+struct GrpcReader(Arc<GrpcRead>);
+
+struct GrpcRead {
     channel: Channel,
     namespace: String,
     digest: Digest,
+    open: tokio::sync::Mutex<Option<OpenRead>>,
+}
+
+/// A `Read` call in progress: the next byte it yields is at `position`.
+struct OpenRead {
+    position: u64,
+    stream: tonic::Streaming<containerd_client::services::v1::ReadContentResponse>,
+    leftover: Bytes,
+}
+
+impl GrpcRead {
+    async fn start(&self, offset: u64) -> Result<OpenRead, String> {
+        // Size 0: to the end of the blob.
+        let message = ReadContentRequest { digest: self.digest.to_string(), offset: offset as i64, size: 0 };
+        let stream = ContentClient::new(self.channel.clone())
+            .read(request(&self.namespace, message))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        Ok(OpenRead { position: offset, stream, leftover: Bytes::new() })
+    }
 }
 
 impl BlobReader for GrpcReader {
     fn read_at(&self, offset: u64, len: u64) -> BoxFuture<Result<Bytes, String>> {
-        let mut client = ContentClient::new(self.channel.clone());
-        let message = ReadContentRequest {
-            digest: self.digest.to_string(),
-            offset: offset as i64,
-            size: len.min(READ_CHUNK) as i64,
-        };
-        let namespace = self.namespace.clone();
+        let reader = self.0.clone();
         Box::pin(async move {
-            let mut stream = client.read(request(&namespace, message)).await.map_err(|e| e.to_string())?.into_inner();
-            let mut out = Vec::new();
-            while let Some(part) = stream.message().await.map_err(|e| e.to_string())? {
-                out.extend_from_slice(&part.data);
+            let mut open = reader.open.lock().await;
+            let read = match open.take() {
+                Some(r) if r.position == offset => r,
+                _ => reader.start(offset).await?,
+            };
+            let OpenRead { mut position, mut stream, mut leftover } = read;
+            let want = len.min(READ_CHUNK) as usize;
+            let mut out = bytes::BytesMut::with_capacity(want);
+            while out.len() < want {
+                if leftover.is_empty() {
+                    match stream.message().await.map_err(|e| e.to_string())? {
+                        Some(part) => leftover = Bytes::from(part.data),
+                        None => break,
+                    }
+                    continue;
+                }
+                let take = leftover.len().min(want - out.len());
+                out.extend_from_slice(&leftover.split_to(take));
             }
-            Ok(Bytes::from(out))
+            position += out.len() as u64;
+            *open = Some(OpenRead { position, stream, leftover });
+            Ok(out.freeze())
         })
     }
 }
@@ -354,7 +388,8 @@ impl LocalContent for Containerd {
                     _ => {}
                 }
             }
-            let reader = GrpcReader { channel: channel?, namespace, digest };
+            let read = GrpcRead { channel: channel?, namespace, digest, open: tokio::sync::Mutex::new(None) };
+            let reader = GrpcReader(Arc::new(read));
             Some(LocalBlob::Reader { size, reader: Arc::new(reader) })
         })
     }
