@@ -3,8 +3,6 @@
 //! withdrawn for that holder. A follower that falls behind the events lists everything
 //! again rather than guess.
 
-use std::collections::HashSet;
-
 use clyde_resolver::BoxFuture;
 use clyde_store::{Store, StoreEvent};
 use clyde_types::ContentKey;
@@ -34,46 +32,31 @@ impl KeyFeed for Store {
 pub(crate) async fn run(feed: impl KeyFeed, holder: Holder, node: P2p, mut shutdown: watch::Receiver<bool>) {
     // Subscribe before listing, so nothing that happens in between is missed.
     let mut events = feed.subscribe();
-    // What this holder is advertised as holding: after a lag, what it no longer holds is
-    // withdrawn (a missed `Dropped` must not leave a key advertised for good).
-    let mut advertised = HashSet::new();
-    provide_all(&feed, holder, &node, &mut advertised).await;
+    provide_all(&feed, holder, &node).await;
     loop {
         let event = tokio::select! {
             e = events.recv() => e,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         match event {
-            Ok(StoreEvent::Holding(key)) => {
-                advertised.insert(key.clone());
-                node.provide(key, holder);
-            }
-            Ok(StoreEvent::Dropped(key)) => {
-                advertised.remove(&key);
-                node.withdraw(key, holder);
-            }
+            Ok(StoreEvent::Holding(key)) => node.provide(key, holder),
+            Ok(StoreEvent::Dropped(key)) => node.withdraw(key, holder),
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 tracing::info!(missed, ?holder, "advertiser fell behind; listing everything again");
-                provide_all(&feed, holder, &node, &mut advertised).await;
+                provide_all(&feed, holder, &node).await;
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }
 
-/// Provides everything `feed` holds, and withdraws what was advertised but is no longer held.
-async fn provide_all(feed: &impl KeyFeed, holder: Holder, node: &P2p, advertised: &mut HashSet<ContentKey>) {
+/// Provides everything `feed` holds; the node withdraws, for this holder, what it no longer
+/// holds (a missed `Dropped` must not leave a key advertised for good).
+async fn provide_all(feed: &impl KeyFeed, holder: Holder, node: &P2p) {
     match feed.held_keys().await {
         Ok(keys) => {
             tracing::info!(keys = keys.len(), ?holder, "advertising what is held");
-            let held: HashSet<ContentKey> = keys.into_iter().collect();
-            for gone in advertised.difference(&held) {
-                node.withdraw(gone.clone(), holder);
-            }
-            for key in &held {
-                node.provide(key.clone(), holder);
-            }
-            *advertised = held;
+            node.holds_only(keys, holder);
         }
         Err(e) => tracing::warn!(error = %e, ?holder, "cannot list what is held to advertise it"),
     }

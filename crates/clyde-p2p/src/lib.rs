@@ -130,7 +130,12 @@ impl Holder {
 pub(crate) enum Command {
     Provide(ContentKey, Holder),
     Withdraw(ContentKey, Holder),
-    FindProviders { key: ContentKey, reply: oneshot::Sender<Vec<SocketAddr>> },
+    /// Everything a holder holds: provided, and what it no longer holds withdrawn.
+    HoldsOnly(Vec<ContentKey>, Holder),
+    FindProviders {
+        key: ContentKey,
+        reply: oneshot::Sender<Vec<SocketAddr>>,
+    },
     Dial(Multiaddr),
     Departed(std::net::IpAddr),
     Status(oneshot::Sender<Status>),
@@ -200,6 +205,12 @@ impl P2p {
     /// Advertises that `holder` on this node holds `key`.
     pub fn provide(&self, key: ContentKey, holder: Holder) {
         let _ = self.commands.send(Command::Provide(key, holder));
+    }
+
+    /// Tells everything `holder` holds: each key is provided, and keys advertised for it
+    /// that are not in `keys` are withdrawn for it.
+    pub fn holds_only(&self, keys: Vec<ContentKey>, holder: Holder) {
+        let _ = self.commands.send(Command::HoldsOnly(keys, holder));
     }
 
     /// Notes that `holder` no longer holds `key`; withdrawn when no holder has it.

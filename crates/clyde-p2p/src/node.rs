@@ -209,23 +209,41 @@ impl EventLoop {
         }
     }
 
+    fn provide(&mut self, key: &clyde_types::ContentKey, holder: crate::Holder) {
+        let record = RecordKey::new(&key.routing_key());
+        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(record.clone()) {
+            tracing::warn!(%key, error = %e, "cannot advertise");
+            return;
+        }
+        *self.provided.entry(record).or_default() |= holder.bit();
+    }
+
+    fn withdraw(&mut self, record: RecordKey, holder: crate::Holder) {
+        let Some(holders) = self.provided.get_mut(&record) else { return };
+        *holders &= !holder.bit();
+        if *holders == 0 {
+            self.swarm.behaviour_mut().kad.stop_providing(&record);
+            self.provided.remove(&record);
+        }
+    }
+
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Provide(key, holder) => {
-                let record = RecordKey::new(&key.routing_key());
-                if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(record.clone()) {
-                    tracing::warn!(%key, error = %e, "cannot advertise");
-                    return;
+            Command::Provide(key, holder) => self.provide(&key, holder),
+            Command::Withdraw(key, holder) => self.withdraw(RecordKey::new(&key.routing_key()), holder),
+            Command::HoldsOnly(keys, holder) => {
+                let held: HashSet<RecordKey> = keys.iter().map(|k| RecordKey::new(&k.routing_key())).collect();
+                let gone: Vec<RecordKey> = self
+                    .provided
+                    .iter()
+                    .filter(|(record, holders)| *holders & holder.bit() != 0 && !held.contains(*record))
+                    .map(|(record, _)| record.clone())
+                    .collect();
+                for record in gone {
+                    self.withdraw(record, holder);
                 }
-                *self.provided.entry(record).or_default() |= holder.bit();
-            }
-            Command::Withdraw(key, holder) => {
-                let record = RecordKey::new(&key.routing_key());
-                let Some(holders) = self.provided.get_mut(&record) else { return };
-                *holders &= !holder.bit();
-                if *holders == 0 {
-                    self.swarm.behaviour_mut().kad.stop_providing(&record);
-                    self.provided.remove(&record);
+                for key in &keys {
+                    self.provide(key, holder);
                 }
             }
             Command::FindProviders { key, reply } => {

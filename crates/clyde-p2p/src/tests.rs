@@ -115,8 +115,18 @@ async fn a_key_stays_advertised_while_any_holder_has_it() {
     node.p2p.withdraw(key.clone(), Holder::Store);
     // containerd still holds it: still provided (a status answer follows the withdrawal).
     assert_eq!(node.p2p.status().await.provided_keys, 1);
-    node.p2p.withdraw(key, Holder::Containerd);
+    node.p2p.withdraw(key.clone(), Holder::Containerd);
     eventually("the key to be withdrawn", provided(0)).await;
+    // A holder's full list withdraws, for it, what the list leaves out.
+    let other = ContentKey::Digest(Digest::of(b"other"));
+    node.p2p.holds_only(vec![key.clone(), other.clone()], Holder::Containerd);
+    node.p2p.provide(other.clone(), Holder::Store);
+    eventually("both keys to be provided", provided(2)).await;
+    node.p2p.holds_only(vec![key.clone()], Holder::Containerd);
+    // `other` stays: the store still holds it.
+    assert_eq!(node.p2p.status().await.provided_keys, 2);
+    node.p2p.holds_only(Vec::new(), Holder::Containerd);
+    assert_eq!(node.p2p.status().await.provided_keys, 1);
     node.stop().await;
 }
 

@@ -247,7 +247,6 @@ impl Resolver {
     /// A blob containerd holds, opened.
     async fn local_blob(&self, digest: &Digest) -> Option<BlobSource> {
         let local = self.inner.local.as_ref()?;
-        local.blob_size(digest)?;
         Some(match local.open_blob(*digest).await? {
             LocalBlob::File(file) => BlobSource::Local(file),
             LocalBlob::Reader { size, reader } => BlobSource::Held { size, reader },

@@ -204,7 +204,7 @@ pub fn load_images(images: &[String], file: Option<&PathBuf>) -> anyhow::Result<
 /// A resolver over `store` with no peers, for commands that run without an agent.
 pub fn offline_resolver(config: &Config, store: Store) -> anyhow::Result<Resolver> {
     let upstream = Upstream::new(config.upstream())?;
-    let metrics = clyde_metrics::Metrics::new(&mut Default::default());
+    let metrics = clyde_metrics::Metrics::unregistered();
     Ok(Resolver::new(store, None, Arc::new(upstream), None, config.resolver(), metrics)?)
 }
 
