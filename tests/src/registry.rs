@@ -141,6 +141,11 @@ impl Registry {
         out
     }
 
+    /// Where it runs.
+    pub fn place(&self) -> &Place {
+        &self.place
+    }
+
     /// Everything the registry logged.
     pub fn log(&self) -> String {
         (1..=self.generation).map(|g| std::fs::read_to_string(self.log_path(g)).unwrap_or_default()).collect()

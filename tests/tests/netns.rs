@@ -130,3 +130,194 @@ fn a_peer_serving_corrupt_bytes_never_poisons_another_store() {
     assert!(node.agent.log().contains("did not verify"), "{}", node.agent.log());
     assert_eq!(c.upstream.blob_bytes_served(&layer.digest), 2 * layer.size, "the retry should come from the upstream");
 }
+
+/// Blob bytes the upstream sent for every `GET` of a blob (layers and config), and its
+/// manifest `GET`s, from its log.
+fn upstream_totals(c: &LabCluster) -> (u64, usize) {
+    let requests = c.upstream.requests();
+    let blobs = requests.iter().filter(|(m, uri, _, _)| m == "GET" && uri.contains("/blobs/")).map(|r| r.2).sum();
+    let manifests = requests.iter().filter(|(m, uri, _, _)| m == "GET" && uri.contains("/manifests/")).count();
+    (blobs, manifests)
+}
+
+#[test]
+fn a_herd_of_nodes_starting_at_one_instant_fetches_each_blob_from_the_upstream_once() {
+    // 6 nodes, one barrier: nobody is a provider when the others look, so without an
+    // election every node would go upstream (6.0x).
+    let c = cluster(6, &[12 * MIB, 8 * MIB, 4 * MIB], Some("200mbit"));
+    let barrier = std::sync::Barrier::new(c.nodes.len());
+    let digests: Vec<String> = std::thread::scope(|s| {
+        let pulls: Vec<_> = (0..c.nodes.len())
+            .map(|i| {
+                let (c, barrier) = (&c, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    pull(c, i)
+                })
+            })
+            .collect();
+        pulls.into_iter().map(|p| p.join().expect("pull")).collect()
+    });
+    assert!(digests.iter().all(|d| *d == digests[0]), "nodes pulled different images: {digests:?}");
+    for node in &c.nodes {
+        wait_store_holds(&node.agent.data_dir(), c.image.layers.len() + 1);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (blob_bytes, manifests) = upstream_totals(&c);
+    let ratio = c.upstream_layer_bytes() as f64 / c.image.layer_bytes() as f64;
+    let elected: usize =
+        c.nodes.iter().map(|n| n.agent.log().matches("elected to fetch from the upstream").count()).sum();
+    eprintln!(
+        "6 nodes at one instant: upstream layer bytes {ratio:.3}x the image ({blob_bytes} blob bytes in all), \
+         {manifests} manifest GETs, {elected} elections won"
+    );
+    assert!(
+        ratio <= 1.05,
+        "upstream sent {ratio:.3}x the image's layers ({elected} elections won):\n{}",
+        c.nodes.iter().map(|n| n.agent.log()).collect::<Vec<_>>().join("\n----\n")
+    );
+    assert!(elected > c.image.layers.len(), "the fetchers were not elected");
+}
+
+/// `GET`s a blob of `repo` through lab node `i`'s own mirror with curl in its namespace;
+/// checks its digest and returns the seconds it took.
+fn fetch_blob(c: &LabCluster, i: usize, repo: &str, digest: &str) -> f64 {
+    let agent = &c.nodes[i].agent;
+    let out = tempfile::NamedTempFile::new().expect("temp file");
+    let url = format!("http://{}/v2/{repo}/blobs/{digest}?ns={}", agent.addr(), c.upstream.addr());
+    let started = Instant::now();
+    let status = clyde_tests::run(agent.place().command("curl").args(["-s", "-o"]).arg(out.path()).args([
+        "-w",
+        "%{http_code}",
+        &url,
+    ]));
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(status.trim(), "200", "GET {url} on node {i}:\n{}", agent.log());
+    let bytes = std::fs::read(out.path()).expect("fetched blob");
+    assert_eq!(clyde_tests::sha256(&bytes), digest, "node {i} served wrong bytes");
+    took
+}
+
+#[test]
+fn a_blob_that_four_peers_hold_comes_from_all_of_them_at_once() {
+    let c = cluster(5, &[64 * MIB], None);
+    let layer = c.image.layers[0].digest.clone();
+    // A blob only node 1 holds: what one holder's link gives, measured in the same run.
+    let single = TestImage::single(&[64 * MIB]);
+    single.push(&c.upstream, "team/single", "v1", clyde_tests::ImageFormat::Oci);
+    let single_layer = single.layers[0].digest.clone();
+    fetch_blob(&c, 0, "team/single", &single_layer);
+    for i in 0..4 {
+        fetch_blob(&c, i, "team/app", &layer);
+        wait_store_holds(&c.nodes[i].agent.data_dir(), if i == 0 { 2 } else { 1 });
+    }
+    for node in &c.nodes[..4] {
+        c.lab.limit_egress(node.agent.place(), "200mbit");
+    }
+    let one_link = fetch_blob(&c, 4, "team/single", &single_layer);
+    let four_links = fetch_blob(&c, 4, "team/app", &layer);
+    let speedup = one_link / four_links;
+    eprintln!("64 MiB from one holder {one_link:.2} s, from four holders {four_links:.2} s: {speedup:.2}x one link");
+    let log = c.nodes[4].agent.log();
+    assert!(log.contains("fetching from several complete holders at once"), "{log}");
+    assert!(speedup >= 3.0, "four holders gave {speedup:.2}x one link:\n{log}");
+    assert_eq!(
+        c.upstream.blob_bytes_served(&layer),
+        c.image.layers[0].size,
+        "the layer left the upstream more than once"
+    );
+}
+
+/// Bytes `place` has sent on its `eth0` (the kernel's counter, Ethernet headers included).
+fn tx_bytes(place: &clyde_tests::Place) -> u64 {
+    let out = clyde_tests::run(place.command("cat").arg("/sys/class/net/eth0/statistics/tx_bytes"));
+    out.trim().parse().expect("a byte count")
+}
+
+fn partial_len(c: &LabCluster, i: usize, digest: &str) -> u64 {
+    let path = c.nodes[i].agent.data_dir().join("partial").join(digest.replace(':', "/"));
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+#[test]
+fn a_herd_completes_when_its_elected_fetcher_is_killed_midway() {
+    // 64 MiB at 100 Mbit/s: about 5.5 s from the upstream, so 30% is a wide mark to hit.
+    let mut c = cluster(6, &[64 * MIB], Some("100mbit"));
+    let layer = c.image.layers[0].clone();
+    let up = c.upstream.place().clone();
+    let sent_before = tx_bytes(&up);
+    let barrier = std::sync::Barrier::new(c.nodes.len() + 1);
+    let killed = std::thread::scope(|s| {
+        let pulls: Vec<_> = (0..c.nodes.len())
+            .map(|i| {
+                let (c, barrier) = (&c, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    c.try_pull(i)
+                })
+            })
+            .collect();
+        barrier.wait();
+        let needle = format!("elected to fetch from the upstream digest={}", layer.digest);
+        let fetcher = wait_for("a node to be elected for the layer", Duration::from_secs(30), || {
+            (0..c.nodes.len()).find(|&i| c.nodes[i].agent.log().contains(&needle))
+        });
+        wait_for("the fetcher to hold 30% of the layer", Duration::from_secs(30), || {
+            (partial_len(&c, fetcher, &layer.digest) >= layer.size * 3 / 10).then_some(())
+        });
+        let pid = c.nodes[fetcher].agent.pid().expect("the fetcher runs");
+        clyde_tests::run(std::process::Command::new("kill").args(["-9", &pid.to_string()]));
+        for (i, pull) in pulls.into_iter().enumerate() {
+            let (ok, out) = pull.join().expect("pull thread");
+            assert!(ok || i == fetcher, "pull on node {i} failed:\n{out}\nagent log:\n{}", c.nodes[i].agent.log());
+        }
+        fetcher
+    });
+    c.nodes[killed].agent.kill9();
+    for (i, node) in c.nodes.iter().enumerate().filter(|(i, _)| *i != killed) {
+        assert!(node.ctrd.image_digest(&c.reference).is_some(), "node {i} has no image");
+        wait_store_holds(&node.agent.data_dir(), 2);
+    }
+    let sent = tx_bytes(&up) - sent_before;
+    let ratio = sent as f64 / layer.size as f64;
+    eprintln!("fetcher (node {killed}) killed at 30%: the upstream host sent {ratio:.3}x the layer");
+    assert!(ratio <= 1.3, "the upstream host sent {ratio:.3}x the layer");
+}
+
+#[test]
+fn a_node_serving_three_peers_stays_under_its_upload_cap() {
+    const CAP: u64 = 20 * MIB as u64;
+    let config = format!("upload_rate = {CAP}\n{PATIENT_LOOKUPS}");
+    let c = LabCluster::start(1, TestImage::single(&[16 * MIB]), "team/app", None, &config);
+    let layer = c.image.layers[0].clone();
+    fetch_blob(&c, 0, "team/app", &layer.digest);
+    wait_store_holds(&c.nodes[0].agent.data_dir(), 1);
+    let node = &c.nodes[0].agent;
+    let url = format!("http://{}/v2/team/app/blobs/{}?ns={}", node.peer_addr(), layer.digest, c.upstream.addr());
+    let sent_before = tx_bytes(node.place());
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        let peers: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    let body = clyde_tests::http().get(&url).send().expect("GET").bytes().expect("body");
+                    assert_eq!(clyde_tests::sha256(&body), layer.digest, "a peer got wrong bytes");
+                })
+            })
+            .collect();
+        for p in peers {
+            p.join().expect("peer");
+        }
+    });
+    let took = started.elapsed().as_secs_f64();
+    let sent = tx_bytes(node.place()) - sent_before;
+    let rate = sent as f64 / took;
+    eprintln!(
+        "3 peers served {:.1} MiB in {took:.2} s: {:.1} MiB/s on the interface, cap {} MiB/s",
+        sent as f64 / MIB as f64,
+        rate / MIB as f64,
+        CAP / MIB as u64
+    );
+    assert!(sent >= 3 * layer.size, "the node sent {sent} bytes for 3 copies of {}", layer.size);
+    assert!(rate <= CAP as f64 * 1.1, "the node sent {:.1} MiB/s, over its cap", rate / MIB as f64);
+}

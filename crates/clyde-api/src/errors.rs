@@ -14,6 +14,7 @@ pub enum ErrorCode {
     DigestInvalid,
     RangeInvalid,
     Unsupported,
+    TooManyRequests,
     Unknown,
 }
 
@@ -27,6 +28,7 @@ impl ErrorCode {
             Self::TagInvalid => "TAG_INVALID",
             Self::DigestInvalid => "DIGEST_INVALID",
             Self::RangeInvalid => "RANGE_INVALID",
+            Self::TooManyRequests => "TOOMANYREQUESTS",
             Self::Unsupported => "UNSUPPORTED",
             Self::Unknown => "UNKNOWN",
         }

@@ -12,9 +12,11 @@ mod errors;
 mod health;
 mod query;
 mod tls;
+mod uploads;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,6 +34,7 @@ use tokio_util::task::TaskTracker;
 pub use errors::ErrorCode;
 pub use health::serve_health;
 pub use tls::ServerTls;
+pub use uploads::{UploadLimits, Uploads};
 
 /// The response body type.
 pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
@@ -59,12 +62,14 @@ impl Api {
     }
 }
 
-/// Serves `api` on `listener`, over TLS when `tls` is given, until `shutdown` turns true.
+/// Serves `api` on `listener`, over TLS when `tls` is given, until `shutdown` turns true;
+/// blob bodies within `uploads` when given (the peer server's limits).
 pub async fn serve(
     listener: TcpListener,
     api: Api,
     resolver: Resolver,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    uploads: Option<Arc<Uploads>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let connections = TaskTracker::new();
@@ -81,15 +86,15 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let resolver = resolver.clone();
+        let server = Server { resolver: resolver.clone(), api, uploads: uploads.clone() };
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         connections.spawn(async move {
             let Some(tls) = tls else {
-                return serve_connection(TokioIo::new(stream), api, resolver, peer, shutdown).await;
+                return serve_connection(TokioIo::new(stream), server, peer, shutdown).await;
             };
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                Ok(Ok(stream)) => serve_connection(TokioIo::new(stream), api, resolver, peer, shutdown).await,
+                Ok(Ok(stream)) => serve_connection(TokioIo::new(stream), server, peer, shutdown).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
@@ -103,19 +108,22 @@ pub async fn serve(
 /// Longest a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves HTTP/1.1 requests on one connection until it ends or the server shuts down.
-async fn serve_connection<IO>(
-    io: TokioIo<IO>,
-    api: Api,
+/// What a listener's connections share.
+#[derive(Clone)]
+struct Server {
     resolver: Resolver,
-    peer: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
-) where
+    api: Api,
+    uploads: Option<Arc<Uploads>>,
+}
+
+/// Serves HTTP/1.1 requests on one connection until it ends or the server shuts down.
+async fn serve_connection<IO>(io: TokioIo<IO>, server: Server, peer: SocketAddr, mut shutdown: watch::Receiver<bool>)
+where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
-        let resolver = resolver.clone();
-        async move { Ok::<_, Infallible>(handle(&resolver, api, req, peer).await) }
+        let server = server.clone();
+        async move { Ok::<_, Infallible>(handle(&server, req, peer).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -141,11 +149,12 @@ fn empty() -> Body {
 }
 
 /// Handles one request; never fails (errors become OCI error answers).
-pub async fn handle(resolver: &Resolver, api: Api, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn handle(server: &Server, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let (resolver, api) = (&server.resolver, server.api);
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let (mut response, source) = route(resolver, api, &req).await;
+    let (mut response, source) = route(server, &req).await;
     response.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
     if method == Method::HEAD {
         *response.body_mut() = empty();
@@ -177,7 +186,8 @@ pub async fn handle(resolver: &Resolver, api: Api, req: Request<Incoming>, peer:
     response
 }
 
-async fn route(resolver: &Resolver, api: Api, req: &Request<Incoming>) -> (Response<Body>, &'static str) {
+async fn route(server: &Server, req: &Request<Incoming>) -> (Response<Body>, &'static str) {
+    let (resolver, api) = (&server.resolver, server.api);
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return (
             errors::answer(
@@ -212,7 +222,7 @@ async fn route(resolver: &Resolver, api: Api, req: &Request<Incoming>) -> (Respo
     };
     match resource {
         Resource::Manifest(reference) => manifest(resolver, api, req, &origin, &reference).await,
-        Resource::Blob(digest) => blob(resolver, api, req, &origin, &digest).await,
+        Resource::Blob(digest) => blob(server, req, &origin, &digest).await,
     }
 }
 
@@ -273,12 +283,12 @@ fn insert_digest(h: &mut http::HeaderMap, digest: &str) {
 }
 
 async fn blob(
-    resolver: &Resolver,
-    api: Api,
+    server: &Server,
     req: &Request<Incoming>,
     origin: &Origin,
     digest: &clyde_types::Digest,
 ) -> (Response<Body>, &'static str) {
+    let (resolver, api) = (&server.resolver, server.api);
     let range = match req
         .headers()
         .get(header::RANGE)
@@ -291,12 +301,18 @@ async fn blob(
         }
     };
     if req.method() == Method::HEAD {
-        let size = match api {
-            Api::Mirror => resolver.blob_size(origin, digest).await,
-            Api::Peer => resolver.held_blob(digest).await.map(|source| source.size()),
+        let answer = match api {
+            Api::Mirror => resolver.blob_size(origin, digest).await.map(|size| (size, None)),
+            Api::Peer => resolver.held_blob(digest).await.map(|source| (source.size(), Some(source.is_complete()))),
         };
-        return match size {
-            Ok(size) => (blob_head(size, digest, range), "local"),
+        return match answer {
+            Ok((size, complete)) => {
+                let mut r = blob_head(size, digest, range);
+                if let Some(complete) = complete {
+                    mark_blob_state(&mut r, complete);
+                }
+                (r, "local")
+            }
             Err(e) => (resolve_error(&e, ErrorCode::BlobUnknown), "-"),
         };
     }
@@ -317,15 +333,44 @@ async fn blob(
     };
     let size = source.size();
     let label = source.label();
+    let complete = source.is_complete();
     let selected = match range.map(|r| r.resolve(size)) {
         None => ByteRange::full(size),
         Some(Ok(r)) => r,
         Some(Err(e)) => return (unsatisfiable(size, &e), label),
     };
-    let body = StreamBody::new(source.stream(selected).map_ok(Frame::data));
+    let mut stream = source.stream(selected);
+    if let Some(uploads) = &server.uploads {
+        let Some(slot) = uploads.try_start() else {
+            return (busy(), label);
+        };
+        stream = Box::pin(slot.pace(stream));
+    }
+    let body = StreamBody::new(stream.map_ok(Frame::data));
     let mut r = Response::new(BodyExt::boxed_unsync(body));
     blob_headers(&mut r, digest, selected, range.is_some());
+    if api == Api::Peer {
+        mark_blob_state(&mut r, complete);
+    }
     (r, label)
+}
+
+/// Tells a peer whether this node holds the blob whole (it may then spread requests over
+/// several such holders) or is still receiving it.
+fn mark_blob_state(r: &mut Response<Body>, complete: bool) {
+    let state = HeaderValue::from_static(if complete { "complete" } else { "arriving" });
+    r.headers_mut().insert(clyde_upstream::BLOB_STATE_HEADER, state);
+}
+
+/// As many uploads run as allowed: the requester asks another holder, or again in a second.
+fn busy() -> Response<Body> {
+    let mut r = errors::answer(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::TooManyRequests,
+        "this node is serving as many peers as it allows; ask another holder",
+    );
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 fn unsatisfiable(size: u64, e: &RangeError) -> Response<Body> {

@@ -19,7 +19,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use clyde_resolver::{BoxFuture, Discovery};
+use std::sync::{Arc, Mutex};
+
+use clyde_resolver::{BoxFuture, Discovery, Member};
 use clyde_store::Store;
 use clyde_types::ContentKey;
 use libp2p::multiaddr::Protocol;
@@ -116,6 +118,8 @@ pub enum Holder {
     Store,
     /// containerd's content store.
     Containerd,
+    /// The resolver, for the intents of the fetcher election (not content).
+    Election,
 }
 
 impl Holder {
@@ -123,6 +127,7 @@ impl Holder {
         match self {
             Self::Store => 1,
             Self::Containerd => 2,
+            Self::Election => 4,
         }
     }
 }
@@ -135,6 +140,13 @@ pub(crate) enum Command {
     FindProviders {
         key: ContentKey,
         reply: oneshot::Sender<Vec<SocketAddr>>,
+    },
+    /// Every live provider of a key, added to `found` as the walk finds them; `done` fires
+    /// when the walk is over.
+    FindMembers {
+        key: ContentKey,
+        found: Arc<Mutex<Vec<Member>>>,
+        done: oneshot::Sender<()>,
     },
     Dial(Multiaddr),
     Departed(std::net::IpAddr),
@@ -252,6 +264,19 @@ impl P2p {
         self.alone_by_configuration || self.status().await.connected_peers > 0
     }
 
+    /// Every connected node that provides `key` (this node left out), as many as the DHT walk
+    /// finds within `timeout`.
+    pub async fn find_members(&self, key: ContentKey, timeout: Duration) -> Vec<Member> {
+        let found = Arc::new(Mutex::new(Vec::new()));
+        let (done, rx) = oneshot::channel();
+        if self.commands.send(Command::FindMembers { key, found: found.clone(), done }).is_err() {
+            return Vec::new();
+        }
+        let _ = tokio::time::timeout(timeout, rx).await;
+        let found = found.lock().unwrap_or_else(|p| p.into_inner());
+        found.clone()
+    }
+
     /// The peer servers that hold `key`, as soon as some are known, within `timeout`.
     pub async fn find_providers(&self, key: ContentKey, timeout: Duration) -> Vec<SocketAddr> {
         let (reply, rx) = oneshot::channel();
@@ -269,6 +294,23 @@ impl Discovery for P2p {
     fn providers(&self, key: ContentKey, timeout: Duration) -> BoxFuture<Vec<SocketAddr>> {
         let handle = self.clone();
         Box::pin(async move { handle.find_providers(key, timeout).await })
+    }
+
+    fn members(&self, key: ContentKey, timeout: Duration) -> BoxFuture<Vec<Member>> {
+        let handle = self.clone();
+        Box::pin(async move { handle.find_members(key, timeout).await })
+    }
+
+    fn local_id(&self) -> Vec<u8> {
+        self.peer_id.to_bytes()
+    }
+
+    fn announce(&self, key: ContentKey) {
+        self.provide(key, Holder::Election);
+    }
+
+    fn retract(&self, key: ContentKey) {
+        self.withdraw(key, Holder::Election);
     }
 }
 

@@ -82,6 +82,34 @@ impl Lookup {
     }
 }
 
+/// A walk for every provider of a key (the intents of an election).
+struct MemberLookup {
+    found: std::sync::Arc<std::sync::Mutex<Vec<clyde_resolver::Member>>>,
+    done: Option<oneshot::Sender<()>>,
+    /// Providers being dialed: added once identified.
+    waiting: HashSet<PeerId>,
+    finished: bool,
+}
+
+impl MemberLookup {
+    fn add(&self, peer: PeerId, http: SocketAddr) {
+        let mut found = self.found.lock().unwrap_or_else(|p| p.into_inner());
+        let id = peer.to_bytes();
+        if !found.iter().any(|m| m.id == id) {
+            found.push(clyde_resolver::Member { id, addr: http });
+        }
+    }
+
+    fn settle_if_exhausted(&mut self) {
+        if self.finished
+            && self.waiting.is_empty()
+            && let Some(done) = self.done.take()
+        {
+            let _ = done.send(());
+        }
+    }
+}
+
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     /// A connection whose pings have gone unanswered this long is dead.
@@ -89,6 +117,7 @@ pub(crate) struct EventLoop {
     commands: mpsc::UnboundedReceiver<Command>,
     peers: HashMap<PeerId, PeerState>,
     lookups: HashMap<QueryId, Lookup>,
+    member_lookups: HashMap<QueryId, MemberLookup>,
     /// Provided keys, with the holders (bits of [`crate::Holder`]) that hold each.
     provided: HashMap<RecordKey, u8>,
     bootstrapped: bool,
@@ -155,6 +184,7 @@ impl EventLoop {
             commands,
             peers: HashMap::new(),
             lookups: HashMap::new(),
+            member_lookups: HashMap::new(),
             provided: HashMap::new(),
             bootstrapped: false,
             metrics,
@@ -180,6 +210,7 @@ impl EventLoop {
     /// unanswered too long (the library reports a failing ping only after a second one).
     fn sweep(&mut self) {
         self.lookups.retain(|_, l| l.reply.as_ref().is_some_and(|r| !r.is_closed()));
+        self.member_lookups.retain(|_, l| l.done.as_ref().is_some_and(|d| !d.is_closed()));
         let now = Instant::now();
         let silent: Vec<(PeerId, ConnectionId)> = self
             .peers
@@ -249,6 +280,11 @@ impl EventLoop {
             Command::FindProviders { key, reply } => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(RecordKey::new(&key.routing_key()));
                 self.lookups.insert(id, Lookup { reply: Some(reply), waiting: HashSet::new(), finished: false });
+            }
+            Command::FindMembers { key, found, done } => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(RecordKey::new(&key.routing_key()));
+                let lookup = MemberLookup { found, done: Some(done), waiting: HashSet::new(), finished: false };
+                self.member_lookups.insert(id, lookup);
             }
             Command::Dial(addr) => self.dial(addr),
             Command::Departed(ip) => {
@@ -386,6 +422,12 @@ impl EventLoop {
             return;
         };
         tracing::debug!(%peer_id, %http, "peer identified");
+        for lookup in self.member_lookups.values_mut() {
+            if lookup.waiting.remove(&peer_id) {
+                lookup.add(peer_id, http);
+                lookup.settle_if_exhausted();
+            }
+        }
         for lookup in self.lookups.values_mut() {
             if lookup.waiting.remove(&peer_id)
                 && let Some(reply) = lookup.reply.take()
@@ -396,6 +438,11 @@ impl EventLoop {
     }
 
     fn give_up_waiting(&mut self, peer_id: PeerId) {
+        for lookup in self.member_lookups.values_mut() {
+            lookup.waiting.remove(&peer_id);
+            lookup.settle_if_exhausted();
+        }
+        self.member_lookups.retain(|_, l| l.done.is_some());
         for lookup in self.lookups.values_mut() {
             lookup.waiting.remove(&peer_id);
             lookup.settle_if_exhausted();
@@ -408,6 +455,10 @@ impl EventLoop {
         else {
             return;
         };
+        if self.member_lookups.contains_key(&id) {
+            self.on_member_lookup_progress(id, result, step.last);
+            return;
+        }
         let Some(lookup) = self.lookups.get_mut(&id) else {
             return;
         };
@@ -439,6 +490,31 @@ impl EventLoop {
         }
         if lookup.reply.is_none() {
             self.lookups.remove(&id);
+        }
+    }
+}
+
+impl EventLoop {
+    fn on_member_lookup_progress(&mut self, id: QueryId, result: kad::GetProvidersResult, last: bool) {
+        let local = *self.swarm.local_peer_id();
+        let Some(lookup) = self.member_lookups.get_mut(&id) else { return };
+        if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = &result {
+            for provider in providers.iter().filter(|p| **p != local) {
+                match self.peers.get(provider).and_then(PeerState::http) {
+                    Some(http) => lookup.add(*provider, http),
+                    None if lookup.waiting.insert(*provider) => {
+                        let _ = self.swarm.dial(DialOpts::peer_id(*provider).build());
+                    }
+                    None => {}
+                }
+            }
+        }
+        if last {
+            lookup.finished = true;
+            lookup.settle_if_exhausted();
+        }
+        if lookup.done.is_none() {
+            self.member_lookups.remove(&id);
         }
     }
 }

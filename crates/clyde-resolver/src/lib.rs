@@ -9,10 +9,12 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
 
+pub mod election;
 pub mod load;
 pub mod local;
 mod manifest;
 pub mod peers;
+pub mod schedule;
 pub mod transfer;
 
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use clyde_types::{ContentKey, Digest, Registry, Repository};
 use clyde_upstream::{Upstream, UpstreamError};
 use serde::Deserialize;
 
+pub use election::Member;
 pub use load::{LoadError, LoadEvent, Platform};
 pub use local::{BlobReader, LocalBlob, LocalContent};
 pub use manifest::ServedManifest;
@@ -100,6 +103,15 @@ pub struct PeerTimeouts {
     /// How long a peer that failed or sent bad bytes is not asked (default 60s).
     #[serde(with = "humantime_serde")]
     pub penalty: Duration,
+    /// How long a node that wants a blob nobody offers waits for the intents of nodes that
+    /// want it at the same time before the fetcher election, and the bound on reading them
+    /// (default 250ms).
+    #[serde(with = "humantime_serde")]
+    pub election_wait: Duration,
+    /// How long a node follows an elected fetcher that has not started serving before it
+    /// passes it over for the next in rank (default 2s).
+    #[serde(with = "humantime_serde")]
+    pub follow_timeout: Duration,
 }
 
 impl Default for PeerTimeouts {
@@ -111,6 +123,8 @@ impl Default for PeerTimeouts {
             connect_timeout: Duration::from_millis(300),
             read_timeout: Duration::from_secs(5),
             penalty: Duration::from_secs(60),
+            election_wait: Duration::from_millis(250),
+            follow_timeout: Duration::from_secs(2),
         }
     }
 }

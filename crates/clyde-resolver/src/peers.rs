@@ -21,15 +21,34 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::time::Instant;
 
+use crate::election::Member;
 use crate::{Origin, ResolverConfig};
 
 /// A boxed future, as [`Discovery`] returns it.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// Finds the peer servers that hold a key.
+/// Finds the peer servers that hold a key, and carries this node's intents (see
+/// [`crate::election`]).
 pub trait Discovery: Send + Sync + 'static {
     /// HTTP addresses of peer servers that advertise `key`, found within `timeout`.
     fn providers(&self, key: ContentKey, timeout: Duration) -> BoxFuture<Vec<SocketAddr>>;
+
+    /// Every live node that advertises `key`, with its identity, found within `timeout`
+    /// (the whole walk, not the first answer); this node left out.
+    fn members(&self, _key: ContentKey, _timeout: Duration) -> BoxFuture<Vec<Member>> {
+        Box::pin(async { Vec::new() })
+    }
+
+    /// This node's identity, as [`Discovery::members`] gives other nodes'.
+    fn local_id(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// Advertises `key` (an intent) until [`Discovery::retract`].
+    fn announce(&self, _key: ContentKey) {}
+
+    /// Stops advertising a key [`Discovery::announce`] advertised.
+    fn retract(&self, _key: ContentKey) {}
 }
 
 /// How long a provider lookup may take.
@@ -50,6 +69,8 @@ pub(crate) struct Peers {
     /// for it again: a provider record outlives a withdrawal (other nodes keep it until it
     /// expires), and this keeps a node from asking a peer that said no, again and again.
     misses: Mutex<HashMap<(SocketAddr, String), Instant>>,
+    /// Blobs this node announced an intent for, with the epochs announced.
+    intents: Mutex<HashMap<Digest, Vec<u64>>>,
     config: ResolverConfig,
 }
 
@@ -65,6 +86,7 @@ impl Peers {
             client,
             penalties: Mutex::new(HashMap::new()),
             misses: Mutex::new(HashMap::new()),
+            intents: Mutex::new(HashMap::new()),
             config,
         })
     }
@@ -166,6 +188,10 @@ impl Peers {
                 Err(UpstreamError::Status { status: 416, .. }) => {
                     tracing::debug!(%peer, what, "peer cannot serve that range");
                 }
+                // At its upload limit: another holder, or later; not a fault.
+                Err(UpstreamError::Status { status: 429, .. }) => {
+                    tracing::debug!(%peer, what, "peer is busy");
+                }
                 Err(e) => self.penalize(peer, &e.to_string()),
             }
             if asked.is_empty() {
@@ -175,6 +201,83 @@ impl Peers {
                 deadline = Instant::now() + timeout;
             }
         }
+    }
+
+    /// This node's identity in elections.
+    pub(crate) fn local_id(&self) -> Vec<u8> {
+        self.discovery.local_id()
+    }
+
+    /// Announces this node's intent to fetch `digest` in the current epoch; true when it was
+    /// not announced before (the caller then gives other nodes' intents time to show).
+    pub(crate) fn announce_intent(&self, digest: Digest) -> bool {
+        let epoch = clyde_store::unix_now() / clyde_types::INTENT_EPOCH_SECS;
+        let mut intents = self.intents.lock().unwrap_or_else(|p| p.into_inner());
+        let epochs = intents.entry(digest).or_default();
+        let first = epochs.is_empty();
+        if !epochs.contains(&epoch) {
+            epochs.push(epoch);
+            self.discovery.announce(ContentKey::Intent { digest, epoch });
+        }
+        first
+    }
+
+    /// Withdraws every intent announced for `digest` (its transfer ended).
+    pub(crate) fn retract_intents(&self, digest: &Digest) {
+        let epochs = self.intents.lock().unwrap_or_else(|p| p.into_inner()).remove(digest);
+        for epoch in epochs.into_iter().flatten() {
+            self.discovery.retract(ContentKey::Intent { digest: *digest, epoch });
+        }
+    }
+
+    /// The live nodes that announced an intent for `digest` (this epoch or the last), without
+    /// those serving a penalty.
+    pub(crate) async fn intents(&self, digest: Digest) -> Vec<Member> {
+        let timeout = self.config.peers.election_wait;
+        let [now, before] = clyde_types::intent_keys(digest, clyde_store::unix_now());
+        let (mut found, older) =
+            futures_util::join!(self.discovery.members(now, timeout), self.discovery.members(before, timeout));
+        for m in older {
+            if !found.iter().any(|f| f.id == m.id) {
+                found.push(m);
+            }
+        }
+        found.retain(|m| !self.penalized(&m.addr));
+        found
+    }
+
+    /// `range` of a blob from one given peer (the elected fetcher), within the first-byte
+    /// timeout; a refusal is not remembered (the fetcher may not have started yet).
+    pub(crate) async fn open_blob_from(
+        &self,
+        peer: SocketAddr,
+        origin: &Origin,
+        digest: &Digest,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<BlobBody, UpstreamError> {
+        let ask = self.client.get_blob(peer, &origin.registry, &origin.repository, digest, range);
+        match tokio::time::timeout(self.config.peers.first_byte_timeout, ask).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                Err(UpstreamError::Unreachable { registry: peer.to_string(), reason: "no answer in time".into() })
+            }
+        }
+    }
+
+    /// Those of `candidates` that say they hold the blob complete, asked at once (a peer
+    /// that does not answer within the first-byte timeout is left out), in their order.
+    pub(crate) async fn complete_holders(
+        &self,
+        candidates: &[SocketAddr],
+        origin: &Origin,
+        digest: &Digest,
+    ) -> Vec<SocketAddr> {
+        let timeout = self.config.peers.first_byte_timeout;
+        let asks = candidates.iter().filter(|p| !self.penalized(p)).map(|peer| async move {
+            let ask = self.client.holds_complete(*peer, &origin.registry, &origin.repository, digest);
+            matches!(tokio::time::timeout(timeout, ask).await, Ok(Ok(true))).then_some(*peer)
+        });
+        futures_util::future::join_all(asks).await.into_iter().flatten().collect()
     }
 
     /// The first of `candidates` that starts sending `range` of the blob.

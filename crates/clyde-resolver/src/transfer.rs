@@ -34,7 +34,9 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::{OnceCell, watch};
 use tokio_util::task::TaskTracker;
 
+use crate::election::{self, Elected};
 use crate::peers::{Lookup, Peers};
+use crate::schedule;
 use crate::{Origin, ResolveError, ResolverConfig};
 
 /// Bytes handed to a client per read: large enough that a cached blob costs few blocking
@@ -169,22 +171,29 @@ impl Shared {
         peers.open_blob(&candidates, origin, digest, range).await.map(|(peer, body)| (body, peer))
     }
 
-    /// Opens `range` of a blob (`None`: all of it): from the first peer that serves it in
-    /// time, else the upstream, else (the upstream failing) peers found by a patient lookup.
+    /// Opens `range` of a blob (`None`: all of it): from a peer that serves it in time,
+    /// else from the fetcher the cluster elects for it (see [`crate::election`]), else the
+    /// upstream, else (the upstream failing) peers found by a patient lookup.
     async fn open(
         &self,
         origin: &Origin,
         digest: &Digest,
         range: Option<Range<u64>>,
+        attempt: Attempt,
     ) -> Result<(BlobBody, Source), ResolveError> {
         let never_upstream = self.config.air_gapped;
-        if let Some((body, peer)) =
-            self.open_from_peers(origin, digest, range.clone(), self.config.first_lookup()).await
-        {
+        let offered = match attempt {
+            Attempt::Resume if !never_upstream => self.open_from_complete_holders(origin, digest, range.clone()).await,
+            _ => self.open_from_peers(origin, digest, range.clone(), self.config.first_lookup()).await,
+        };
+        if let Some((body, peer)) = offered {
             return Ok((body, Source::Peer(peer)));
         }
         if never_upstream {
             return Err(if self.peers.is_some() { ResolveError::NoPeer } else { ResolveError::AirGapped });
+        }
+        if let Some((body, peer)) = self.follow_elected(origin, digest, range.clone()).await {
+            return Ok((body, Source::Peer(peer)));
         }
         let error = match self.upstream.get_blob(&origin.registry, &origin.repository, digest, range.clone()).await {
             Ok(body) => return Ok((body, Source::Upstream)),
@@ -200,7 +209,106 @@ impl Shared {
         }
         Err(error.into())
     }
+
+    /// Holders of a blob that hold it complete (not still receiving it), when the lookup
+    /// finds at least `min` holders of any kind (fewer: none, without asking them).
+    async fn complete_holders(&self, origin: &Origin, digest: &Digest, min: usize) -> Vec<SocketAddr> {
+        let Some(peers) = &self.peers else { return Vec::new() };
+        let candidates = peers.find(ContentKey::Digest(*digest), self.config.first_lookup()).await;
+        if candidates.len() < min.max(1) {
+            return Vec::new();
+        }
+        peers.complete_holders(&candidates, origin, digest).await
+    }
+
+    /// `range` of a blob from a holder that holds it complete: after a source broke, nodes
+    /// still fetching may be waiting on that same source.
+    async fn open_from_complete_holders(
+        &self,
+        origin: &Origin,
+        digest: &Digest,
+        range: Option<Range<u64>>,
+    ) -> Option<(BlobBody, SocketAddr)> {
+        let complete = self.complete_holders(origin, digest, 1).await;
+        let peers = self.peers.as_ref()?;
+        peers.open_blob(&complete, origin, digest, range).await.map(|(peer, body)| (body, peer))
+    }
+
+    /// Takes part in the election of the node that fetches `digest` from the upstream for the
+    /// cluster: `None` when this node is elected (or no elected node started in time), else
+    /// the stream from the elected node.
+    async fn follow_elected(
+        &self,
+        origin: &Origin,
+        digest: &Digest,
+        range: Option<Range<u64>>,
+    ) -> Option<(BlobBody, SocketAddr)> {
+        let peers = self.peers.as_ref()?;
+        let timeouts = &self.config.peers;
+        if peers.announce_intent(*digest) {
+            // Nodes asking at the same instant announce within this; later ones find the
+            // elected node as a provider and never get here.
+            tokio::time::sleep(timeouts.election_wait).await;
+        }
+        let me = peers.local_id();
+        let give_up = tokio::time::Instant::now() + timeouts.follow_timeout * 3;
+        let mut passed_over: HashSet<Vec<u8>> = HashSet::new();
+        let mut following: Option<(Vec<u8>, tokio::time::Instant)> = None;
+        loop {
+            let members = peers.intents(*digest).await;
+            let winner = match election::elect(digest, &me, &members, |m| passed_over.contains(&m.id)) {
+                Elected::Me => {
+                    tracing::info!(%digest, rivals = members.len(), "elected to fetch from the upstream");
+                    return None;
+                }
+                Elected::Peer(m) => m.clone(),
+            };
+            let now = tokio::time::Instant::now();
+            let since = match &following {
+                Some((id, since)) if *id == winner.id => *since,
+                _ => {
+                    tracing::info!(%digest, fetcher = %winner.addr, rivals = members.len(), "following the elected fetcher");
+                    following = Some((winner.id.clone(), now));
+                    now
+                }
+            };
+            match peers.open_blob_from(winner.addr, origin, digest, range.clone()).await {
+                Ok(body) => return Some((body, winner.addr)),
+                // Not started yet (its upstream has not answered), or at its upload limit.
+                Err(UpstreamError::NotFound | UpstreamError::Status { status: 429, .. }) => {}
+                // Past the end: the upstream's answer says so.
+                Err(UpstreamError::Status { status: 416, .. }) => return None,
+                Err(e) => {
+                    peers.penalize(winner.addr, &format!("elected fetcher failed: {e}"));
+                    passed_over.insert(winner.id);
+                    continue;
+                }
+            }
+            if now >= since + timeouts.follow_timeout {
+                tracing::info!(%digest, fetcher = %winner.addr, "the elected fetcher did not start in time; passing it over");
+                passed_over.insert(winner.id);
+            }
+            if now >= give_up {
+                tracing::info!(%digest, "no elected fetcher started; fetching from the upstream");
+                return None;
+            }
+            tokio::time::sleep(FOLLOW_POLL).await;
+        }
+    }
 }
+
+/// Why a blob's bytes are being opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attempt {
+    /// The first request for these bytes: any holder will do, complete or arriving.
+    First,
+    /// The source of these bytes broke: complete holders first, then the election, since
+    /// holders still arriving may be waiting on the same broken source.
+    Resume,
+}
+
+/// How often a follower asks an elected fetcher that has not started serving yet.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
 
 /// A blob transfer shared by all its readers.
 pub struct Job {
@@ -215,6 +323,11 @@ pub struct Job {
     /// Bytes that came from peers: a response of the whole blob sends them only once the
     /// blob verified (see [`BlobSource::stream`]).
     peer_bytes: Mutex<IntervalSet>,
+    /// Complete holders the blob is fetched from in stripes (see [`crate::schedule`]);
+    /// empty: one stream per claim, from wherever [`Shared::open`] finds the bytes.
+    holders: Vec<SocketAddr>,
+    /// This blob's requests in flight per peer.
+    peer_load: Mutex<HashMap<SocketAddr, usize>>,
 }
 
 type JobCell = Arc<OnceCell<Result<Arc<Job>, ResolveError>>>;
@@ -316,11 +429,12 @@ impl Transfers {
                 _ = finished => {}
                 _ = shared.stopped() => {}
             }
-            if job.partial.is_corrupt()
-                && let Some(peers) = &shared.peers
-            {
-                for peer in lock(&job.peers_used).iter() {
-                    peers.penalize(*peer, &format!("its bytes of {digest} did not verify"));
+            if let Some(peers) = &shared.peers {
+                peers.retract_intents(&digest);
+                if job.partial.is_corrupt() {
+                    for peer in lock(&job.peers_used).iter() {
+                        peers.penalize(*peer, &format!("its bytes of {digest} did not verify"));
+                    }
                 }
             }
             forget(&jobs, &digest, &cell);
@@ -332,13 +446,22 @@ impl Transfers {
             return Err(ResolveError::AirGapped);
         }
         if let Some(partial) = self.store.existing_partial(digest).await? {
-            let job = Job::new(origin.clone(), partial, self.shared.clone(), None);
+            let job = Job::new(origin.clone(), partial, self.shared.clone(), None, Vec::new());
             job.fill();
+            return Ok(job);
+        }
+        if let Some(job) = self.start_striped(origin, digest, first_byte).await? {
             return Ok(job);
         }
         let (registry, repository) = (&origin.registry, &origin.repository);
         let wanted = (first_byte > 0).then_some(first_byte..u64::MAX);
-        let (body, source) = match self.shared.open(origin, digest, wanted).await {
+        let opened = self.shared.open(origin, digest, wanted, Attempt::First).await;
+        if opened.is_err()
+            && let Some(peers) = &self.shared.peers
+        {
+            peers.retract_intents(digest);
+        }
+        let (body, source) = match opened {
             // Past the end: answer 416 without downloading anything.
             Err(ResolveError::Upstream(UpstreamError::Status { status: 416, .. })) if first_byte > 0 => {
                 let size = self.shared.upstream.head_blob(registry, repository, digest).await?;
@@ -347,13 +470,41 @@ impl Transfers {
             other => other?,
         };
         let partial = self.store.partial(digest, body.size).await?;
-        let job = Job::new(origin.clone(), partial, self.shared.clone(), Some(source));
+        let job = Job::new(origin.clone(), partial, self.shared.clone(), Some(source), Vec::new());
         if !body.range.is_empty() {
             let claim = job.add_claim(&mut job.claims(), &body.range);
             job.spawn(claim, Some((body.stream, source)));
         }
         job.fill();
         Ok(job)
+    }
+
+    /// Starts a transfer from several complete holders at once, when there are several:
+    /// the first stripe from the first that answers, the rest spread over all of them.
+    async fn start_striped(
+        &self,
+        origin: &Origin,
+        digest: &Digest,
+        first_byte: u64,
+    ) -> Result<Option<Arc<Job>>, ResolveError> {
+        let Some(peers) = &self.shared.peers else { return Ok(None) };
+        let holders = self.shared.complete_holders(origin, digest, 2).await;
+        if holders.len() < 2 {
+            return Ok(None);
+        }
+        let first = first_byte..first_byte.saturating_add(schedule::STRIPE);
+        let Some((peer, body)) = peers.open_blob(&holders, origin, digest, Some(first)).await else {
+            return Ok(None);
+        };
+        tracing::info!(%digest, holders = holders.len(), "fetching from several complete holders at once");
+        let partial = self.store.partial(digest, body.size).await?;
+        let job = Job::new(origin.clone(), partial, self.shared.clone(), Some(Source::Peer(peer)), holders);
+        if !body.range.is_empty() {
+            let claim = job.add_claim(&mut job.claims(), &body.range);
+            job.spawn(claim, Some((body.stream, Source::Peer(peer))));
+        }
+        job.fill();
+        Ok(Some(job))
     }
 
     pub(crate) async fn shutdown(&self) {
@@ -365,7 +516,13 @@ impl Transfers {
 }
 
 impl Job {
-    fn new(origin: Origin, partial: Arc<PartialBlob>, shared: Arc<Shared>, first_source: Option<Source>) -> Arc<Self> {
+    fn new(
+        origin: Origin,
+        partial: Arc<PartialBlob>,
+        shared: Arc<Shared>,
+        first_source: Option<Source>,
+        holders: Vec<SocketAddr>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             origin,
             partial,
@@ -374,6 +531,8 @@ impl Job {
             peers_used: Mutex::new(HashSet::new()),
             first_source,
             peer_bytes: Mutex::new(IntervalSet::new()),
+            holders,
+            peer_load: Mutex::new(HashMap::new()),
         })
     }
 
@@ -436,7 +595,13 @@ impl Job {
         }
         let added: Vec<Arc<Claim>> = {
             let mut claims = self.claims();
-            let gaps = plan_fill(self.size(), &self.partial.written(), &Self::views(&claims));
+            let (written, views) = (self.partial.written(), Self::views(&claims));
+            let gaps = if self.holders.is_empty() {
+                plan_fill(self.size(), &written, &views)
+            } else {
+                let slots = schedule::in_flight(self.holders.len()).saturating_sub(claims.len());
+                schedule::plan_stripes(self.size(), &written, &views, schedule::STRIPE, slots)
+            };
             gaps.iter().map(|gap| self.add_claim(&mut claims, gap)).collect()
         };
         for claim in added {
@@ -472,6 +637,7 @@ impl Job {
     async fn run_claim(&self, claim: &Claim, mut stream: Option<(ByteStream, Source)>) {
         let digest = self.partial.digest();
         let mut failures = 0u32;
+        let mut attempt = Attempt::First;
         loop {
             let view = claim.view();
             if view.cursor >= view.end || self.partial.outcome() != Outcome::Pending {
@@ -479,10 +645,14 @@ impl Job {
             }
             let opened = match stream.take() {
                 Some(s) => Ok(s),
-                None => {
-                    let range = Some(view.cursor..view.end);
-                    self.shared.open(&self.origin, &digest, range).await.map(|(b, source)| (b.stream, source))
-                }
+                None => match self.open_stripe(view.cursor..view.end, attempt).await {
+                    Some(opened) => Ok(opened),
+                    None => {
+                        let range = Some(view.cursor..view.end);
+                        let opened = self.shared.open(&self.origin, &digest, range, attempt).await;
+                        opened.map(|(b, source)| (b.stream, source))
+                    }
+                },
             };
             let (body, source) = match opened {
                 Ok(opened) => opened,
@@ -495,7 +665,17 @@ impl Job {
             if let Source::Peer(peer) = source {
                 lock(&self.peers_used).insert(peer);
             }
-            let error = match self.pump(claim, body, source).await {
+            if let Source::Peer(peer) = source {
+                *lock(&self.peer_load).entry(peer).or_default() += 1;
+            }
+            let pumped = self.pump(claim, body, source).await;
+            if let Source::Peer(peer) = source
+                && let Some(n) = lock(&self.peer_load).get_mut(&peer)
+            {
+                *n = n.saturating_sub(1);
+            }
+            attempt = Attempt::Resume;
+            let error = match pumped {
                 Ok(()) => continue,
                 Err(PumpError::Store(e)) => {
                     self.partial.fail(&format!("could not write to the store: {e}")).await;
@@ -523,6 +703,31 @@ impl Job {
             tracing::info!(%digest, %error, attempt = failures, "blob transfer broke; resuming with Range");
             tokio::time::sleep(Duration::from_millis(100 * u64::from(failures))).await;
         }
+    }
+
+    /// `range` from the least loaded of a striped job's holders (`None`: not striped, or
+    /// none of them answered; the caller then opens as for any claim).
+    async fn open_stripe(&self, range: Range<u64>, attempt: Attempt) -> Option<(ByteStream, Source)> {
+        let peers = self.shared.peers.as_ref()?;
+        if self.holders.is_empty() || attempt != Attempt::First {
+            return None;
+        }
+        // The chosen holder's load counts from now, so claims opening at the same time
+        // spread over the holders instead of all picking the same idle one.
+        let ordered = {
+            let mut load = lock(&self.peer_load);
+            let ordered = schedule::by_load(&self.holders, &load);
+            *load.entry(*ordered.first()?).or_default() += 1;
+            ordered
+        };
+        let digest = self.partial.digest();
+        let opened = peers.open_blob(&ordered, &self.origin, &digest, Some(range)).await;
+        // The caller counts the holder that answered while it streams.
+        if let Some(n) = lock(&self.peer_load).get_mut(&ordered[0]) {
+            *n = n.saturating_sub(1);
+        }
+        let (peer, body) = opened?;
+        Some((body.stream, Source::Peer(peer)))
     }
 
     /// Writes a stream into the claim until the claim's end; `Ok` when the end was reached.
@@ -627,6 +832,11 @@ impl BlobSource {
         }
     }
 
+    /// Whether the blob is held whole and verified (not still arriving).
+    pub fn is_complete(&self) -> bool {
+        matches!(self, Self::Local(_) | Self::Held { .. })
+    }
+
     /// Where the bytes come from, for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -655,23 +865,25 @@ impl BlobSource {
                     if matches!(source, Self::Transfer(_)) && job.partial.written_from(pos) == pos {
                         job.demand(pos);
                     }
-                    // Only a response of the whole blob waits for verification before its last
-                    // byte; ranges (a lazy puller's footer read) are served as they arrive.
-                    if whole_blob {
-                        match job.partial.read_at(pos, len).await {
-                            // Bytes from a peer reach a mirror client, which keeps them
-                            // (containerd resumes an aborted download from what it holds),
-                            // only verified. Peers verify for themselves: no wait for them.
-                            Ok(bytes)
-                                if matches!(source, Self::Transfer(_))
-                                    && job.has_peer_bytes(pos..pos + bytes.len() as u64) =>
-                            {
-                                job.partial.wait_verified().await.map(|()| bytes)
-                            }
-                            other => other,
-                        }
+                    // A response of the whole blob gets its last byte only once the blob
+                    // verified; a range (a lazy puller's footer read), which no digest covers,
+                    // as it arrives.
+                    let read = if whole_blob {
+                        job.partial.read_at(pos, len).await
                     } else {
                         job.partial.read_range_at(pos, len).await
+                    };
+                    match read {
+                        // Bytes from a peer reach a mirror client, which keeps them (containerd
+                        // resumes an aborted download from what it holds; a lazy puller caches
+                        // its chunks), only verified. Peers verify for themselves: no wait.
+                        Ok(bytes)
+                            if matches!(source, Self::Transfer(_))
+                                && job.has_peer_bytes(pos..pos + bytes.len() as u64) =>
+                        {
+                            job.partial.wait_verified().await.map(|()| bytes)
+                        }
+                        other => other,
                     }
                 }
             };

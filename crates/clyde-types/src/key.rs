@@ -12,12 +12,29 @@ pub fn tag_name(registry: &str, repository: &str, tag: &str) -> String {
     format!("{registry}/{repository}:{tag}")
 }
 
-/// A key in the content-routing table: a digest (a blob or manifest) or a cached tag.
+/// A key in the content-routing table: a digest (a blob or manifest), a cached tag, or a
+/// node's wish to fetch a blob nobody holds (an intent, the ballot of the fetcher election).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ContentKey {
     Digest(Digest),
     /// `registry/repository:tag`.
     Tag(String),
+    /// "I want this blob and nobody offered it", in one epoch of [`INTENT_EPOCH_SECS`]:
+    /// provider records outlive a withdrawal, so an intent's key changes with time and a
+    /// reader looks at the current and the previous epoch only.
+    Intent {
+        digest: Digest,
+        epoch: u64,
+    },
+}
+
+/// Length of an intent epoch: how long a stale intent record can mislead an election.
+pub const INTENT_EPOCH_SECS: u64 = 60;
+
+/// The intent keys a node reads at `unix_secs`: this epoch's and the previous one's.
+pub fn intent_keys(digest: Digest, unix_secs: u64) -> [ContentKey; 2] {
+    let epoch = unix_secs / INTENT_EPOCH_SECS;
+    [ContentKey::Intent { digest, epoch }, ContentKey::Intent { digest, epoch: epoch.saturating_sub(1) }]
 }
 
 impl ContentKey {
@@ -32,6 +49,7 @@ impl ContentKey {
         let hash = match self {
             Self::Digest(d) => *d,
             Self::Tag(t) => Digest::of(format!("clyde-tag:{t}").as_bytes()),
+            Self::Intent { digest, epoch } => Digest::of(format!("clyde-intent:{epoch}:{digest}").as_bytes()),
         };
         let mut key = SHA2_256.to_vec();
         key.extend_from_slice(hash.as_bytes());
@@ -44,6 +62,7 @@ impl fmt::Display for ContentKey {
         match self {
             Self::Digest(d) => write!(f, "{d}"),
             Self::Tag(t) => write!(f, "tag {t}"),
+            Self::Intent { digest, epoch } => write!(f, "intent {digest} (epoch {epoch})"),
         }
     }
 }
@@ -66,5 +85,17 @@ mod tests {
         let tag = ContentKey::Tag(name.into()).routing_key();
         assert_ne!(tag, ContentKey::Digest(Digest::of(name.as_bytes())).routing_key());
         assert_eq!(tag, ContentKey::tag("r.example", "app", "v1").routing_key());
+    }
+
+    #[test]
+    fn intent_keys_differ_from_the_digest_and_by_epoch() {
+        let d = Digest::of(b"layer");
+        let [now, before] = intent_keys(d, 10 * INTENT_EPOCH_SECS + 5);
+        assert_eq!(now, ContentKey::Intent { digest: d, epoch: 10 });
+        assert_eq!(before, ContentKey::Intent { digest: d, epoch: 9 });
+        assert_ne!(now.routing_key(), before.routing_key());
+        assert_ne!(now.routing_key(), ContentKey::Digest(d).routing_key());
+        // A node that announced late in an epoch is still read early in the next one.
+        assert!(intent_keys(d, 11 * INTENT_EPOCH_SECS).contains(&now));
     }
 }

@@ -21,6 +21,10 @@ use rustls::{DigitallySignedStruct, RootCertStore};
 
 use crate::{BlobBody, Manifest, UpstreamError, blob_body, error_chain, range_header, read_manifest};
 
+/// The peer server's answer header that says whether it holds a blob `complete` or
+/// `arriving`.
+pub const BLOB_STATE_HEADER: &str = "clyde-blob-state";
+
 /// HTTP client for peer servers; cheap to clone.
 #[derive(Clone)]
 pub struct PeerClient {
@@ -79,6 +83,20 @@ impl PeerClient {
         let resp = self.send(peer, req).await?;
         crate::content_length(resp.headers())
             .ok_or_else(|| UpstreamError::Protocol(format!("peer {peer}: blob HEAD without Content-Length")))
+    }
+
+    /// Whether a peer holds a blob complete (and verified), by `HEAD`: its peer server says
+    /// so in [`BLOB_STATE_HEADER`]; a blob still arriving there is not complete.
+    pub async fn holds_complete(
+        &self,
+        peer: SocketAddr,
+        registry: &Registry,
+        repository: &Repository,
+        digest: &Digest,
+    ) -> Result<bool, UpstreamError> {
+        let req = self.http.head(self.url(peer, registry, repository, &format!("blobs/{digest}")));
+        let resp = self.send(peer, req).await?;
+        Ok(resp.headers().get(BLOB_STATE_HEADER).is_some_and(|v| v.as_bytes() == b"complete"))
     }
 
     /// Streams a blob, or the part `range` of it, from a peer.

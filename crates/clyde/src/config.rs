@@ -40,6 +40,10 @@ pub struct Config {
     pub air_gapped: bool,
     /// Evict least-recently-used blobs above this many bytes.
     pub cache_max_bytes: Option<u64>,
+    /// Peer responses with a body in flight at once; more are answered `429` (64).
+    pub max_uploads: usize,
+    /// Bytes per second the peer server sends, all peers together; 0: no limit (500 MiB/s).
+    pub upload_rate: u64,
     /// Evict when the data dir's disk is fuller than this fraction (0.9); 0 or 1 disables.
     pub disk_high_watermark: f64,
     /// containerd's socket (`/run/containerd/containerd.sock`); empty disables.
@@ -95,6 +99,8 @@ impl Default for Config {
             mode: "pull-through".into(),
             air_gapped: false,
             cache_max_bytes: None,
+            max_uploads: clyde_api::UploadLimits::default().max_uploads,
+            upload_rate: clyde_api::UploadLimits::default().upload_rate,
             disk_high_watermark: 0.9,
             containerd_socket: "/run/containerd/containerd.sock".into(),
             containerd_namespace: "k8s.io".into(),

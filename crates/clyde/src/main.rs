@@ -86,6 +86,12 @@ pub struct ServeArgs {
     /// Evict least-recently-used blobs above this many bytes
     #[arg(long)]
     cache_max_bytes: Option<u64>,
+    /// Peer responses with a body in flight at once; more are answered 429 [default: 64]
+    #[arg(long)]
+    max_uploads: Option<usize>,
+    /// Bytes per second sent to peers, all together, e.g. 100MiB; 0: no limit [default: 500MiB]
+    #[arg(long, value_parser = parse_byte_size)]
+    upload_rate: Option<u64>,
     /// Evict when the data dir's disk is fuller than this fraction; 0 disables [default: 0.9]
     #[arg(long)]
     disk_high_watermark: Option<f64>,
@@ -113,6 +119,11 @@ pub struct ServeArgs {
     always_pull_latest: bool,
 }
 
+/// A byte count as operators write it (`500MiB`, `1G`, `1048576`).
+fn parse_byte_size(s: &str) -> Result<u64, String> {
+    clyde_types::parse_size(s).map_err(|e| e.to_string())
+}
+
 impl ServeArgs {
     fn apply(self, c: &mut Config) {
         fn set<T>(slot: &mut T, v: Option<T>) {
@@ -129,6 +140,8 @@ impl ServeArgs {
         set(&mut c.containerd_content_dir, self.containerd_content_dir);
         set(&mut c.piece_size, self.piece_size);
         set(&mut c.disk_high_watermark, self.disk_high_watermark);
+        set(&mut c.max_uploads, self.max_uploads);
+        set(&mut c.upload_rate, self.upload_rate);
         set(&mut c.tag_ttl, self.tag_ttl.map(Into::into));
         if self.preload_images.is_some() {
             c.preload_images = self.preload_images;

@@ -113,8 +113,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         peer_tls = peer_tls.is_some(),
         "clyde serving"
     );
-    tasks.spawn(clyde_api::serve(mirror, Api::Mirror, resolver.clone(), mirror_tls, shutdown_rx.clone()));
-    tasks.spawn(clyde_api::serve(peer, Api::Peer, resolver.clone(), peer_tls, shutdown_rx.clone()));
+    let uploads = clyde_api::UploadLimits { max_uploads: config.max_uploads, upload_rate: config.upload_rate };
+    let uploads = Some(std::sync::Arc::new(clyde_api::Uploads::new(&uploads)));
+    tasks.spawn(clyde_api::serve(mirror, Api::Mirror, resolver.clone(), mirror_tls, None, shutdown_rx.clone()));
+    tasks.spawn(clyde_api::serve(peer, Api::Peer, resolver.clone(), peer_tls, uploads, shutdown_rx.clone()));
     let (admin, admin_path) = clyde_admin::server::bind(&config.data_dir)
         .with_context(|| format!("cannot create the admin socket in {}", config.data_dir.display()))?;
     tasks.spawn(clyde_admin::server::serve(admin, admin_path, store.clone(), resolver.clone(), shutdown_rx.clone()));

@@ -14,6 +14,11 @@
 //! bench-swarm staggered [SIZE_MIB=256] [DELAY_MS=1000] [RATE=200mbit]
 //!     netns lab, upstream egress limited with tc tbf: two nodes start the same cold pull
 //!     DELAY_MS apart. Prints upstream blob bytes over the image (target <= 1.1).
+//! bench-swarm herd [NODES=6] [SIZE_MIB=128] [LAYERS=4] [RATE=200mbit]
+//!     netns lab, upstream egress limited with tc tbf: node 1 pulls a cold image alone (the
+//!     reference), then every node starts a cold pull of another image of the same size at
+//!     one instant (a barrier). Prints upstream blob bytes over the image (target <= 1.05),
+//!     upstream manifest GETs, and the last node's time over the reference (target <= 1.3).
 //! bench-swarm pull [SIZE_MIB=512] [LAYERS=4] [ROUNDS=3] [RATE=1gbit|none]
 //!     netns lab, one node and the upstream on another host whose egress `tc tbf` limits:
 //!     a cold `ctr` pull through the node's mirror (a fresh agent, empty store, every round)
@@ -281,6 +286,55 @@ fn staggered(args: &[String]) {
     );
 }
 
+fn herd(args: &[String]) {
+    let (n, size) = (arg(args, 0, 6usize).max(2), arg(args, 1, 128usize));
+    let (layers, rate) = (arg(args, 2, 4usize).max(1), arg(args, 3, "200mbit".to_string()));
+    let c = NetCluster::start(n, TestImage::single(&vec![size * MIB / layers; layers]), Some(&rate)).c;
+    let reference = TestImage::single(&vec![size * MIB / layers; layers]);
+    reference.push(&c.upstream, "bench/reference", "v1", ImageFormat::Oci);
+    let reference_name = format!("{}/bench/reference:v1", c.upstream.addr());
+    let hosts = c.nodes[0].ctrd.mirror_hosts_dir(&c.upstream, &c.nodes[0].agent);
+    clyde_tests::run(&mut std::process::Command::new("sync"));
+    let started = Instant::now();
+    let (ok, out) = c.nodes[0].ctrd.pull(&hosts, &reference_name, &["--plain-http"]);
+    let alone = started.elapsed().as_secs_f64();
+    assert!(ok, "reference pull failed:\n{out}");
+    let before = c.upstream.requests().len();
+    clyde_tests::run(&mut std::process::Command::new("sync"));
+    let barrier = std::sync::Barrier::new(n);
+    let times: Vec<f64> = std::thread::scope(|s| {
+        let pulls: Vec<_> = (0..n)
+            .map(|i| {
+                let (c, barrier) = (&c, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    let started = Instant::now();
+                    let (ok, out) = c.try_pull(i);
+                    assert!(ok, "pull on node {} failed:\n{out}", i + 1);
+                    started.elapsed().as_secs_f64()
+                })
+            })
+            .collect();
+        pulls.into_iter().map(|p| p.join().expect("pull")).collect()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let requests = c.upstream.requests();
+    let herd_requests = &requests[before.min(requests.len())..];
+    let blob_bytes: u64 =
+        herd_requests.iter().filter(|(m, uri, _, _)| m == "GET" && uri.contains("/blobs/")).map(|r| r.2).sum();
+    let manifests = herd_requests.iter().filter(|(m, uri, _, _)| m == "GET" && uri.contains("/manifests/")).count();
+    let layers_ratio = c.upstream_layer_bytes() as f64 / c.image.layer_bytes() as f64;
+    let mut sorted = times.clone();
+    let last = percentile(&mut sorted, 1.0);
+    let median = percentile(&mut sorted, 0.5);
+    println!(
+        "herd of {n} nodes at one instant, {size} MiB in {layers} layers, upstream at {rate}: upstream layer bytes \
+         {layers_ratio:.3}x the image ({blob_bytes} blob bytes in all), {manifests} manifest GETs; last node done \
+         {last:.2} s, median {median:.2} s; one node's cold pull alone {alone:.2} s; last / alone = {:.2}",
+        last / alone
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -289,8 +343,9 @@ fn main() {
         Some("staggered") => staggered(&args[1..]),
         Some("blob") => blob(&args[1..]),
         Some("pull") => pull(&args[1..]),
+        Some("herd") => herd(&args[1..]),
         _ => {
-            eprintln!("usage: bench-swarm scale-out|lookup|staggered|pull|blob [ARGS] (see the source's header)");
+            eprintln!("usage: bench-swarm scale-out|lookup|staggered|herd|pull|blob [ARGS] (see the source's header)");
             std::process::exit(2);
         }
     }
