@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use clyde_tests::{Agent, Containerd, ImageFormat, Registry, TestImage, assert_store_verified, http, require};
+use clyde_tests::{Agent, Containerd, ImageFormat, Registry, TestImage, http, require, wait_store_holds};
 
 const MIB: usize = 1024 * 1024;
 
@@ -46,7 +46,7 @@ fn ctr_pulls_through_the_mirror_and_again_when_the_upstream_is_gone() {
         assert!(content.contains(&layer.digest), "containerd lacks {}", layer.digest);
         assert!(agent.data_dir().join("blobs/sha256").join(layer.digest.trim_start_matches("sha256:")).exists());
     }
-    assert!(assert_store_verified(&agent.data_dir()) >= 5);
+    wait_store_holds(&agent.data_dir(), 5);
 
     // Upstream gone: the cached tag and blobs still serve the pull.
     reg.stop();

@@ -5,7 +5,9 @@ use std::net::TcpStream;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use clyde_tests::{Agent, ImageFormat, Registry, SlowProxy, TestImage, assert_store_verified, http, sha256};
+use clyde_tests::{
+    Agent, ImageFormat, Registry, SlowProxy, TestImage, assert_store_verified, http, sha256, wait_store_holds,
+};
 
 const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
@@ -86,7 +88,7 @@ fn manifests_are_served_byte_for_byte_for_every_media_type() {
     assert_eq!(via.status(), 200);
     assert_eq!(header(&via, "content-type"), "application/vnd.oci.image.manifest.v1+json");
     assert_eq!(sha256(&via.bytes().expect("body")), child);
-    assert!(assert_store_verified(&agent.data_dir()) >= 4);
+    wait_store_holds(&agent.data_dir(), 4);
 }
 
 #[test]
@@ -303,7 +305,7 @@ fn kill_9_mid_download_then_restart_resumes_and_stores_nothing_corrupt() {
         "after the restart the upstream delivered {resumed} of {}",
         layer.size
     );
-    assert!(assert_store_verified(&agent.data_dir()) >= 1);
+    wait_store_holds(&agent.data_dir(), 1);
 }
 
 fn manifest_digest_via(agent: &Agent, reg: &Registry, repo: &str, tag: &str) -> String {
@@ -423,7 +425,7 @@ fn an_upstream_that_breaks_mid_body_is_resumed_with_range_and_the_client_never_n
     assert!(resumes >= 4, "expected the transfer to resume at least 4 times, saw {resumes}");
     let relayed = proxy.relayed();
     assert!(relayed < layer.size + layer.size / 5, "the upstream delivered {relayed} bytes for {}", layer.size);
-    assert!(assert_store_verified(&agent.data_dir()) >= 1);
+    wait_store_holds(&agent.data_dir(), 1);
 }
 
 #[test]
@@ -450,5 +452,5 @@ fn a_transfer_given_up_mid_body_aborts_its_readers_and_resumes_on_the_next_reque
     let body = get(&url, &[]).bytes().expect("body");
     assert_eq!(sha256(&body), layer.digest);
     assert!(max_pieces(&agent.log(), "resuming partial blob") >= 2, "{}", agent.log());
-    assert!(assert_store_verified(&agent.data_dir()) >= 1);
+    wait_store_holds(&agent.data_dir(), 1);
 }

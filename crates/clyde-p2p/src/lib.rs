@@ -305,6 +305,11 @@ impl Discovery for P2p {
         self.peer_id.to_bytes()
     }
 
+    fn connected_peers(&self) -> BoxFuture<usize> {
+        let handle = self.clone();
+        Box::pin(async move { handle.status().await.connected_peers })
+    }
+
     fn announce(&self, key: ContentKey) {
         self.provide(key, Holder::Election);
     }

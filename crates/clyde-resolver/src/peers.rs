@@ -44,6 +44,11 @@ pub trait Discovery: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// How many other nodes this node is connected to now.
+    fn connected_peers(&self) -> BoxFuture<usize> {
+        Box::pin(async { 0 })
+    }
+
     /// Advertises `key` (an intent) until [`Discovery::retract`].
     fn announce(&self, _key: ContentKey) {}
 
@@ -206,6 +211,11 @@ impl Peers {
     /// This node's identity in elections.
     pub(crate) fn local_id(&self) -> Vec<u8> {
         self.discovery.local_id()
+    }
+
+    /// Whether any other node is connected: alone, a node has nobody to elect with.
+    pub(crate) async fn has_company(&self) -> bool {
+        self.discovery.connected_peers().await > 0
     }
 
     /// Announces this node's intent to fetch `digest` in the current epoch; true when it was

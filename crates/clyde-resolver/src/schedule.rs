@@ -53,6 +53,24 @@ pub fn plan_stripes(
     out
 }
 
+/// A running request not worth splitting: the rest of it arrives soon anyway.
+pub const MIN_SPLIT: u64 = 1024 * 1024;
+
+/// The end game: when every byte is claimed and request slots are free, the claim with the
+/// most bytes still to come gives up its second half to a new request (to another holder),
+/// so the last stripes do not leave holders idle while one slow request finishes. Returns
+/// the claim's index and where it now ends; `None` when no claim has `min` bytes or more
+/// left past the bytes being written.
+pub fn plan_split(claims: &[ClaimView], min: u64) -> Option<(usize, u64)> {
+    let (index, from, end) = claims
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i, c.cursor.max(c.reserved), c.end))
+        .max_by_key(|(_, from, end)| end.saturating_sub(*from))?;
+    let left = end.saturating_sub(from);
+    (left >= min.max(2)).then(|| (index, from + left / 2))
+}
+
 /// `holders` ordered for the next request: fewest requests of this blob in flight first;
 /// ties keep the holders' order (the lookup's, which differs from node to node).
 pub fn by_load(holders: &[SocketAddr], load: &HashMap<SocketAddr, usize>) -> Vec<SocketAddr> {
@@ -85,6 +103,21 @@ mod tests {
         assert!(plan_stripes(100, &IntervalSet::new(), &[], 8, 0).is_empty());
         assert!(plan_stripes(100, &set(&[0..100]), &[], 8, 4).is_empty());
         assert_eq!(plan_stripes(5, &IntervalSet::new(), &[], 8, 4), vec![0..5]);
+    }
+
+    #[test]
+    fn the_end_game_splits_the_claim_with_the_most_left() {
+        let claims = [
+            ClaimView { cursor: 0, reserved: 0, end: 10 },
+            ClaimView { cursor: 20, reserved: 40, end: 100 },
+            ClaimView { cursor: 100, reserved: 100, end: 150 },
+        ];
+        // 60 bytes left past the reservation of the second: it ends at 70 now.
+        assert_eq!(plan_split(&claims, 8), Some((1, 70)));
+        // Nothing worth splitting.
+        assert_eq!(plan_split(&claims, 100), None);
+        assert_eq!(plan_split(&[], 8), None);
+        assert_eq!(plan_split(&[ClaimView { cursor: 5, reserved: 10, end: 10 }], 1), None);
     }
 
     #[test]

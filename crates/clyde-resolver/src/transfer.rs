@@ -244,6 +244,9 @@ impl Shared {
         range: Option<Range<u64>>,
     ) -> Option<(BlobBody, SocketAddr)> {
         let peers = self.peers.as_ref()?;
+        if !peers.has_company().await {
+            return None;
+        }
         let timeouts = &self.config.peers;
         if peers.announce_intent(*digest) {
             // Nodes asking at the same instant announce within this; later ones find the
@@ -600,7 +603,16 @@ impl Job {
                 plan_fill(self.size(), &written, &views)
             } else {
                 let slots = schedule::in_flight(self.holders.len()).saturating_sub(claims.len());
-                schedule::plan_stripes(self.size(), &written, &views, schedule::STRIPE, slots)
+                let mut gaps = schedule::plan_stripes(self.size(), &written, &views, schedule::STRIPE, slots);
+                if gaps.is_empty() && slots > 0 {
+                    // The end game: everything is claimed; a holder is free to take half of
+                    // the slowest request's rest. The split never cuts below a reservation.
+                    if let Some((index, at)) = schedule::plan_split(&views, schedule::MIN_SPLIT) {
+                        let old_end = claims[index].end.swap(at, Ordering::AcqRel);
+                        gaps.push(at..old_end);
+                    }
+                }
+                gaps
             };
             gaps.iter().map(|gap| self.add_claim(&mut claims, gap)).collect()
         };

@@ -19,6 +19,11 @@
 //!     reference), then every node starts a cold pull of another image of the same size at
 //!     one instant (a barrier). Prints upstream blob bytes over the image (target <= 1.05),
 //!     upstream manifest GETs, and the last node's time over the reference (target <= 1.3).
+//! bench-swarm holders [K=4] [SIZE_MIB=256] [RATE=200mbit] [ROUNDS=3]
+//!     netns lab: K nodes hold a blob complete, their uplinks limited with tc tbf; one more
+//!     node fetches it through its mirror (curl in its namespace, digest checked). The
+//!     reference, in the same lab: a blob of the same size only one holder has. Prints
+//!     the median ratio (target >= 3 for K = 4).
 //! bench-swarm pull [SIZE_MIB=512] [LAYERS=4] [ROUNDS=3] [RATE=1gbit|none]
 //!     netns lab, one node and the upstream on another host whose egress `tc tbf` limits:
 //!     a cold `ctr` pull through the node's mirror (a fresh agent, empty store, every round)
@@ -335,6 +340,51 @@ fn herd(args: &[String]) {
     );
 }
 
+/// `GET`s a blob through lab node `i`'s mirror with curl in its namespace, checks its
+/// digest, and returns the seconds it took.
+fn fetch_in_lab(c: &LabCluster, i: usize, repo: &str, digest: &str) -> f64 {
+    let agent = &c.nodes[i].agent;
+    let out = tempfile::NamedTempFile::new().expect("temp file");
+    let url = format!("http://{}/v2/{repo}/blobs/{digest}?ns={}", agent.addr(), c.upstream.addr());
+    let started = Instant::now();
+    let mut curl = agent.place().command("curl");
+    let status = clyde_tests::run(curl.args(["-s", "-o"]).arg(out.path()).args(["-w", "%{http_code}", &url]));
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(status.trim(), "200", "GET {url}");
+    assert_eq!(clyde_tests::sha256(&std::fs::read(out.path()).expect("blob")), digest, "wrong bytes");
+    took
+}
+
+fn holders(args: &[String]) {
+    let (k, size) = (arg(args, 0, 4usize).max(1), arg(args, 1, 256usize));
+    let (rate, rounds) = (arg(args, 2, "200mbit".to_string()), arg(args, 3, 3usize).max(1));
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let c = NetCluster::start(k + 1, TestImage::single(&[size * MIB]), None).c;
+        let layer = c.image.layers[0].digest.clone();
+        let single = TestImage::single(&[size * MIB]);
+        single.push(&c.upstream, "bench/single", "v1", ImageFormat::Oci);
+        let single_layer = single.layers[0].digest.clone();
+        fetch_in_lab(&c, 0, "bench/single", &single_layer);
+        for i in 0..k {
+            fetch_in_lab(&c, i, "bench/swarm", &layer);
+            clyde_tests::wait_store_holds(&c.nodes[i].agent.data_dir(), if i == 0 { 2 } else { 1 });
+        }
+        for node in &c.nodes[..k] {
+            c.lab.limit_egress(node.agent.place(), &rate);
+        }
+        let one = fetch_in_lab(&c, k, "bench/single", &single_layer);
+        let all = fetch_in_lab(&c, k, "bench/swarm", &layer);
+        println!("round {round}: from one holder {one:.2} s, from {k} holders {all:.2} s, {:.2}x", one / all);
+        ratios.push(one / all);
+    }
+    println!(
+        "{size} MiB from {k} complete holders, uplinks at {rate}, {rounds} rounds: median {:.2}x one link (worst {:.2}x)",
+        percentile(&mut ratios.clone(), 0.5),
+        percentile(&mut ratios, 0.0)
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -344,8 +394,11 @@ fn main() {
         Some("blob") => blob(&args[1..]),
         Some("pull") => pull(&args[1..]),
         Some("herd") => herd(&args[1..]),
+        Some("holders") => holders(&args[1..]),
         _ => {
-            eprintln!("usage: bench-swarm scale-out|lookup|staggered|herd|pull|blob [ARGS] (see the source's header)");
+            eprintln!(
+                "usage: bench-swarm scale-out|lookup|staggered|herd|holders|pull|blob [ARGS] (see the source's header)"
+            );
             std::process::exit(2);
         }
     }
