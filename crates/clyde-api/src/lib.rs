@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clyde_resolver::{Origin, ResolveError, Resolver};
-use clyde_types::{ApiPath, ByteRange, PathError, RangeError, RangeRequest, Reference, Resource};
+use clyde_types::{ApiPath, BlobState, ByteRange, PathError, RangeError, RangeRequest, Reference, Resource};
 use futures_util::TryStreamExt;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
@@ -303,13 +303,13 @@ async fn blob(
     if req.method() == Method::HEAD {
         let answer = match api {
             Api::Mirror => resolver.blob_size(origin, digest).await.map(|size| (size, None)),
-            Api::Peer => resolver.held_blob(digest).await.map(|source| (source.size(), Some(source.is_complete()))),
+            Api::Peer => resolver.held_blob(digest).await.map(|source| (source.size(), Some(blob_state(&source)))),
         };
         return match answer {
-            Ok((size, complete)) => {
+            Ok((size, state)) => {
                 let mut r = blob_head(size, digest, range);
-                if let Some(complete) = complete {
-                    mark_blob_state(&mut r, complete);
+                if let Some(state) = state {
+                    mark_blob_state(&mut r, state);
                 }
                 (r, "local")
             }
@@ -333,7 +333,7 @@ async fn blob(
     };
     let size = source.size();
     let label = source.label();
-    let complete = source.is_complete();
+    let state = blob_state(&source);
     let selected = match range.map(|r| r.resolve(size)) {
         None => ByteRange::full(size),
         Some(Ok(r)) => r,
@@ -350,16 +350,19 @@ async fn blob(
     let mut r = Response::new(BodyExt::boxed_unsync(body));
     blob_headers(&mut r, digest, selected, range.is_some());
     if api == Api::Peer {
-        mark_blob_state(&mut r, complete);
+        mark_blob_state(&mut r, state);
     }
     (r, label)
 }
 
+fn blob_state(source: &clyde_resolver::BlobSource) -> BlobState {
+    if source.is_complete() { BlobState::Complete } else { BlobState::Arriving }
+}
+
 /// Tells a peer whether this node holds the blob whole (it may then spread requests over
 /// several such holders) or is still receiving it.
-fn mark_blob_state(r: &mut Response<Body>, complete: bool) {
-    let state = HeaderValue::from_static(if complete { "complete" } else { "arriving" });
-    r.headers_mut().insert(clyde_upstream::BLOB_STATE_HEADER, state);
+fn mark_blob_state(r: &mut Response<Body>, state: BlobState) {
+    r.headers_mut().insert(clyde_upstream::BLOB_STATE_HEADER, HeaderValue::from_static(state.as_str()));
 }
 
 /// As many uploads run as allowed: the requester asks another holder, or again in a second.

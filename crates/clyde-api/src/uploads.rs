@@ -1,7 +1,7 @@
 //! Bounds on what the peer server sends, so serving peers never starves the node's own
 //! workloads: a node-wide byte rate (a token bucket every peer response draws from before
 //! each chunk it sends) and a number of concurrent uploads (a request past it is answered
-//! `503` with `Retry-After`, so the requester asks another holder instead of queueing here).
+//! `429` with `Retry-After`, so the requester asks another holder instead of queueing here).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -18,12 +18,24 @@
 //! in rank is followed. Nodes that see different sets of intents can elect two fetchers: the
 //! cost is one more upstream transfer, never a wrong byte.
 //!
-//! The decisions ([`rank`], [`elect`]) are pure; the async steps live in
-//! [`crate::transfer`] and [`crate::peers`].
+//! The decisions ([`rank`], [`elect`], [`Follow::next`]) are pure and tested without
+//! sockets or clocks; [`follow_elected`] runs them against the DHT and the peer servers.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clyde_types::Digest;
+use clyde_upstream::{BlobBody, UpstreamError};
+use tokio::time::Instant;
+
+use crate::peers::Peers;
+use crate::{Origin, PeerTimeouts};
+
+/// How often a follower asks an elected fetcher that has not started serving yet.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
 
 /// A node that announced an intent, as the p2p layer found it: its identity (its libp2p
 /// peer id) and its peer server.
@@ -68,6 +80,115 @@ pub fn elect<'a>(
     match best {
         Some((score, member)) if score.as_bytes() > mine.as_bytes() => Elected::Peer(member),
         _ => Elected::Me,
+    }
+}
+
+/// What a follower does next, after asking the elected node.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Ask it again after a short wait: it has not started serving.
+    Wait,
+    /// Leave it out and elect again: it failed, or did not start within the follow timeout.
+    PassOver,
+    /// Stop following: fetch from the upstream.
+    Fetch,
+}
+
+/// A follower's patience with elected nodes.
+#[derive(Debug)]
+pub struct Follow {
+    /// When this node started following the current one.
+    since: Instant,
+    /// When the whole election gives up.
+    give_up: Instant,
+    follow_timeout: Duration,
+}
+
+impl Follow {
+    /// Patience from `now`: `follow_timeout` for each elected node, three times that in all.
+    pub fn new(now: Instant, follow_timeout: Duration) -> Self {
+        Self { since: now, give_up: now + follow_timeout * 3, follow_timeout }
+    }
+
+    /// A new node is followed from `now`.
+    pub fn restart(&mut self, now: Instant) {
+        self.since = now;
+    }
+
+    /// The next step after the elected node answered "not yet" at `now`.
+    pub fn next(&self, now: Instant) -> Step {
+        if now >= self.give_up {
+            Step::Fetch
+        } else if now >= self.since + self.follow_timeout {
+            Step::PassOver
+        } else {
+            Step::Wait
+        }
+    }
+}
+
+/// Takes part in the election of the node that fetches `digest` from the upstream for the
+/// cluster: `None` when this node is elected (or no elected node started serving in time),
+/// else the stream of `range` from the elected node. Alone, a node has nobody to elect with.
+pub(crate) async fn follow_elected(
+    peers: &Arc<Peers>,
+    timeouts: &PeerTimeouts,
+    origin: &Origin,
+    digest: &Digest,
+    range: Option<Range<u64>>,
+) -> Option<(BlobBody, SocketAddr)> {
+    if !peers.has_company().await {
+        return None;
+    }
+    // The ballot: kept for the election, withdrawn when it ends.
+    let (_intent, new) = peers.announce_intent(*digest);
+    if new {
+        // Nodes asking at the same instant announce within this; later ones find the
+        // elected node as a provider and never get here.
+        tokio::time::sleep(timeouts.election_wait).await;
+    }
+    let me = peers.local_id();
+    let mut follow = Follow::new(Instant::now(), timeouts.follow_timeout);
+    let mut passed_over: HashSet<Vec<u8>> = HashSet::new();
+    let mut members = peers.intents(*digest).await;
+    let mut following: Option<Vec<u8>> = None;
+    loop {
+        let winner = match elect(digest, &me, &members, |m| passed_over.contains(&m.id)) {
+            Elected::Me => {
+                tracing::info!(%digest, rivals = members.len(), "elected to fetch from the upstream");
+                return None;
+            }
+            Elected::Peer(m) => m.clone(),
+        };
+        if following.as_ref() != Some(&winner.id) {
+            tracing::info!(%digest, fetcher = %winner.addr, rivals = members.len(), "following the elected fetcher");
+            follow.restart(Instant::now());
+            following = Some(winner.id.clone());
+        }
+        let step = match peers.open_blob_from(winner.addr, origin, digest, range.clone()).await {
+            Ok(body) => return Some((body, winner.addr)),
+            // Not started yet (its upstream has not answered), or at its upload limit.
+            Err(UpstreamError::NotFound | UpstreamError::Status { status: 429, .. }) => follow.next(Instant::now()),
+            // Past the end: the upstream's answer says so.
+            Err(UpstreamError::Status { status: 416, .. }) => return None,
+            Err(e) => {
+                peers.penalize(winner.addr, &format!("elected fetcher failed: {e}"));
+                Step::PassOver
+            }
+        };
+        match step {
+            Step::Wait => tokio::time::sleep(FOLLOW_POLL).await,
+            Step::PassOver => {
+                tracing::info!(%digest, fetcher = %winner.addr, "passing the elected fetcher over");
+                passed_over.insert(winner.id);
+                // Who else is still there: read again, as the election may have moved on.
+                members = peers.intents(*digest).await;
+            }
+            Step::Fetch => {
+                tracing::info!(%digest, "no elected fetcher started serving; fetching from the upstream");
+                return None;
+            }
+        }
     }
 }
 
@@ -119,6 +240,20 @@ mod tests {
         assert_eq!(elect(&digest, &me, &nodes, |m| *m == nodes[0]), Elected::Peer(&nodes[1]));
         // Every member passed over: this node fetches.
         assert_eq!(elect(&digest, &me, &nodes, |_| true), Elected::Me);
+    }
+
+    #[test]
+    fn a_follower_waits_then_passes_over_then_gives_up() {
+        let start = Instant::now();
+        let timeout = Duration::from_secs(5);
+        let mut follow = Follow::new(start, timeout);
+        assert_eq!(follow.next(start + Duration::from_millis(100)), Step::Wait);
+        assert_eq!(follow.next(start + timeout), Step::PassOver);
+        // The next node gets its own follow timeout...
+        follow.restart(start + timeout);
+        assert_eq!(follow.next(start + timeout + Duration::from_secs(1)), Step::Wait);
+        // ...within the bound on the whole election.
+        assert_eq!(follow.next(start + timeout * 3), Step::Fetch);
     }
 
     #[test]

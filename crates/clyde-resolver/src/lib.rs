@@ -109,7 +109,8 @@ pub struct PeerTimeouts {
     #[serde(with = "humantime_serde")]
     pub election_wait: Duration,
     /// How long a node follows an elected fetcher that has not started serving before it
-    /// passes it over for the next in rank (default 2s).
+    /// passes it over for the next in rank (default 5s; three times this bounds the whole
+    /// election).
     #[serde(with = "humantime_serde")]
     pub follow_timeout: Duration,
 }
@@ -124,7 +125,7 @@ impl Default for PeerTimeouts {
             read_timeout: Duration::from_secs(5),
             penalty: Duration::from_secs(60),
             election_wait: Duration::from_millis(250),
-            follow_timeout: Duration::from_secs(2),
+            follow_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -74,9 +74,32 @@ pub(crate) struct Peers {
     /// for it again: a provider record outlives a withdrawal (other nodes keep it until it
     /// expires), and this keeps a node from asking a peer that said no, again and again.
     misses: Mutex<HashMap<(SocketAddr, String), Instant>>,
-    /// Blobs this node announced an intent for, with the epochs announced.
-    intents: Mutex<HashMap<Digest, Vec<u64>>>,
+    /// Blobs this node announced an intent for: the epochs announced, and the guards alive.
+    intents: Mutex<HashMap<Digest, Intent>>,
     config: ResolverConfig,
+}
+
+/// This node's intent to fetch a blob, withdrawn when the last guard for it drops: whatever
+/// ends the transfer (committed, failed, the request dropped mid-election), the intent does
+/// not outlive it.
+pub(crate) struct IntentGuard {
+    peers: Arc<Peers>,
+    digest: Digest,
+}
+
+impl Drop for IntentGuard {
+    fn drop(&mut self) {
+        self.peers.release_intent(&self.digest);
+    }
+}
+
+/// The intent announced for one blob.
+#[derive(Default)]
+struct Intent {
+    epochs: Vec<u64>,
+    /// Guards alive: a transfer holds one for its lifetime, each election in flight one more;
+    /// the last one to drop withdraws the intent.
+    guards: usize,
 }
 
 /// Misses remembered at most; beyond this the oldest are forgotten.
@@ -218,36 +241,45 @@ impl Peers {
         self.discovery.connected_peers().await > 0
     }
 
-    /// Announces this node's intent to fetch `digest` in the current epoch; true when it was
-    /// not announced before (the caller then gives other nodes' intents time to show).
-    pub(crate) fn announce_intent(&self, digest: Digest) -> bool {
-        let epoch = clyde_store::unix_now() / clyde_types::INTENT_EPOCH_SECS;
+    /// Announces this node's intent to fetch `digest` in the current epoch; true when that
+    /// epoch's key was not announced before (the caller then gives other nodes' intents,
+    /// announced at about the same instant, time to show). The intent lasts until the guard
+    /// drops.
+    pub(crate) fn announce_intent(self: &Arc<Self>, digest: Digest) -> (IntentGuard, bool) {
+        let epoch = clyde_types::intent_epoch(clyde_store::unix_now());
         let mut intents = self.intents.lock().unwrap_or_else(|p| p.into_inner());
-        let epochs = intents.entry(digest).or_default();
-        let first = epochs.is_empty();
-        if !epochs.contains(&epoch) {
-            epochs.push(epoch);
+        let intent = intents.entry(digest).or_default();
+        intent.guards += 1;
+        let new = !intent.epochs.contains(&epoch);
+        if new {
+            intent.epochs.push(epoch);
             self.discovery.announce(ContentKey::Intent { digest, epoch });
         }
-        first
+        (IntentGuard { peers: self.clone(), digest }, new)
     }
 
-    /// Withdraws every intent announced for `digest` (its transfer ended).
-    pub(crate) fn retract_intents(&self, digest: &Digest) {
-        let epochs = self.intents.lock().unwrap_or_else(|p| p.into_inner()).remove(digest);
-        for epoch in epochs.into_iter().flatten() {
+    /// Drops one guard of `digest`'s intent; the last withdraws every epoch announced.
+    fn release_intent(&self, digest: &Digest) {
+        let mut intents = self.intents.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(intent) = intents.get_mut(digest) else { return };
+        intent.guards = intent.guards.saturating_sub(1);
+        if intent.guards > 0 {
+            return;
+        }
+        for epoch in intent.epochs.drain(..) {
             self.discovery.retract(ContentKey::Intent { digest: *digest, epoch });
         }
+        intents.remove(digest);
     }
 
     /// The live nodes that announced an intent for `digest` (this epoch or the last), without
     /// those serving a penalty.
     pub(crate) async fn intents(&self, digest: Digest) -> Vec<Member> {
         let timeout = self.config.peers.election_wait;
-        let [now, before] = clyde_types::intent_keys(digest, clyde_store::unix_now());
-        let (mut found, older) =
-            futures_util::join!(self.discovery.members(now, timeout), self.discovery.members(before, timeout));
-        for m in older {
+        let keys = clyde_types::intent_keys(digest, clyde_store::unix_now());
+        let lookups = keys.map(|key| self.discovery.members(key, timeout));
+        let mut found: Vec<Member> = Vec::new();
+        for m in futures_util::future::join_all(lookups).await.into_iter().flatten() {
             if !found.iter().any(|f| f.id == m.id) {
                 found.push(m);
             }
@@ -272,6 +304,11 @@ impl Peers {
                 Err(UpstreamError::Unreachable { registry: peer.to_string(), reason: "no answer in time".into() })
             }
         }
+    }
+
+    /// Whether any of `candidates` is not serving a penalty.
+    pub(crate) fn any_usable(&self, candidates: &[SocketAddr]) -> bool {
+        candidates.iter().any(|p| !self.penalized(p))
     }
 
     /// Those of `candidates` that say they hold the blob complete, asked at once (a peer
@@ -394,6 +431,18 @@ mod tests {
         let got = p.hedged(&both, "x", |peer| answer(peer.port(), 0, Some(UpstreamError::NotFound)));
         assert!(got.await.is_none());
         assert!(!p.penalized(&addr(1)) && !p.penalized(&addr(2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_peer_is_not_penalized_and_the_next_is_asked_at_once() {
+        let p = peers();
+        let busy = || Some(UpstreamError::Status { status: 429, url: "peer".into() });
+        let both = [addr(1), addr(2)];
+        let got = p.hedged(&both, "x", |peer| answer(peer.port(), 0, if peer.port() == 1 { busy() } else { None }));
+        assert_eq!(got.await.map(|(_, v)| v), Some(2));
+        assert!(!p.penalized(&addr(1)), "a peer at its upload limit was penalized");
+        // Nor is it remembered as not holding the content.
+        assert_eq!(p.hedged(&[addr(1)], "x", |peer| answer(peer.port(), 0, None)).await.map(|(_, v)| v), Some(1));
     }
 
     #[tokio::test(start_paused = true)]

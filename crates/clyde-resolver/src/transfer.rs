@@ -34,7 +34,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::{OnceCell, watch};
 use tokio_util::task::TaskTracker;
 
-use crate::election::{self, Elected};
+use crate::election;
 use crate::peers::{Lookup, Peers};
 use crate::schedule;
 use crate::{Origin, ResolveError, ResolverConfig};
@@ -192,7 +192,10 @@ impl Shared {
         if never_upstream {
             return Err(if self.peers.is_some() { ResolveError::NoPeer } else { ResolveError::AirGapped });
         }
-        if let Some((body, peer)) = self.follow_elected(origin, digest, range.clone()).await {
+        if let Some(peers) = &self.peers
+            && let Some((body, peer)) =
+                election::follow_elected(peers, &self.config.peers, origin, digest, range.clone()).await
+        {
             return Ok((body, Source::Peer(peer)));
         }
         let error = match self.upstream.get_blob(&origin.registry, &origin.repository, digest, range.clone()).await {
@@ -233,72 +236,12 @@ impl Shared {
         let peers = self.peers.as_ref()?;
         peers.open_blob(&complete, origin, digest, range).await.map(|(peer, body)| (body, peer))
     }
-
-    /// Takes part in the election of the node that fetches `digest` from the upstream for the
-    /// cluster: `None` when this node is elected (or no elected node started in time), else
-    /// the stream from the elected node.
-    async fn follow_elected(
-        &self,
-        origin: &Origin,
-        digest: &Digest,
-        range: Option<Range<u64>>,
-    ) -> Option<(BlobBody, SocketAddr)> {
-        let peers = self.peers.as_ref()?;
-        if !peers.has_company().await {
-            return None;
-        }
-        let timeouts = &self.config.peers;
-        if peers.announce_intent(*digest) {
-            // Nodes asking at the same instant announce within this; later ones find the
-            // elected node as a provider and never get here.
-            tokio::time::sleep(timeouts.election_wait).await;
-        }
-        let me = peers.local_id();
-        let give_up = tokio::time::Instant::now() + timeouts.follow_timeout * 3;
-        let mut passed_over: HashSet<Vec<u8>> = HashSet::new();
-        let mut following: Option<(Vec<u8>, tokio::time::Instant)> = None;
-        loop {
-            let members = peers.intents(*digest).await;
-            let winner = match election::elect(digest, &me, &members, |m| passed_over.contains(&m.id)) {
-                Elected::Me => {
-                    tracing::info!(%digest, rivals = members.len(), "elected to fetch from the upstream");
-                    return None;
-                }
-                Elected::Peer(m) => m.clone(),
-            };
-            let now = tokio::time::Instant::now();
-            let since = match &following {
-                Some((id, since)) if *id == winner.id => *since,
-                _ => {
-                    tracing::info!(%digest, fetcher = %winner.addr, rivals = members.len(), "following the elected fetcher");
-                    following = Some((winner.id.clone(), now));
-                    now
-                }
-            };
-            match peers.open_blob_from(winner.addr, origin, digest, range.clone()).await {
-                Ok(body) => return Some((body, winner.addr)),
-                // Not started yet (its upstream has not answered), or at its upload limit.
-                Err(UpstreamError::NotFound | UpstreamError::Status { status: 429, .. }) => {}
-                // Past the end: the upstream's answer says so.
-                Err(UpstreamError::Status { status: 416, .. }) => return None,
-                Err(e) => {
-                    peers.penalize(winner.addr, &format!("elected fetcher failed: {e}"));
-                    passed_over.insert(winner.id);
-                    continue;
-                }
-            }
-            if now >= since + timeouts.follow_timeout {
-                tracing::info!(%digest, fetcher = %winner.addr, "the elected fetcher did not start in time; passing it over");
-                passed_over.insert(winner.id);
-            }
-            if now >= give_up {
-                tracing::info!(%digest, "no elected fetcher started; fetching from the upstream");
-                return None;
-            }
-            tokio::time::sleep(FOLLOW_POLL).await;
-        }
-    }
 }
+
+/// Rounds a stripe asks its holders when none answers (they may all be at their upload
+/// limit), and the wait between rounds (the `Retry-After` peers send).
+const BUSY_ROUNDS: u32 = 3;
+const BUSY_WAIT: Duration = Duration::from_secs(1);
 
 /// Why a blob's bytes are being opened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -309,9 +252,6 @@ enum Attempt {
     /// holders still arriving may be waiting on the same broken source.
     Resume,
 }
-
-/// How often a follower asks an elected fetcher that has not started serving yet.
-const FOLLOW_POLL: Duration = Duration::from_millis(100);
 
 /// A blob transfer shared by all its readers.
 pub struct Job {
@@ -432,12 +372,11 @@ impl Transfers {
                 _ = finished => {}
                 _ = shared.stopped() => {}
             }
-            if let Some(peers) = &shared.peers {
-                peers.retract_intents(&digest);
-                if job.partial.is_corrupt() {
-                    for peer in lock(&job.peers_used).iter() {
-                        peers.penalize(*peer, &format!("its bytes of {digest} did not verify"));
-                    }
+            if job.partial.is_corrupt()
+                && let Some(peers) = &shared.peers
+            {
+                for peer in lock(&job.peers_used).iter() {
+                    peers.penalize(*peer, &format!("its bytes of {digest} did not verify"));
                 }
             }
             forget(&jobs, &digest, &cell);
@@ -449,7 +388,11 @@ impl Transfers {
             return Err(ResolveError::AirGapped);
         }
         if let Some(partial) = self.store.existing_partial(digest).await? {
+            let written = partial.written();
             let job = Job::new(origin.clone(), partial, self.shared.clone(), None, Vec::new());
+            // Where the bytes of an earlier run came from is not recorded: treat them as a
+            // peer's, so no client gets them before the blob verified.
+            *lock(&job.peer_bytes) = written;
             job.fill();
             return Ok(job);
         }
@@ -458,13 +401,7 @@ impl Transfers {
         }
         let (registry, repository) = (&origin.registry, &origin.repository);
         let wanted = (first_byte > 0).then_some(first_byte..u64::MAX);
-        let opened = self.shared.open(origin, digest, wanted, Attempt::First).await;
-        if opened.is_err()
-            && let Some(peers) = &self.shared.peers
-        {
-            peers.retract_intents(digest);
-        }
-        let (body, source) = match opened {
+        let (body, source) = match self.shared.open(origin, digest, wanted, Attempt::First).await {
             // Past the end: answer 416 without downloading anything.
             Err(ResolveError::Upstream(UpstreamError::Status { status: 416, .. })) if first_byte > 0 => {
                 let size = self.shared.upstream.head_blob(registry, repository, digest).await?;
@@ -733,7 +670,16 @@ impl Job {
             ordered
         };
         let digest = self.partial.digest();
-        let opened = peers.open_blob(&ordered, &self.origin, &digest, Some(range)).await;
+        let mut opened = None;
+        for round in 0..BUSY_ROUNDS {
+            opened = peers.open_blob(&ordered, &self.origin, &digest, Some(range.clone())).await;
+            // Holders at their upload limit (429) are not penalized: while some are usable,
+            // wait for a slot rather than send the stripe to the upstream.
+            if opened.is_some() || round + 1 == BUSY_ROUNDS || !peers.any_usable(&ordered) {
+                break;
+            }
+            tokio::time::sleep(BUSY_WAIT).await;
+        }
         // The caller counts the holder that answered while it streams.
         if let Some(n) = lock(&self.peer_load).get_mut(&ordered[0]) {
             *n = n.saturating_sub(1);

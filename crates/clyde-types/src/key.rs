@@ -31,10 +31,44 @@ pub enum ContentKey {
 /// Length of an intent epoch: how long a stale intent record can mislead an election.
 pub const INTENT_EPOCH_SECS: u64 = 60;
 
-/// The intent keys a node reads at `unix_secs`: this epoch's and the previous one's.
-pub fn intent_keys(digest: Digest, unix_secs: u64) -> [ContentKey; 2] {
-    let epoch = unix_secs / INTENT_EPOCH_SECS;
-    [ContentKey::Intent { digest, epoch }, ContentKey::Intent { digest, epoch: epoch.saturating_sub(1) }]
+/// The epoch a node announces its intents in at `unix_secs`.
+pub fn intent_epoch(unix_secs: u64) -> u64 {
+    unix_secs / INTENT_EPOCH_SECS
+}
+
+/// The intent keys a node reads at `unix_secs`: this epoch's, the previous one's, and the
+/// next one's (a node whose clock runs a little ahead announces there).
+pub fn intent_keys(digest: Digest, unix_secs: u64) -> [ContentKey; 3] {
+    let epoch = intent_epoch(unix_secs);
+    [epoch, epoch.saturating_sub(1), epoch + 1].map(|epoch| ContentKey::Intent { digest, epoch })
+}
+
+/// What a peer server holds of a blob, as it tells other agents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobState {
+    /// Whole and verified.
+    Complete,
+    /// Still being received.
+    Arriving,
+}
+
+impl BlobState {
+    /// The header value (`complete`, `arriving`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Complete => "complete",
+            Self::Arriving => "arriving",
+        }
+    }
+
+    /// Parses a header value; anything else is `None`.
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        match value {
+            b"complete" => Some(Self::Complete),
+            b"arriving" => Some(Self::Arriving),
+            _ => None,
+        }
+    }
 }
 
 impl ContentKey {
@@ -90,12 +124,22 @@ mod tests {
     #[test]
     fn intent_keys_differ_from_the_digest_and_by_epoch() {
         let d = Digest::of(b"layer");
-        let [now, before] = intent_keys(d, 10 * INTENT_EPOCH_SECS + 5);
+        let [now, before, next] = intent_keys(d, 10 * INTENT_EPOCH_SECS + 5);
         assert_eq!(now, ContentKey::Intent { digest: d, epoch: 10 });
         assert_eq!(before, ContentKey::Intent { digest: d, epoch: 9 });
+        assert_eq!(next, ContentKey::Intent { digest: d, epoch: 11 });
         assert_ne!(now.routing_key(), before.routing_key());
         assert_ne!(now.routing_key(), ContentKey::Digest(d).routing_key());
         // A node that announced late in an epoch is still read early in the next one.
         assert!(intent_keys(d, 11 * INTENT_EPOCH_SECS).contains(&now));
+    }
+
+    #[test]
+    fn blob_states_round_trip_and_nothing_else_parses() {
+        for state in [BlobState::Complete, BlobState::Arriving] {
+            assert_eq!(BlobState::parse(state.as_str().as_bytes()), Some(state));
+        }
+        assert_eq!(BlobState::parse(b"Complete"), None);
+        assert_eq!(BlobState::parse(b""), None);
     }
 }

@@ -19,7 +19,7 @@ pub mod size;
 pub use digest::{Digest, DigestError, DigestVerifier};
 pub use image::{ImageRef, ImageRefError};
 pub use intervals::IntervalSet;
-pub use key::{ContentKey, INTENT_EPOCH_SECS, intent_keys};
+pub use key::{BlobState, ContentKey, INTENT_EPOCH_SECS, intent_epoch, intent_keys};
 pub use piece::PieceLayout;
 pub use range::{ByteRange, RangeError, RangeRequest};
 pub use reference::{ApiPath, PathError, Reference, Registry, Repository, Resource};

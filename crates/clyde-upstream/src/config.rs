@@ -83,6 +83,15 @@ fn read(name: &str, what: &str, path: &PathBuf) -> Result<Vec<u8>, UpstreamError
         .map_err(|e| UpstreamError::Config(name.to_string(), format!("cannot read {what} {}: {e}", path.display())))
 }
 
+/// Docker Hub's API host: `docker.io` names the registry, not the host that serves its API
+/// (containerd maps it the same way), so it works with no `[[registries]]` entry.
+pub const DOCKER_HUB_API_HOST: &str = "registry-1.docker.io";
+
+/// Where requests for registry `name` go when its entry names no `endpoint`.
+pub fn default_endpoint(name: &str) -> &str {
+    if name == clyde_types::reference::DEFAULT_REGISTRY { DOCKER_HUB_API_HOST } else { name }
+}
+
 pub(crate) fn build_client(
     config: &UpstreamConfig,
     registry: &Registry,
@@ -96,7 +105,7 @@ pub(crate) fn build_client(
         None if registry.is_loopback() => "http",
         None => "https",
     };
-    let endpoint = rc.and_then(|r| r.endpoint.as_deref()).unwrap_or(name);
+    let endpoint = rc.and_then(|r| r.endpoint.as_deref()).unwrap_or_else(|| default_endpoint(name));
     Registry::parse(endpoint).map_err(|e| bad(e.to_string()))?;
     let mut builder = reqwest::Client::builder()
         .connect_timeout(config.connect_timeout)
@@ -144,4 +153,16 @@ pub(crate) fn build_client(
     };
     let http = builder.build().map_err(|e| bad(e.to_string()))?;
     Ok(RegistryClient { registry: registry.clone(), base: format!("{scheme}://{endpoint}"), http, auth })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_io_goes_to_docker_hubs_api_host_and_other_names_to_themselves() {
+        assert_eq!(default_endpoint("docker.io"), "registry-1.docker.io");
+        assert_eq!(default_endpoint("registry.example:5000"), "registry.example:5000");
+        assert_eq!(default_endpoint("ghcr.io"), "ghcr.io");
+    }
 }

@@ -22,7 +22,7 @@ use rustls::{DigitallySignedStruct, RootCertStore};
 use crate::{BlobBody, Manifest, UpstreamError, blob_body, error_chain, range_header, read_manifest};
 
 /// The peer server's answer header that says whether it holds a blob `complete` or
-/// `arriving`.
+/// `arriving` ([`clyde_types::BlobState`]).
 pub const BLOB_STATE_HEADER: &str = "clyde-blob-state";
 
 /// HTTP client for peer servers; cheap to clone.
@@ -96,7 +96,8 @@ impl PeerClient {
     ) -> Result<bool, UpstreamError> {
         let req = self.http.head(self.url(peer, registry, repository, &format!("blobs/{digest}")));
         let resp = self.send(peer, req).await?;
-        Ok(resp.headers().get(BLOB_STATE_HEADER).is_some_and(|v| v.as_bytes() == b"complete"))
+        let state = resp.headers().get(BLOB_STATE_HEADER).and_then(|v| clyde_types::BlobState::parse(v.as_bytes()));
+        Ok(state == Some(clyde_types::BlobState::Complete))
     }
 
     /// Streams a blob, or the part `range` of it, from a peer.
