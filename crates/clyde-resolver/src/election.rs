@@ -152,8 +152,18 @@ pub(crate) async fn follow_elected(
     let mut passed_over: HashSet<Vec<u8>> = HashSet::new();
     let mut members = peers.intents(*digest).await;
     let mut following: Option<Vec<u8>> = None;
+    let mut confirmed = false;
     loop {
         let winner = match elect(digest, &me, &members, |m| passed_over.contains(&m.id)) {
+            // Elected on a first read: read once more after another wait before going
+            // upstream. On a busy cluster some intents arrive late; a rival that outranks
+            // this node shows up here, and the cost is one wait for the elected node only.
+            Elected::Me if !confirmed && passed_over.is_empty() => {
+                confirmed = true;
+                tokio::time::sleep(timeouts.election_wait).await;
+                members = peers.intents(*digest).await;
+                continue;
+            }
             Elected::Me => {
                 tracing::info!(%digest, rivals = members.len(), "elected to fetch from the upstream");
                 return None;

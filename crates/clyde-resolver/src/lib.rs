@@ -104,8 +104,8 @@ pub struct PeerTimeouts {
     #[serde(with = "humantime_serde")]
     pub penalty: Duration,
     /// How long a node that wants a blob nobody offers waits for the intents of nodes that
-    /// want it at the same time before the fetcher election, and the bound on reading them
-    /// (default 250ms).
+    /// want it at the same time before the fetcher election (default 250ms); reading them
+    /// is bounded by `offline_lookup_timeout`.
     #[serde(with = "humantime_serde")]
     pub election_wait: Duration,
     /// How long a node follows an elected fetcher that has not started serving before it

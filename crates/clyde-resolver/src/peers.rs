@@ -275,7 +275,9 @@ impl Peers {
     /// The live nodes that announced an intent for `digest` (this epoch or the last), without
     /// those serving a penalty.
     pub(crate) async fn intents(&self, digest: Digest) -> Vec<Member> {
-        let timeout = self.config.peers.election_wait;
+        // The whole walk, patiently: a busy cluster answers slowly, and an intent missed here
+        // is a second fetcher. A quiet one answers in about a millisecond.
+        let timeout = self.config.peers.offline_lookup_timeout;
         let keys = clyde_types::intent_keys(digest, clyde_store::unix_now());
         let lookups = keys.map(|key| self.discovery.members(key, timeout));
         let mut found: Vec<Member> = Vec::new();

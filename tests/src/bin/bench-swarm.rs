@@ -294,7 +294,9 @@ fn staggered(args: &[String]) {
 fn herd(args: &[String]) {
     let (n, size) = (arg(args, 0, 6usize).max(2), arg(args, 1, 128usize));
     let (layers, rate) = (arg(args, 2, 4usize).max(1), arg(args, 3, "200mbit".to_string()));
-    let c = NetCluster::start(n, TestImage::single(&vec![size * MIB / layers; layers]), Some(&rate)).c;
+    let config = std::env::var("BENCH_CONFIG").unwrap_or_default();
+    let image = TestImage::single(&vec![size * MIB / layers; layers]);
+    let c = LabCluster::start(n, image, "bench/swarm", Some(&rate), &config);
     let reference = TestImage::single(&vec![size * MIB / layers; layers]);
     reference.push(&c.upstream, "bench/reference", "v1", ImageFormat::Oci);
     let reference_name = format!("{}/bench/reference:v1", c.upstream.addr());
@@ -329,6 +331,29 @@ fn herd(args: &[String]) {
         herd_requests.iter().filter(|(m, uri, _, _)| m == "GET" && uri.contains("/blobs/")).map(|r| r.2).sum();
     let manifests = herd_requests.iter().filter(|(m, uri, _, _)| m == "GET" && uri.contains("/manifests/")).count();
     let layers_ratio = c.upstream_layer_bytes() as f64 / c.image.layer_bytes() as f64;
+    let (mut won, mut followed, mut rivals) = (0, 0, Vec::new());
+    for node in &c.nodes {
+        for line in node.agent.log().lines().filter(|l| l.contains("bench/swarm") || l.contains("rivals=")) {
+            if line.contains("elected to fetch from the upstream") {
+                won += 1;
+            } else if line.contains("following the elected fetcher") {
+                followed += 1;
+            } else {
+                continue;
+            }
+            if let Some(r) = line.split("rivals=").nth(1).and_then(|v| v.split_whitespace().next()) {
+                rivals.push(r.parse::<f64>().unwrap_or(-1.0));
+            }
+        }
+    }
+    if !rivals.is_empty() {
+        println!(
+            "elections: {won} won, {followed} followed; rivals seen: min {}, median {}, max {}",
+            percentile(&mut rivals.clone(), 0.0),
+            percentile(&mut rivals.clone(), 0.5),
+            percentile(&mut rivals, 1.0)
+        );
+    }
     let mut sorted = times.clone();
     let last = percentile(&mut sorted, 1.0);
     let median = percentile(&mut sorted, 0.5);
