@@ -188,6 +188,22 @@ impl LabCluster {
         node.ctrd.pull(&hosts, &self.reference, &["--plain-http"])
     }
 
+    /// `GET`s a blob of `repo` through node `i`'s own mirror with curl in its namespace;
+    /// checks its digest and returns the seconds it took.
+    pub fn fetch_blob(&self, i: usize, repo: &str, digest: &str) -> f64 {
+        let agent = &self.nodes[i].agent;
+        let out = tempfile::NamedTempFile::new().expect("temp file");
+        let url = format!("http://{}/v2/{repo}/blobs/{digest}?ns={}", agent.addr(), self.upstream.addr());
+        let started = std::time::Instant::now();
+        let mut curl = agent.place().command(require("curl", "curl"));
+        let status = run(curl.args(["-s", "-o"]).arg(out.path()).args(["-w", "%{http_code}", &url]));
+        let took = started.elapsed().as_secs_f64();
+        assert_eq!(status.trim(), "200", "GET {url} on node {i}:\n{}", agent.log());
+        let bytes = std::fs::read(out.path()).expect("fetched blob");
+        assert_eq!(crate::sha256(&bytes), digest, "node {i} served wrong bytes");
+        took
+    }
+
     /// Upstream blob bytes sent for the image's layers, from the registry's log.
     pub fn upstream_layer_bytes(&self) -> u64 {
         self.image.layers.iter().map(|l| self.upstream.blob_bytes_served(&l.digest)).sum()

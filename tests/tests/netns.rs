@@ -179,25 +179,6 @@ fn a_herd_of_nodes_starting_at_one_instant_fetches_each_blob_from_the_upstream_o
     assert!(elected > c.image.layers.len(), "the fetchers were not elected");
 }
 
-/// `GET`s a blob of `repo` through lab node `i`'s own mirror with curl in its namespace;
-/// checks its digest and returns the seconds it took.
-fn fetch_blob(c: &LabCluster, i: usize, repo: &str, digest: &str) -> f64 {
-    let agent = &c.nodes[i].agent;
-    let out = tempfile::NamedTempFile::new().expect("temp file");
-    let url = format!("http://{}/v2/{repo}/blobs/{digest}?ns={}", agent.addr(), c.upstream.addr());
-    let started = Instant::now();
-    let status = clyde_tests::run(agent.place().command("curl").args(["-s", "-o"]).arg(out.path()).args([
-        "-w",
-        "%{http_code}",
-        &url,
-    ]));
-    let took = started.elapsed().as_secs_f64();
-    assert_eq!(status.trim(), "200", "GET {url} on node {i}:\n{}", agent.log());
-    let bytes = std::fs::read(out.path()).expect("fetched blob");
-    assert_eq!(clyde_tests::sha256(&bytes), digest, "node {i} served wrong bytes");
-    took
-}
-
 #[test]
 fn a_blob_that_four_peers_hold_comes_from_all_of_them_at_once() {
     // 128 MiB: long enough at 4 x 200 Mbit/s (1.3 s) that the fixed costs (lookups, the
@@ -208,16 +189,16 @@ fn a_blob_that_four_peers_hold_comes_from_all_of_them_at_once() {
     let single = TestImage::single(&[128 * MIB]);
     single.push(&c.upstream, "team/single", "v1", clyde_tests::ImageFormat::Oci);
     let single_layer = single.layers[0].digest.clone();
-    fetch_blob(&c, 0, "team/single", &single_layer);
+    c.fetch_blob(0, "team/single", &single_layer);
     for i in 0..4 {
-        fetch_blob(&c, i, "team/app", &layer);
+        c.fetch_blob(i, "team/app", &layer);
         wait_store_holds(&c.nodes[i].agent.data_dir(), if i == 0 { 2 } else { 1 });
     }
     for node in &c.nodes[..4] {
         c.lab.limit_egress(node.agent.place(), "200mbit");
     }
-    let one_link = fetch_blob(&c, 4, "team/single", &single_layer);
-    let four_links = fetch_blob(&c, 4, "team/app", &layer);
+    let one_link = c.fetch_blob(4, "team/single", &single_layer);
+    let four_links = c.fetch_blob(4, "team/app", &layer);
     let speedup = one_link / four_links;
     eprintln!("128 MiB from one holder {one_link:.2} s, from four holders {four_links:.2} s: {speedup:.2}x one link");
     let log = c.nodes[4].agent.log();
@@ -303,7 +284,7 @@ fn a_node_serving_three_peers_stays_under_its_upload_cap() {
     let config = format!("upload_rate = {CAP}\n{PATIENT_LOOKUPS}");
     let c = LabCluster::start(1, TestImage::single(&[16 * MIB]), "team/app", None, &config);
     let layer = c.image.layers[0].clone();
-    fetch_blob(&c, 0, "team/app", &layer.digest);
+    c.fetch_blob(0, "team/app", &layer.digest);
     wait_store_holds(&c.nodes[0].agent.data_dir(), 1);
     let node = &c.nodes[0].agent;
     let url = format!("http://{}/v2/team/app/blobs/{}?ns={}", node.peer_addr(), layer.digest, c.upstream.addr());

@@ -84,11 +84,7 @@ mod tests {
     use super::*;
 
     fn set(spans: &[Range<u64>]) -> IntervalSet {
-        let mut s = IntervalSet::new();
-        for r in spans {
-            s.insert(r.clone());
-        }
-        s
+        spans.iter().cloned().collect()
     }
 
     #[test]

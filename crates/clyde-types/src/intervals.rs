@@ -11,6 +11,16 @@ pub struct IntervalSet {
     spans: Vec<Range<u64>>,
 }
 
+impl FromIterator<Range<u64>> for IntervalSet {
+    fn from_iter<I: IntoIterator<Item = Range<u64>>>(spans: I) -> Self {
+        let mut set = Self::new();
+        for span in spans {
+            set.insert(span);
+        }
+        set
+    }
+}
+
 impl IntervalSet {
     /// An empty set.
     pub fn new() -> Self {

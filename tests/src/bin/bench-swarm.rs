@@ -365,21 +365,6 @@ fn herd(args: &[String]) {
     );
 }
 
-/// `GET`s a blob through lab node `i`'s mirror with curl in its namespace, checks its
-/// digest, and returns the seconds it took.
-fn fetch_in_lab(c: &LabCluster, i: usize, repo: &str, digest: &str) -> f64 {
-    let agent = &c.nodes[i].agent;
-    let out = tempfile::NamedTempFile::new().expect("temp file");
-    let url = format!("http://{}/v2/{repo}/blobs/{digest}?ns={}", agent.addr(), c.upstream.addr());
-    let started = Instant::now();
-    let mut curl = agent.place().command("curl");
-    let status = clyde_tests::run(curl.args(["-s", "-o"]).arg(out.path()).args(["-w", "%{http_code}", &url]));
-    let took = started.elapsed().as_secs_f64();
-    assert_eq!(status.trim(), "200", "GET {url}");
-    assert_eq!(clyde_tests::sha256(&std::fs::read(out.path()).expect("blob")), digest, "wrong bytes");
-    took
-}
-
 fn holders(args: &[String]) {
     let (k, size) = (arg(args, 0, 4usize).max(1), arg(args, 1, 256usize));
     let (rate, rounds) = (arg(args, 2, "200mbit".to_string()), arg(args, 3, 3usize).max(1));
@@ -390,16 +375,16 @@ fn holders(args: &[String]) {
         let single = TestImage::single(&[size * MIB]);
         single.push(&c.upstream, "bench/single", "v1", ImageFormat::Oci);
         let single_layer = single.layers[0].digest.clone();
-        fetch_in_lab(&c, 0, "bench/single", &single_layer);
+        c.fetch_blob(0, "bench/single", &single_layer);
         for i in 0..k {
-            fetch_in_lab(&c, i, "bench/swarm", &layer);
+            c.fetch_blob(i, "bench/swarm", &layer);
             clyde_tests::wait_store_holds(&c.nodes[i].agent.data_dir(), if i == 0 { 2 } else { 1 });
         }
         for node in &c.nodes[..k] {
             c.lab.limit_egress(node.agent.place(), &rate);
         }
-        let one = fetch_in_lab(&c, k, "bench/single", &single_layer);
-        let all = fetch_in_lab(&c, k, "bench/swarm", &layer);
+        let one = c.fetch_blob(k, "bench/single", &single_layer);
+        let all = c.fetch_blob(k, "bench/swarm", &layer);
         println!("round {round}: from one holder {one:.2} s, from {k} holders {all:.2} s, {:.2}x", one / all);
         ratios.push(one / all);
     }
