@@ -79,9 +79,9 @@ pub(crate) struct Peers {
     config: ResolverConfig,
 }
 
-/// This node's intent to fetch a blob, withdrawn when the last guard for it drops: whatever
-/// ends the transfer (committed, failed, the request dropped mid-election), the intent does
-/// not outlive it.
+/// This node's intent to fetch a blob (its ballot), withdrawn when the last guard for it
+/// drops: whatever ends the election (decided, the request dropped mid-election), the
+/// intent does not outlive it.
 pub(crate) struct IntentGuard {
     peers: Arc<Peers>,
     digest: Digest,
@@ -97,8 +97,8 @@ impl Drop for IntentGuard {
 #[derive(Default)]
 struct Intent {
     epochs: Vec<u64>,
-    /// Guards alive: a transfer holds one for its lifetime, each election in flight one more;
-    /// the last one to drop withdraws the intent.
+    /// Guards alive, one per election in flight for the blob; the last one to drop
+    /// withdraws the intent.
     guards: usize,
 }
 
@@ -272,8 +272,8 @@ impl Peers {
         intents.remove(digest);
     }
 
-    /// The live nodes that announced an intent for `digest` (this epoch or the last), without
-    /// those serving a penalty.
+    /// The live nodes that announced an intent for `digest` (the previous, current or next
+    /// epoch), without those serving a penalty.
     pub(crate) async fn intents(&self, digest: Digest) -> Vec<Member> {
         // The whole walk, patiently: a busy cluster answers slowly, and an intent missed here
         // is a second fetcher. A quiet one answers in about a millisecond.

@@ -409,8 +409,21 @@ impl Transfers {
             }
             other => other?,
         };
+        self.launch(origin, digest, body, source, Vec::new()).await
+    }
+
+    /// Makes the job of a blob whose first stream is open: its partial blob, a claim for the
+    /// stream's bytes, and the fill of the rest (in stripes over `holders` when there are any).
+    async fn launch(
+        &self,
+        origin: &Origin,
+        digest: &Digest,
+        body: BlobBody,
+        source: Source,
+        holders: Vec<SocketAddr>,
+    ) -> Result<Arc<Job>, ResolveError> {
         let partial = self.store.partial(digest, body.size).await?;
-        let job = Job::new(origin.clone(), partial, self.shared.clone(), Some(source), Vec::new());
+        let job = Job::new(origin.clone(), partial, self.shared.clone(), Some(source), holders);
         if !body.range.is_empty() {
             let claim = job.add_claim(&mut job.claims(), &body.range);
             job.spawn(claim, Some((body.stream, source)));
@@ -437,14 +450,7 @@ impl Transfers {
             return Ok(None);
         };
         tracing::info!(%digest, holders = holders.len(), "fetching from several complete holders at once");
-        let partial = self.store.partial(digest, body.size).await?;
-        let job = Job::new(origin.clone(), partial, self.shared.clone(), Some(Source::Peer(peer)), holders);
-        if !body.range.is_empty() {
-            let claim = job.add_claim(&mut job.claims(), &body.range);
-            job.spawn(claim, Some((body.stream, Source::Peer(peer))));
-        }
-        job.fill();
-        Ok(Some(job))
+        self.launch(origin, digest, body, Source::Peer(peer), holders).await.map(Some)
     }
 
     pub(crate) async fn shutdown(&self) {
@@ -613,8 +619,6 @@ impl Job {
             };
             if let Source::Peer(peer) = source {
                 lock(&self.peers_used).insert(peer);
-            }
-            if let Source::Peer(peer) = source {
                 *lock(&self.peer_load).entry(peer).or_default() += 1;
             }
             let pumped = self.pump(claim, body, source).await;
