@@ -12,6 +12,7 @@ pub struct SlowProxy {
     port: u16,
     stop: Arc<AtomicBool>,
     relayed: Arc<AtomicU64>,
+    stalled: Arc<AtomicBool>,
 }
 
 impl SlowProxy {
@@ -27,9 +28,11 @@ impl SlowProxy {
         let port = listener.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
         let relayed = Arc::new(AtomicU64::new(0));
+        let stalled = Arc::new(AtomicBool::new(false));
         let target = target.to_string();
         let flag = stop.clone();
         let counter = relayed.clone();
+        let stall = stalled.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 if flag.load(Ordering::Relaxed) {
@@ -40,12 +43,18 @@ impl SlowProxy {
                     continue;
                 };
                 let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
-                let counter = counter.clone();
-                std::thread::spawn(move || pump(c2, s2, u64::MAX, None));
-                std::thread::spawn(move || pump(server, client, bytes_per_sec, Some((&counter, cut_after))));
+                let (counter, stall2, stall) = (counter.clone(), stall.clone(), stall.clone());
+                std::thread::spawn(move || pump(c2, s2, u64::MAX, None, &stall2));
+                std::thread::spawn(move || pump(server, client, bytes_per_sec, Some((&counter, cut_after)), &stall));
             }
         });
-        Self { port, stop, relayed }
+        Self { port, stop, relayed, stalled }
+    }
+
+    /// While stalled, the relay accepts connections and forwards nothing, either way, on
+    /// new or open connections: an upstream that accepts and never answers.
+    pub fn stall(&self, on: bool) {
+        self.stalled.store(on, Ordering::Relaxed);
     }
 
     /// Bytes of answers relayed so far.
@@ -59,7 +68,7 @@ impl SlowProxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, rate: u64, counted: Option<(&AtomicU64, u64)>) {
+fn pump(mut from: TcpStream, mut to: TcpStream, rate: u64, counted: Option<(&AtomicU64, u64)>, stalled: &AtomicBool) {
     let start = Instant::now();
     let mut sent = 0u64;
     let mut buf = vec![0u8; 16 * 1024];
@@ -73,6 +82,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, rate: u64, counted: Option<(&Ato
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        // Held here, after the read: a connection open before the stall forwards nothing either.
+        while stalled.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         if to.write_all(&buf[..n]).is_err() {
             break;
         }

@@ -125,7 +125,7 @@ fn ranges_on_uncached_and_cached_blobs_return_exactly_those_bytes() {
         assert_eq!(r.status(), 206, "{range}");
         assert_eq!(r.bytes().expect("body"), expect, "{range}");
     }
-    for bad in [format!("bytes={size}-"), "bytes=a-b".to_string(), "bytes=0-1,3-4".to_string(), "bytes=-0".to_string()]
+    for bad in [format!("bytes={size}-"), "bytes=a-b".to_string(), format!("bytes={size}-,-0"), "bytes=-0".to_string()]
     {
         let r = get(&url, &[("range", &bad)]);
         assert_eq!(r.status(), 416, "{bad}");
@@ -263,13 +263,14 @@ fn behind_relay(repo: &str, size: usize, relay: impl FnOnce(&str) -> SlowProxy) 
     BehindRelay { reg, layer, proxy, agent, url }
 }
 
-/// The largest `pieces=N` on log lines containing `what`.
+/// The largest `bytes=N` on log lines containing `what`, in whole 4 MiB pieces.
 fn max_pieces(log: &str, what: &str) -> u64 {
     log.lines()
         .filter(|l| l.contains(what))
-        .filter_map(|l| l.split("pieces=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| l.split(" bytes=").nth(1)?.split_whitespace().next()?.parse::<u64>().ok())
         .max()
         .unwrap_or(0)
+        / (4 * MIB as u64)
 }
 
 #[test]
@@ -281,7 +282,7 @@ fn kill_9_mid_download_then_restart_resumes_and_stores_nothing_corrupt() {
     // Read until the agent says at least two pieces are durable (about 1 s in), then kill it.
     let mut got = Vec::new();
     let mut chunk = vec![0u8; MIB];
-    while max_pieces(&agent.log(), "pieces made durable") < 2 {
+    while max_pieces(&agent.log(), "made durable") < 2 {
         assert!(got.len() < 32 * MIB, "no pieces became durable:\n{}", agent.log());
         r.read_exact(&mut chunk).expect("first part");
         got.extend_from_slice(&chunk);
@@ -436,7 +437,7 @@ fn a_transfer_given_up_mid_body_aborts_its_readers_and_resumes_on_the_next_reque
     let mut r = get(&url, &[]);
     let mut chunk = vec![0u8; MIB];
     let mut got = 0;
-    while max_pieces(&agent.log(), "pieces made durable") < 2 {
+    while max_pieces(&agent.log(), "made durable") < 2 {
         assert!(got < 32 * MIB, "no pieces became durable");
         r.read_exact(&mut chunk).expect("first part");
         got += MIB;

@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use clyde_resolver::{Origin, ResolveError, Resolver};
+use clyde_resolver::{Origin, ResolveError, Resolver, Want};
 use clyde_types::{ApiPath, BlobState, ByteRange, PathError, RangeError, RangeRequest, Reference, Resource};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::body::{Frame, Incoming};
@@ -282,6 +282,12 @@ fn insert_digest(h: &mut http::HeaderMap, digest: &str) {
     }
 }
 
+/// The ranges a request asks for (`None`: the whole blob).
+fn requested_ranges(req: &Request<Incoming>) -> Result<Option<Vec<RangeRequest>>, RangeError> {
+    let Some(value) = req.headers().get(header::RANGE) else { return Ok(None) };
+    value.to_str().map_err(|_| RangeError::Malformed).and_then(RangeRequest::parse_set).map(Some)
+}
+
 async fn blob(
     server: &Server,
     req: &Request<Incoming>,
@@ -289,16 +295,19 @@ async fn blob(
     digest: &clyde_types::Digest,
 ) -> (Response<Body>, &'static str) {
     let (resolver, api) = (&server.resolver, server.api);
-    let range = match req
-        .headers()
-        .get(header::RANGE)
-        .map(|v| v.to_str().map_err(|_| RangeError::Malformed).and_then(RangeRequest::parse))
-    {
-        None => None,
-        Some(Ok(r)) => Some(r),
-        Some(Err(e)) => {
+    let ranges = match requested_ranges(req) {
+        Ok(r) => r,
+        // Too many parts: `400` tells a lazy puller to ask for one range at a time.
+        Err(e @ RangeError::Multiple) => {
+            return (errors::answer(StatusCode::BAD_REQUEST, ErrorCode::RangeInvalid, &e.to_string()), "-");
+        }
+        Err(e) => {
             return (errors::answer(StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::RangeInvalid, &e.to_string()), "-");
         }
+    };
+    let single = match ranges.as_deref() {
+        Some([one]) => Some(*one),
+        _ => None,
     };
     if req.method() == Method::HEAD {
         let answer = match api {
@@ -307,7 +316,7 @@ async fn blob(
         };
         return match answer {
             Ok((size, state)) => {
-                let mut r = blob_head(size, digest, range);
+                let mut r = blob_head(size, digest, single);
                 if let Some(state) = state {
                     mark_blob_state(&mut r, state);
                 }
@@ -316,13 +325,29 @@ async fn blob(
             Err(e) => (resolve_error(&e, ErrorCode::BlobUnknown), "-"),
         };
     }
-    let first_byte = match range {
-        Some(RangeRequest::Bounded { first, .. } | RangeRequest::From { first }) => first,
-        _ => 0,
+    // What the transfer fetches first, if there is none yet. A suffix, or several ranges,
+    // need the size first (cheap when the blob is held: no upstream request).
+    let want = match (&ranges, single.and_then(RangeRequest::first_byte)) {
+        (None, _) => Ok(Want::whole()),
+        (Some(_), Some(first)) => Ok(match single {
+            Some(RangeRequest::Bounded { last, .. }) => Want::range(first, last.saturating_add(1)),
+            _ => Want::range(first, u64::MAX),
+        }),
+        (Some(set), None) if api == Api::Mirror => match resolver.blob_size(origin, digest).await {
+            Ok(size) => match RangeRequest::resolve_set(set, size) {
+                Ok(parts) => Ok(Want::range(parts[0].start, parts[0].end)),
+                Err(e) => return (unsatisfiable(size, &e), "-"),
+            },
+            Err(e) => Err(e),
+        },
+        (Some(_), None) => Ok(Want::whole()),
     };
-    let source = match api {
-        Api::Mirror => resolver.blob(origin, digest, first_byte).await,
-        Api::Peer => resolver.held_blob(digest).await,
+    let source = match want {
+        Ok(want) => match api {
+            Api::Mirror => resolver.blob(origin, digest, want).await,
+            Api::Peer => resolver.held_blob(digest).await,
+        },
+        Err(e) => Err(e),
     };
     let source = match source {
         Ok(s) => s,
@@ -334,25 +359,77 @@ async fn blob(
     let size = source.size();
     let label = source.label();
     let state = blob_state(&source);
-    let selected = match range.map(|r| r.resolve(size)) {
-        None => ByteRange::full(size),
-        Some(Ok(r)) => r,
-        Some(Err(e)) => return (unsatisfiable(size, &e), label),
+    let parts = match &ranges {
+        None => vec![ByteRange::full(size)],
+        Some(set) => match RangeRequest::resolve_set(set, size) {
+            Ok(parts) => parts,
+            Err(e) => return (unsatisfiable(size, &e), label),
+        },
     };
-    let mut stream = source.stream(selected);
+    // A peer asking for bytes a blob read only by ranges lacks is told at once, and asks
+    // the next holder or the upstream.
+    if api == Api::Peer && !parts.iter().all(|p| source.serves(*p)) {
+        let e = ResolveError::NotHeld;
+        return (errors::answer(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, &e.to_string()), label);
+    }
+    let ranged = ranges.is_some();
+    let (mut stream, mut r) = if let [part] = parts[..] {
+        let mut r = Response::new(empty());
+        blob_headers(&mut r, digest, part, ranged);
+        (source.stream(part, ranged), r)
+    } else {
+        source.prefetch(&parts[1..]);
+        multipart(source, &parts, digest)
+    };
     if let Some(uploads) = &server.uploads {
         let Some(slot) = uploads.try_start() else {
             return (busy(), label);
         };
         stream = Box::pin(slot.pace(stream));
     }
-    let body = StreamBody::new(stream.map_ok(Frame::data));
-    let mut r = Response::new(BodyExt::boxed_unsync(body));
-    blob_headers(&mut r, digest, selected, range.is_some());
+    *r.body_mut() = BodyExt::boxed_unsync(StreamBody::new(stream.map_ok(Frame::data)));
     if api == Api::Peer {
         mark_blob_state(&mut r, state);
     }
     (r, label)
+}
+
+/// A `206 multipart/byteranges` answer (RFC 9110 §14.6): the parts in the order asked,
+/// each with its `Content-Range`; `Content-Length` is exact.
+fn multipart(
+    source: clyde_resolver::BlobSource,
+    parts: &[ByteRange],
+    digest: &clyde_types::Digest,
+) -> (clyde_resolver::BlobStream, Response<Body>) {
+    let boundary = format!("clyde-{}", &digest.hex()[..24]);
+    let mut pieces: Vec<(Bytes, Option<ByteRange>)> = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        let lead = if i == 0 { "" } else { "\r\n" };
+        let head = format!(
+            "{lead}--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: {}\r\n\r\n",
+            part.content_range()
+        );
+        pieces.push((Bytes::from(head), Some(*part)));
+    }
+    pieces.push((Bytes::from(format!("\r\n--{boundary}--\r\n")), None));
+    let length: u64 = pieces.iter().map(|(head, part)| head.len() as u64 + part.map_or(0, |p| p.len())).sum();
+    let stream = futures_util::stream::iter(pieces).flat_map(move |(head, part)| {
+        let head = futures_util::stream::once(async move { Ok::<_, std::io::Error>(head) });
+        match part {
+            Some(part) => head.chain(source.clone().stream(part, true)).boxed(),
+            None => head.boxed(),
+        }
+    });
+    let mut r = Response::new(empty());
+    *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    if let Ok(v) = HeaderValue::from_str(&format!("multipart/byteranges; boundary={boundary}")) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    insert_digest(h, &digest.to_string());
+    (Box::pin(stream), r)
 }
 
 fn blob_state(source: &clyde_resolver::BlobSource) -> BlobState {

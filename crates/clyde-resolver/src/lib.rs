@@ -31,7 +31,7 @@ pub use load::{LoadError, LoadEvent, Platform};
 pub use local::{BlobReader, LocalBlob, LocalContent};
 pub use manifest::ServedManifest;
 pub use peers::{BoxFuture, Discovery};
-pub use transfer::{BlobSource, BlobStream};
+pub use transfer::{BlobSource, BlobStream, FillPolicy, LINGER, WINDOW, Want};
 
 /// How the resolver behaves; every field has a documented default.
 #[derive(Clone, Debug, Deserialize)]
@@ -44,11 +44,15 @@ pub struct ResolverConfig {
     pub tag_ttl: Duration,
     /// Re-check `latest` upstream on every request.
     pub always_pull_latest: bool,
-    /// Bound on the upstream `HEAD` that re-checks a tag (default 2s).
+    /// Bound on the upstream `HEAD` that re-checks a tag (default 800ms; past it the cached
+    /// tag is served).
     #[serde(with = "humantime_serde")]
     pub tag_check_timeout: Duration,
     /// A reader this far ahead of a running transfer gets its own upstream request (default 1 MiB).
     pub steal_distance: u64,
+    /// Whether a blob read only by ranges is fetched whole in the background: `off` (the
+    /// default: only what is read moves), `idle` (while no reader waits) or `eager`.
+    pub fill: FillPolicy,
     /// Attempts to resume a blob transfer that broke mid-body (default 4).
     pub transfer_attempts: u32,
     /// Peer lookups and transfers (`[peers]` in the config file).
@@ -72,8 +76,9 @@ impl Default for ResolverConfig {
             air_gapped: false,
             tag_ttl: Duration::from_secs(300),
             always_pull_latest: false,
-            tag_check_timeout: Duration::from_secs(2),
+            tag_check_timeout: Duration::from_millis(800),
             steal_distance: 1024 * 1024,
+            fill: FillPolicy::Off,
             transfer_attempts: 4,
             peers: PeerTimeouts::default(),
             peer_tls: None,
@@ -268,23 +273,24 @@ impl Resolver {
         })
     }
 
-    /// Where the bytes of a blob come from: the store's file, or a transfer in progress.
-    pub async fn blob(&self, origin: &Origin, digest: &Digest, first_byte: u64) -> Result<BlobSource, ResolveError> {
-        let source = self.blob_source(origin, digest, first_byte).await;
+    /// Where the bytes of a blob come from: the store's file, or a transfer in progress
+    /// (started, when there is none, for the bytes `want` asks for).
+    pub async fn blob(&self, origin: &Origin, digest: &Digest, want: Want) -> Result<BlobSource, ResolveError> {
+        let source = self.blob_source(origin, digest, want).await;
         if source.is_ok() {
             self.inner.store.touch(digest);
         }
         source
     }
 
-    async fn blob_source(&self, origin: &Origin, digest: &Digest, first_byte: u64) -> Result<BlobSource, ResolveError> {
+    async fn blob_source(&self, origin: &Origin, digest: &Digest, want: Want) -> Result<BlobSource, ResolveError> {
         if let Some(file) = self.inner.store.open_blob(digest)? {
             return Ok(BlobSource::Local(file));
         }
         if let Some(blob) = self.local_blob(digest).await {
             return Ok(blob);
         }
-        self.inner.transfers.join(origin, digest, first_byte).await
+        self.inner.transfers.join(origin, digest, want).await
     }
 
     /// Stops transfers and waits for them.

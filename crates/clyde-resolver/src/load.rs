@@ -10,7 +10,7 @@ use clyde_types::{Digest, ImageRef, Reference, media};
 use futures_util::{StreamExt, TryStreamExt};
 use tokio::sync::mpsc;
 
-use crate::{BlobSource, Origin, ResolveError, Resolver};
+use crate::{BlobSource, Origin, ResolveError, Resolver, Want};
 
 /// Blobs of one image fetched at once.
 const BLOBS_AT_ONCE: usize = 3;
@@ -176,7 +176,7 @@ impl Resolver {
         // Into Clyde's own store: a copy containerd holds does not count (it may discard it).
         let source = match self.inner.store.open_blob(&digest).map_err(ResolveError::from)? {
             Some(file) => BlobSource::Local(file),
-            None => self.inner.transfers.join(origin, &digest, 0).await?,
+            None => self.inner.transfers.join(origin, &digest, Want::whole()).await?,
         };
         self.inner.store.touch(&digest);
         if source.size() != size {
@@ -186,7 +186,7 @@ impl Resolver {
             BlobSource::Transfer(job) | BlobSource::Arriving(job) => Some(job.partial().clone()),
             BlobSource::Local(_) | BlobSource::Held { .. } => None,
         };
-        let mut stream = source.stream(clyde_types::ByteRange::full(size));
+        let mut stream = source.stream(clyde_types::ByteRange::full(size), false);
         let (mut done, mut reported) = (0u64, 0u64);
         while let Some(chunk) = stream.next().await {
             done += chunk.map_err(|e| blob_error(e.to_string()))?.len() as u64;

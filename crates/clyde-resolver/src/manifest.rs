@@ -294,7 +294,7 @@ impl Resolver {
             return None;
         }
         let mut bytes = Vec::with_capacity(size as usize);
-        let mut stream = source.stream(clyde_types::ByteRange::full(size));
+        let mut stream = source.stream(clyde_types::ByteRange::full(size), false);
         while let Some(chunk) = futures_util::StreamExt::next(&mut stream).await {
             bytes.extend_from_slice(&chunk.ok()?);
         }

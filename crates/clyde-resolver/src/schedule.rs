@@ -89,7 +89,7 @@ mod tests {
 
     #[test]
     fn stripes_fill_the_free_slots_in_offset_order() {
-        let claims = [ClaimView { cursor: 0, reserved: 0, end: 10 }];
+        let claims = [ClaimView { cursor: 0, reserved: 0, end: 10, ..Default::default() }];
         let plan = plan_stripes(100, &set(&[30..40]), &claims, 8, 4);
         assert_eq!(plan, vec![10..18, 18..26, 26..30, 40..48]);
     }
@@ -104,16 +104,16 @@ mod tests {
     #[test]
     fn the_end_game_splits_the_claim_with_the_most_left() {
         let claims = [
-            ClaimView { cursor: 0, reserved: 0, end: 10 },
-            ClaimView { cursor: 20, reserved: 40, end: 100 },
-            ClaimView { cursor: 100, reserved: 100, end: 150 },
+            ClaimView { cursor: 0, reserved: 0, end: 10, ..Default::default() },
+            ClaimView { cursor: 20, reserved: 40, end: 100, ..Default::default() },
+            ClaimView { cursor: 100, reserved: 100, end: 150, ..Default::default() },
         ];
         // 60 bytes left past the reservation of the second: it ends at 70 now.
         assert_eq!(plan_split(&claims, 8), Some((1, 70)));
         // Nothing worth splitting.
         assert_eq!(plan_split(&claims, 100), None);
         assert_eq!(plan_split(&[], 8), None);
-        assert_eq!(plan_split(&[ClaimView { cursor: 5, reserved: 10, end: 10 }], 1), None);
+        assert_eq!(plan_split(&[ClaimView { cursor: 5, reserved: 10, end: 10, ..Default::default() }], 1), None);
     }
 
     #[test]

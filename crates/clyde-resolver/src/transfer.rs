@@ -1,16 +1,25 @@
 //! Single-flight blob transfers with cut-through readers.
 //!
 //! Message flow: the first request for a blob that is not in the store creates a [`Job`]
-//! (one per digest, shared by every later request) and opens one stream for the bytes from
-//! its first wanted offset to the end: from a peer that holds the blob when one answers in
-//! time, from the upstream otherwise (and from peers again, patiently, when the upstream
-//! cannot serve). The stream is a *claim* on that byte
-//! interval; a task pumps it into the store's [`PartialBlob`], and readers stream whatever
-//! is written. A reader that needs a byte far ahead of every running claim *steals* the
-//! tail of the claim (the old task stops where the new one starts), so a lazy puller's
-//! `Range` is answered about as fast as the upstream answers that range. When a claim's
-//! task ends, the job claims every byte nobody holds or fetches yet ("fill"), so the blob
-//! completes in the background, and transfers that broke mid-body resume with `Range`.
+//! (one per digest, shared by every later request) and opens one stream for the bytes it
+//! wants. The stream is a *claim* on that byte interval; a task pumps it into the store's
+//! [`PartialBlob`], and readers stream whatever is written. A reader that needs a byte far
+//! ahead of every running claim *steals* the tail of the claim (the old task stops where the
+//! new one starts), so a lazy puller's `Range` is answered about as fast as the upstream
+//! answers that range.
+//!
+//! Transfers are driven by demand. A job is *whole* once a reader of the whole blob joined
+//! (containerd's `GET`, `clyde load`, a peer's whole-blob fetch) or the fill policy is
+//! `eager`: its first stream runs from a peer that holds the blob when one answers in time,
+//! else from the fetcher the cluster elects, else the upstream; and when a claim's task ends,
+//! the job claims every byte nobody holds or fetches yet ("fill"), so the blob completes.
+//! Until then, every claim is for a reader's range only, from the upstream: a bounded range
+//! costs exactly its bytes, and an open-ended one (`bytes=N-`, containerd 2.1's parallel
+//! fetch) may run at most [`WINDOW`] ahead of what its readers read, and stops
+//! [`LINGER`] after they stopped asking. Bytes from a peer are served to a ranged reader only
+//! once the whole blob verified, so a job that takes any makes itself whole. With the fill
+//! policy `idle`, the rest of a range-read blob is fetched in the background, paused while
+//! any reader waits. Transfers that broke mid-body resume with `Range`.
 //! Claims never overlap: a pump *reserves* the bytes it is about to write under the claims
 //! lock, and a steal never cuts below a reservation, so no byte is written twice.
 //! A watcher per job removes it from the map once its blob is committed or discarded, and
@@ -21,9 +30,9 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clyde_metrics::Metrics;
@@ -31,7 +40,7 @@ use clyde_store::{BlobFile, Outcome, PartialBlob, Store, StoreError};
 use clyde_types::{ByteRange, ContentKey, Digest, IntervalSet};
 use clyde_upstream::{BlobBody, ByteStream, Upstream, UpstreamError};
 use futures_util::{FutureExt, Stream, StreamExt};
-use tokio::sync::{OnceCell, watch};
+use tokio::sync::{Notify, OnceCell, watch};
 use tokio_util::task::TaskTracker;
 
 use crate::election;
@@ -44,6 +53,63 @@ use crate::{Origin, ResolveError, ResolverConfig};
 const READ_CHUNK: u64 = 1024 * 1024;
 /// Largest batch of upstream bytes written to the store at once.
 const WRITE_BATCH: usize = 1024 * 1024;
+/// How far the transfer of an open-ended range may run ahead of what its readers read.
+pub const WINDOW: u64 = 8 * 1024 * 1024;
+/// How long a transfer that reached its window waits for a reader to ask for more before it
+/// stops (the reader dropped its connection): the upstream bytes nobody waits for are cancelled.
+pub const LINGER: Duration = Duration::from_secs(2);
+/// A job nobody reads or fetches for this long is closed; its written bytes stay on disk
+/// (durable, recorded) for the next reader.
+const JOB_IDLE: Duration = Duration::from_secs(60);
+
+/// What a request wants of a blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Want {
+    /// The first byte.
+    pub start: u64,
+    /// One past the last byte (`u64::MAX`: to the end of the blob).
+    pub end: u64,
+    /// The whole blob: the transfer runs to completion at full speed.
+    pub whole: bool,
+}
+
+impl Want {
+    /// The whole blob.
+    pub fn whole() -> Self {
+        Self { start: 0, end: u64::MAX, whole: true }
+    }
+
+    /// The bytes `start..end` (`u64::MAX`: to the end) of the blob.
+    pub fn range(start: u64, end: u64) -> Self {
+        Self { start, end, whole: false }
+    }
+}
+
+/// Whether a blob read by ranges is fetched whole in the background.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FillPolicy {
+    /// Only what readers ask for is fetched (lazy pulling: what is never read never moves).
+    #[default]
+    Off,
+    /// The rest is fetched while no reader waits; any reader that waits pauses it at once.
+    Idle,
+    /// The rest is fetched at full speed, as for a reader of the whole blob.
+    Eager,
+}
+
+impl std::str::FromStr for FillPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(Self::Off),
+            "idle" => Ok(Self::Idle),
+            "eager" => Ok(Self::Eager),
+            other => Err(format!("unknown fill policy {other:?}; expected off, idle or eager")),
+        }
+    }
+}
 
 /// What a reader waiting for `offset` should do.
 #[derive(Debug, PartialEq, Eq)]
@@ -57,12 +123,14 @@ pub enum Demand {
 }
 
 /// A claimed interval, as the planner sees it: `cursor..end` is still to be fetched, and
-/// `cursor..reserved` is being written right now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `cursor..reserved` is being written right now. A `background` claim (the `idle` fill)
+/// pauses while any reader waits, so a reader never waits for one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClaimView {
     pub cursor: u64,
     pub reserved: u64,
     pub end: u64,
+    pub background: bool,
 }
 
 fn covered(written: &IntervalSet, claims: &[ClaimView]) -> IntervalSet {
@@ -92,7 +160,7 @@ pub fn plan_demand(offset: u64, size: u64, written: &IntervalSet, claims: &[Clai
     }
     if let Some((index, c)) = claims.iter().enumerate().find(|(_, c)| c.cursor <= offset && offset < c.end) {
         let at = offset.max(c.reserved);
-        return if offset - c.cursor <= steal_distance || at >= c.end {
+        return if (!c.background && offset - c.cursor <= steal_distance) || at >= c.end {
             Demand::Wait
         } else {
             Demand::Steal { index, at }
@@ -109,14 +177,20 @@ struct Claim {
     cursor: AtomicU64,
     reserved: AtomicU64,
     end: AtomicU64,
+    /// The pump reads no more of its stream once its cursor reached this (the window of an
+    /// open-ended range); `u64::MAX` for a whole job.
+    limit: AtomicU64,
+    background: AtomicBool,
 }
 
 impl Claim {
-    fn new(range: &Range<u64>) -> Arc<Self> {
+    fn new(range: &Range<u64>, limit: u64, background: bool) -> Arc<Self> {
         Arc::new(Self {
             cursor: AtomicU64::new(range.start),
             reserved: AtomicU64::new(range.start),
             end: AtomicU64::new(range.end),
+            limit: AtomicU64::new(limit),
+            background: AtomicBool::new(background),
         })
     }
 
@@ -125,6 +199,7 @@ impl Claim {
             cursor: self.cursor.load(Ordering::Acquire),
             reserved: self.reserved.load(Ordering::Acquire),
             end: self.end.load(Ordering::Acquire),
+            background: self.background.load(Ordering::Acquire),
         }
     }
 }
@@ -173,7 +248,9 @@ impl Shared {
 
     /// Opens `range` of a blob (`None`: all of it): from a peer that serves it in time,
     /// else from the fetcher the cluster elects for it (see [`crate::election`]), else the
-    /// upstream, else (the upstream failing) peers found by a patient lookup.
+    /// upstream, else (the upstream failing) peers found by a patient lookup. A reader's
+    /// range of a blob nobody reads whole ([`Attempt::Demand`]) goes to the upstream first:
+    /// a peer's bytes could reach that reader only once the whole blob verified.
     async fn open(
         &self,
         origin: &Origin,
@@ -183,6 +260,7 @@ impl Shared {
     ) -> Result<(BlobBody, Source), ResolveError> {
         let never_upstream = self.config.air_gapped;
         let offered = match attempt {
+            Attempt::Demand if !never_upstream => None,
             Attempt::Resume if !never_upstream => self.open_from_complete_holders(origin, digest, range.clone()).await,
             _ => self.open_from_peers(origin, digest, range.clone(), self.config.first_lookup()).await,
         };
@@ -193,6 +271,7 @@ impl Shared {
             return Err(if self.peers.is_some() { ResolveError::NoPeer } else { ResolveError::AirGapped });
         }
         if let Some(peers) = &self.peers
+            && attempt != Attempt::Demand
             && let Some((body, peer)) =
                 election::follow_elected(peers, &self.config.peers, origin, digest, range.clone()).await
         {
@@ -251,6 +330,9 @@ enum Attempt {
     /// The source of these bytes broke: complete holders first, then the election, since
     /// holders still arriving may be waiting on the same broken source.
     Resume,
+    /// A reader's range of a blob nobody reads whole: the upstream, peers only when it
+    /// cannot serve.
+    Demand,
 }
 
 /// A blob transfer shared by all its readers.
@@ -263,9 +345,15 @@ pub struct Job {
     peers_used: Mutex<HashSet<SocketAddr>>,
     /// Where the first stream came from, for logs and metrics (`None`: a resumed blob).
     first_source: Option<Source>,
-    /// Bytes that came from peers: a response of the whole blob sends them only once the
-    /// blob verified (see [`BlobSource::stream`]).
-    peer_bytes: Mutex<IntervalSet>,
+    /// A reader of the whole blob joined (or the fill policy is `eager`): the blob is
+    /// fetched to completion, at full speed. Until then only readers' ranges are fetched.
+    whole: AtomicBool,
+    /// Readers waiting for bytes right now (the `idle` fill pauses while there are any).
+    waiting: AtomicUsize,
+    /// Wakes pumps waiting for their window to grow or for readers to stop waiting.
+    nudge: Notify,
+    /// When a reader last asked for bytes or a pump last wrote some.
+    last_active: Mutex<Instant>,
     /// Complete holders the blob is fetched from in stripes (see [`crate::schedule`]);
     /// empty: one stream per claim, from wherever [`Shared::open`] finds the bytes.
     holders: Vec<SocketAddr>,
@@ -316,17 +404,14 @@ impl Transfers {
         }
     }
 
-    /// Joins the transfer of `digest`, starting it (fetching from `first_byte` first) if needed.
-    pub(crate) async fn join(
-        &self,
-        origin: &Origin,
-        digest: &Digest,
-        first_byte: u64,
-    ) -> Result<BlobSource, ResolveError> {
+    /// Joins the transfer of `digest`, starting it (fetching what `want` asks for first) if
+    /// needed.
+    pub(crate) async fn join(&self, origin: &Origin, digest: &Digest, want: Want) -> Result<BlobSource, ResolveError> {
+        let first_byte = want.start;
         for _ in 0..3 {
             let cell = lock(&self.jobs).entry(*digest).or_default().clone();
             let init = async {
-                let job = self.start(origin, digest, first_byte).await?;
+                let job = self.start(origin, digest, want).await?;
                 self.watch(*digest, cell.clone(), job.clone());
                 Ok(job)
             };
@@ -355,7 +440,8 @@ impl Transfers {
     }
 
     /// Removes the job from the map once its blob is committed or discarded, so finished
-    /// jobs do not keep their files open.
+    /// jobs do not keep their files open; closes a job nobody reads or fetches for
+    /// [`JOB_IDLE`] (its written bytes stay on disk for the next reader).
     fn watch(&self, digest: Digest, cell: JobCell, job: Arc<Job>) {
         let jobs = self.jobs.clone();
         let shared = self.shared.clone();
@@ -368,9 +454,26 @@ impl Transfers {
                     }
                 }
             };
+            let idle = async {
+                loop {
+                    tokio::time::sleep(JOB_IDLE / 4).await;
+                    // Held by the map's cell and this task only: no reader, no claim.
+                    if Arc::strong_count(&job) <= 2
+                        && job.claims().is_empty()
+                        && lock(&job.last_active).elapsed() >= JOB_IDLE
+                    {
+                        return;
+                    }
+                }
+            };
             tokio::select! {
                 _ = finished => {}
                 _ = shared.stopped() => {}
+                _ = idle => {
+                    let written = job.partial.written().len();
+                    tracing::info!(%digest, written, size = job.size(), "closing a transfer nobody reads; its bytes stay for later readers");
+                    job.partial.abandon("nobody read it for a while").await;
+                }
             }
             if job.partial.is_corrupt()
                 && let Some(peers) = &shared.peers
@@ -383,25 +486,28 @@ impl Transfers {
         });
     }
 
-    async fn start(&self, origin: &Origin, digest: &Digest, first_byte: u64) -> Result<Arc<Job>, ResolveError> {
+    async fn start(&self, origin: &Origin, digest: &Digest, want: Want) -> Result<Arc<Job>, ResolveError> {
         if self.shared.config.air_gapped && self.shared.peers.is_none() {
             return Err(ResolveError::AirGapped);
         }
+        let whole = want.whole || self.shared.config.fill == FillPolicy::Eager;
         if let Some(partial) = self.store.existing_partial(digest).await? {
-            let written = partial.written();
-            let job = Job::new(origin.clone(), partial, self.shared.clone(), None, Vec::new());
-            // Where the bytes of an earlier run came from is not recorded: treat them as a
-            // peer's, so no client gets them before the blob verified.
-            *lock(&job.peer_bytes) = written;
+            // The partial knows which of its bytes came from peers (see `BlobSource::stream`).
+            let job = Job::new(origin.clone(), partial, self.shared.clone(), None, Vec::new(), whole);
             job.fill();
             return Ok(job);
         }
-        if let Some(job) = self.start_striped(origin, digest, first_byte).await? {
+        let first_byte = want.start;
+        if whole && let Some(job) = self.start_striped(origin, digest, first_byte).await? {
             return Ok(job);
         }
         let (registry, repository) = (&origin.registry, &origin.repository);
-        let wanted = (first_byte > 0).then_some(first_byte..u64::MAX);
-        let (body, source) = match self.shared.open(origin, digest, wanted, Attempt::First).await {
+        let (wanted, attempt) = if whole {
+            ((first_byte > 0).then_some(first_byte..u64::MAX), Attempt::First)
+        } else {
+            (Some(want.start..want.end), Attempt::Demand)
+        };
+        let (body, source) = match self.shared.open(origin, digest, wanted, attempt).await {
             // Past the end: answer 416 without downloading anything.
             Err(ResolveError::Upstream(UpstreamError::Status { status: 416, .. })) if first_byte > 0 => {
                 let size = self.shared.upstream.head_blob(registry, repository, digest).await?;
@@ -409,11 +515,15 @@ impl Transfers {
             }
             other => other?,
         };
-        self.launch(origin, digest, body, source, Vec::new()).await
+        let limit = if whole { u64::MAX } else { want.end.min(first_byte.saturating_add(WINDOW)) };
+        self.launch(origin, digest, body, source, Vec::new(), whole, limit).await
     }
 
     /// Makes the job of a blob whose first stream is open: its partial blob, a claim for the
-    /// stream's bytes, and the fill of the rest (in stripes over `holders` when there are any).
+    /// stream's bytes (read up to `limit`), and, for a whole job, the fill of the rest (in
+    /// stripes over `holders` when there are any). A peer's bytes make the job whole: they
+    /// reach clients only once the whole blob verified.
+    #[allow(clippy::too_many_arguments)]
     async fn launch(
         &self,
         origin: &Origin,
@@ -421,11 +531,15 @@ impl Transfers {
         body: BlobBody,
         source: Source,
         holders: Vec<SocketAddr>,
+        whole: bool,
+        limit: u64,
     ) -> Result<Arc<Job>, ResolveError> {
+        let whole = whole || matches!(source, Source::Peer(_));
+        let limit = if whole { u64::MAX } else { limit };
         let partial = self.store.partial(digest, body.size).await?;
-        let job = Job::new(origin.clone(), partial, self.shared.clone(), Some(source), holders);
+        let job = Job::new(origin.clone(), partial, self.shared.clone(), Some(source), holders, whole);
         if !body.range.is_empty() {
-            let claim = job.add_claim(&mut job.claims(), &body.range);
+            let claim = job.add_claim(&mut job.claims(), &body.range, limit, false);
             job.spawn(claim, Some((body.stream, source)));
         }
         job.fill();
@@ -450,7 +564,7 @@ impl Transfers {
             return Ok(None);
         };
         tracing::info!(%digest, holders = holders.len(), "fetching from several complete holders at once");
-        self.launch(origin, digest, body, Source::Peer(peer), holders).await.map(Some)
+        self.launch(origin, digest, body, Source::Peer(peer), holders, true, u64::MAX).await.map(Some)
     }
 
     pub(crate) async fn shutdown(&self) {
@@ -468,6 +582,7 @@ impl Job {
         shared: Arc<Shared>,
         first_source: Option<Source>,
         holders: Vec<SocketAddr>,
+        whole: bool,
     ) -> Arc<Self> {
         Arc::new(Self {
             origin,
@@ -476,10 +591,44 @@ impl Job {
             shared,
             peers_used: Mutex::new(HashSet::new()),
             first_source,
-            peer_bytes: Mutex::new(IntervalSet::new()),
+            whole: AtomicBool::new(whole),
+            waiting: AtomicUsize::new(0),
+            nudge: Notify::new(),
+            last_active: Mutex::new(Instant::now()),
             holders,
             peer_load: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Whether the blob is fetched to completion (a reader of the whole blob joined).
+    pub fn is_whole(&self) -> bool {
+        self.whole.load(Ordering::Acquire)
+    }
+
+    /// A reader of the whole blob joined: every claim may run to its end, and the rest of
+    /// the blob is fetched.
+    pub(crate) fn go_whole(self: &Arc<Self>) {
+        if self.whole.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for claim in self.claims().iter() {
+            claim.limit.store(u64::MAX, Ordering::Release);
+            claim.background.store(false, Ordering::Release);
+        }
+        self.nudge.notify_waiters();
+        self.fill();
+    }
+
+    /// Whether this node holds `range` or will (a whole job), for a peer's ranged read: a
+    /// peer asking for bytes a range-read blob lacks is told so at once.
+    pub fn serves(&self, range: Range<u64>) -> bool {
+        self.is_whole() || self.partial.written().covers(range)
+    }
+
+    /// Counts a reader waiting for bytes until the guard drops.
+    fn waiting(&self) -> WaitingGuard<'_> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        WaitingGuard(self)
     }
 
     fn claims(&self) -> MutexGuard<'_, Vec<Arc<Claim>>> {
@@ -498,15 +647,10 @@ impl Job {
 
     /// Registers a claim; the caller holds the claims lock, so planning and registering are
     /// one step and no other planner can claim the same bytes in between.
-    fn add_claim(&self, claims: &mut Vec<Arc<Claim>>, range: &Range<u64>) -> Arc<Claim> {
-        let claim = Claim::new(range);
+    fn add_claim(&self, claims: &mut Vec<Arc<Claim>>, range: &Range<u64>, limit: u64, background: bool) -> Arc<Claim> {
+        let claim = Claim::new(range, limit, background);
         claims.push(claim.clone());
         claim
-    }
-
-    /// Whether any of `range` came from a peer.
-    fn has_peer_bytes(&self, range: Range<u64>) -> bool {
-        lock(&self.peer_bytes).intersects(range)
     }
 
     /// Where the bytes come from, for logs and metrics: `peer` or `upstream`.
@@ -534,9 +678,15 @@ impl Job {
         claims.iter().map(|c| c.view()).collect()
     }
 
-    /// Claims and starts fetching every byte nobody holds or fetches yet.
+    /// Claims and starts fetching every byte nobody holds or fetches yet: for a whole job,
+    /// or in the background with the `idle` fill policy.
     fn fill(self: &Arc<Self>) {
         if self.partial.outcome() != Outcome::Pending || *self.shared.shutdown.borrow() {
+            return;
+        }
+        let whole = self.is_whole();
+        let background = !whole && self.shared.config.fill == FillPolicy::Idle;
+        if !whole && !background {
             return;
         }
         let added: Vec<Arc<Claim>> = {
@@ -557,47 +707,74 @@ impl Job {
                 }
                 gaps
             };
-            gaps.iter().map(|gap| self.add_claim(&mut claims, gap)).collect()
+            gaps.iter().map(|gap| self.add_claim(&mut claims, gap, u64::MAX, background)).collect()
         };
         for claim in added {
             self.spawn(claim, None);
         }
     }
 
-    /// Called by a reader about to wait for byte `offset`.
-    fn demand(self: &Arc<Self>, offset: u64) {
+    /// Called by a reader of `offset..reader_end`: the claim that will write `offset` may
+    /// run [`WINDOW`] past it; a reader far ahead of every claim gets its own.
+    fn demand(self: &Arc<Self>, offset: u64, reader_end: u64) {
         if *self.shared.shutdown.borrow() {
             return;
         }
+        *lock(&self.last_active) = Instant::now();
+        let whole = self.is_whole();
+        let reader_end = reader_end.min(self.size());
+        let window_end = if whole { u64::MAX } else { reader_end.min(offset.saturating_add(WINDOW)) };
         let added = {
             let mut claims = self.claims();
+            if !whole {
+                for c in claims.iter() {
+                    let v = c.view();
+                    if v.cursor < window_end && offset < v.end {
+                        c.limit.fetch_max(window_end, Ordering::AcqRel);
+                    }
+                }
+            }
             let views = Self::views(&claims);
             let steal_distance = self.shared.config.steal_distance;
+            // A job not read whole fetches a reader's bytes and no more.
+            let cap = |end: u64| if whole { end } else { end.min(reader_end) };
             let range = match plan_demand(offset, self.size(), &self.partial.written(), &views, steal_distance) {
                 Demand::Wait => None,
                 Demand::Steal { index, at } => {
-                    let old_end = claims[index].end.swap(at, Ordering::AcqRel);
-                    Some(at..old_end)
+                    let old_end = claims[index].end.load(Ordering::Acquire);
+                    (cap(old_end) > at).then(|| {
+                        claims[index].end.store(at, Ordering::Release);
+                        at..cap(old_end)
+                    })
                 }
-                Demand::Claim(range) => Some(range),
+                Demand::Claim(range) => Some(range.start..cap(range.end)),
             };
-            range.map(|r| (self.add_claim(&mut claims, &r), r))
+            range.map(|r| {
+                let limit = if whole { u64::MAX } else { window_end.max(r.start.saturating_add(READ_CHUNK)) };
+                (self.add_claim(&mut claims, &r, limit, false), r)
+            })
         };
+        self.nudge.notify_waiters();
         if let Some((claim, range)) = added {
-            tracing::debug!(digest = %self.partial.digest(), ?range, "reader ahead of transfers: new upstream range");
+            tracing::debug!(digest = %self.partial.digest(), ?range, whole, "reader ahead of transfers: new range");
             self.spawn(claim, None);
         }
     }
 
-    async fn run_claim(&self, claim: &Claim, mut stream: Option<(ByteStream, Source)>) {
+    async fn run_claim(self: &Arc<Self>, claim: &Claim, mut stream: Option<(ByteStream, Source)>) {
         let digest = self.partial.digest();
         let mut failures = 0u32;
-        let mut attempt = Attempt::First;
+        let mut broke = false;
         loop {
             let view = claim.view();
             if view.cursor >= view.end || self.partial.outcome() != Outcome::Pending {
                 return;
             }
+            let attempt = match (self.is_whole(), broke) {
+                (false, _) => Attempt::Demand,
+                (true, false) => Attempt::First,
+                (true, true) => Attempt::Resume,
+            };
             let opened = match stream.take() {
                 Some(s) => Ok(s),
                 None => match self.open_stripe(view.cursor..view.end, attempt).await {
@@ -620,6 +797,8 @@ impl Job {
             if let Source::Peer(peer) = source {
                 lock(&self.peers_used).insert(peer);
                 *lock(&self.peer_load).entry(peer).or_default() += 1;
+                // A peer's bytes reach clients only once the whole blob verified.
+                self.go_whole();
             }
             let pumped = self.pump(claim, body, source).await;
             if let Source::Peer(peer) = source
@@ -627,7 +806,7 @@ impl Job {
             {
                 *n = n.saturating_sub(1);
             }
-            attempt = Attempt::Resume;
+            broke = true;
             let error = match pumped {
                 Ok(()) => continue,
                 Err(PumpError::Store(e)) => {
@@ -692,9 +871,50 @@ impl Job {
         Some((body.stream, Source::Peer(peer)))
     }
 
-    /// Writes a stream into the claim until the claim's end; `Ok` when the end was reached.
+    /// Waits until the claim may read more of its stream: its window grew past its cursor,
+    /// or (a background claim) no reader waits. False when its readers are gone: the claim
+    /// then ends at its cursor, and the bytes after it are left to whoever asks for them.
+    async fn may_read_on(&self, claim: &Claim) -> bool {
+        if claim.limit.load(Ordering::Acquire) == u64::MAX && !claim.background.load(Ordering::Acquire) {
+            return true;
+        }
+        let lingering = tokio::time::Instant::now() + LINGER;
+        loop {
+            let notified = self.nudge.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let paused = claim.background.load(Ordering::Acquire) && self.waiting.load(Ordering::Acquire) > 0;
+            let view = claim.view();
+            let at_limit = view.cursor >= claim.limit.load(Ordering::Acquire);
+            if view.cursor >= view.end {
+                return false;
+            }
+            if !paused && !at_limit {
+                return true;
+            }
+            if paused {
+                // Wait for the readers; the window rule applies again once they are served.
+                let _ = tokio::time::timeout(LINGER, notified).await;
+                continue;
+            }
+            if tokio::time::timeout_at(lingering, notified).await.is_err() {
+                let _claims = self.claims();
+                let cursor = claim.cursor.load(Ordering::Acquire);
+                if cursor >= claim.limit.load(Ordering::Acquire) {
+                    claim.end.fetch_min(cursor, Ordering::AcqRel);
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Writes a stream into the claim until the claim's end; `Ok` when the end was reached
+    /// (or its readers left: see [`Job::may_read_on`]).
     async fn pump(&self, claim: &Claim, mut body: ByteStream, source: Source) -> Result<(), PumpError> {
         loop {
+            if !self.may_read_on(claim).await {
+                return Ok(());
+            }
             let Some(first) = body.next().await else {
                 let view = claim.view();
                 return if view.cursor >= view.end {
@@ -731,7 +951,7 @@ impl Job {
             let chunks = clip(chunks, take);
             // Recorded before the write, so no reader sees these bytes without knowing.
             if matches!(source, Source::Peer(_)) && take > 0 {
-                lock(&self.peer_bytes).insert(cursor..cursor + take);
+                self.partial.mark_untrusted(cursor..cursor + take);
             }
             if take > 0 {
                 match source {
@@ -740,10 +960,22 @@ impl Job {
                 }
                 self.partial.write_chunks_at(cursor, chunks).await.map_err(PumpError::Store)?;
                 claim.cursor.store(cursor + take, Ordering::Release);
+                *lock(&self.last_active) = Instant::now();
             }
             if cursor + take >= claim.end.load(Ordering::Acquire) {
                 return Ok(());
             }
+        }
+    }
+}
+
+/// A reader counted as waiting for bytes (see [`Job::waiting`]).
+struct WaitingGuard<'a>(&'a Job);
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.nudge.notify_waiters();
         }
     }
 }
@@ -768,7 +1000,9 @@ fn clip(chunks: Vec<Bytes>, limit: u64) -> Vec<Bytes> {
     out
 }
 
-/// Where a blob's bytes come from for one request.
+/// Where a blob's bytes come from for one request (a clone is for the same request's next
+/// part: clones must not be read at the same time).
+#[derive(Clone)]
 pub enum BlobSource {
     /// A complete, verified blob in the store.
     Local(BlobFile),
@@ -807,8 +1041,34 @@ impl BlobSource {
         }
     }
 
-    /// Streams `range` of the blob; an error ends the response abnormally.
-    pub fn stream(self, range: ByteRange) -> BlobStream {
+    /// Whether `range` can be served now or will be without asking anyone else (for a
+    /// peer's ranged read: a blob read only by ranges may lack it).
+    pub fn serves(&self, range: ByteRange) -> bool {
+        match self {
+            Self::Arriving(job) => job.serves(range.as_range()),
+            _ => true,
+        }
+    }
+
+    /// Starts fetching every range in `ranges` at once (the parts of a multi-range request),
+    /// so they arrive concurrently while the response streams them in order.
+    pub fn prefetch(&self, ranges: &[ByteRange]) {
+        if let Self::Transfer(job) = self {
+            for r in ranges {
+                if job.partial.written_from(r.start) < r.end {
+                    job.demand(r.start, r.end);
+                }
+            }
+        }
+    }
+
+    /// Streams `range` of the blob; an error ends the response abnormally. `ranged`: the
+    /// client sent `Range` (a request without one reads the whole blob, which makes a
+    /// transfer fetch all of it).
+    pub fn stream(self, range: ByteRange, ranged: bool) -> BlobStream {
+        if !ranged && let Self::Transfer(job) | Self::Arriving(job) = &self {
+            job.go_whole();
+        }
         let state = (self, range.start, range.end);
         let whole_blob = range.is_full();
         Box::pin(futures_util::stream::unfold(state, move |(source, pos, end)| async move {
@@ -824,9 +1084,13 @@ impl BlobSource {
                     Err(e) => Err(StoreError::Io(std::io::Error::other(e))),
                 },
                 Self::Transfer(job) | Self::Arriving(job) => {
-                    if matches!(source, Self::Transfer(_)) && job.partial.written_from(pos) == pos {
-                        job.demand(pos);
+                    let transfer = matches!(source, Self::Transfer(_));
+                    let missing = job.partial.written_from(pos) == pos;
+                    // A ranged reader asks on every read, so its window grows as it reads.
+                    if transfer && (missing || !job.is_whole()) {
+                        job.demand(pos, end);
                     }
+                    let _waiting = (transfer && missing).then(|| job.waiting());
                     // A response of the whole blob gets its last byte only once the blob
                     // verified; a range (a lazy puller's footer read), which no digest covers,
                     // as it arrives.
@@ -839,10 +1103,9 @@ impl BlobSource {
                         // Bytes from a peer reach a mirror client, which keeps them (containerd
                         // resumes an aborted download from what it holds; a lazy puller caches
                         // its chunks), only verified. Peers verify for themselves: no wait.
-                        Ok(bytes)
-                            if matches!(source, Self::Transfer(_))
-                                && job.has_peer_bytes(pos..pos + bytes.len() as u64) =>
-                        {
+                        Ok(bytes) if transfer && job.partial.is_untrusted(pos..pos + bytes.len() as u64) => {
+                            // Only the whole blob's digest vouches for them: have it all.
+                            job.go_whole();
                             job.partial.wait_verified().await.map(|()| bytes)
                         }
                         other => other,
@@ -870,34 +1133,43 @@ mod tests {
 
     #[test]
     fn fill_claims_only_unheld_bytes() {
-        let claims = [ClaimView { cursor: 10, reserved: 10, end: 50 }];
+        let claims = [ClaimView { cursor: 10, reserved: 10, end: 50, ..Default::default() }];
         assert_eq!(plan_fill(100, &set(&[0..10, 60..70]), &claims), vec![50..60, 70..100]);
         assert_eq!(plan_fill(100, &set(&[0..100]), &[]), Vec::<Range<u64>>::new());
     }
 
     #[test]
     fn readers_near_a_claim_wait() {
-        let claims = [ClaimView { cursor: 0, reserved: 0, end: 100 }];
+        let claims = [ClaimView { cursor: 0, reserved: 0, end: 100, ..Default::default() }];
         assert_eq!(plan_demand(10, 100, &IntervalSet::new(), &claims, 16), Demand::Wait);
     }
 
     #[test]
     fn readers_far_ahead_steal_the_tail() {
-        let claims = [ClaimView { cursor: 0, reserved: 0, end: 100 }];
+        let claims = [ClaimView { cursor: 0, reserved: 0, end: 100, ..Default::default() }];
         assert_eq!(plan_demand(50, 100, &IntervalSet::new(), &claims, 16), Demand::Steal { index: 0, at: 50 });
     }
 
     #[test]
     fn a_steal_never_cuts_into_bytes_being_written() {
-        let claims = [ClaimView { cursor: 0, reserved: 60, end: 100 }];
+        let claims = [ClaimView { cursor: 0, reserved: 60, end: 100, ..Default::default() }];
         assert_eq!(plan_demand(50, 100, &IntervalSet::new(), &claims, 16), Demand::Steal { index: 0, at: 60 });
-        let claims = [ClaimView { cursor: 0, reserved: 100, end: 100 }];
+        let claims = [ClaimView { cursor: 0, reserved: 100, end: 100, ..Default::default() }];
         assert_eq!(plan_demand(50, 100, &IntervalSet::new(), &claims, 16), Demand::Wait);
     }
 
     #[test]
+    fn readers_never_wait_for_a_background_fill() {
+        let claims = [ClaimView { cursor: 0, reserved: 0, end: 100, background: true }];
+        assert_eq!(plan_demand(5, 100, &IntervalSet::new(), &claims, 16), Demand::Steal { index: 0, at: 5 });
+        // Bytes being written right now arrive without waiting for anyone.
+        let claims = [ClaimView { cursor: 0, reserved: 10, end: 100, background: true }];
+        assert_eq!(plan_demand(5, 100, &IntervalSet::new(), &claims, 16), Demand::Steal { index: 0, at: 10 });
+    }
+
+    #[test]
     fn unclaimed_bytes_get_a_claim_to_the_next_held_byte() {
-        let claims = [ClaimView { cursor: 80, reserved: 80, end: 100 }];
+        let claims = [ClaimView { cursor: 80, reserved: 80, end: 100, ..Default::default() }];
         assert_eq!(plan_demand(30, 100, &set(&[0..20]), &claims, 16), Demand::Claim(30..80));
         assert_eq!(plan_demand(5, 100, &set(&[0..20]), &claims, 16), Demand::Wait);
     }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use clyde_types::{ContentKey, Digest, PieceLayout};
+use clyde_types::{ContentKey, Digest, IntervalSet, PieceLayout};
 use tokio::sync::{Mutex, broadcast, watch};
 use tokio_util::task::TaskTracker;
 
@@ -65,7 +65,9 @@ impl StoreError {
     }
 }
 
-/// A complete blob opened for one reader (reads are sequential on its own file offset).
+/// A complete blob opened for one reader (reads are sequential on its own file offset; a
+/// clone shares that offset, so clones must not read at the same time).
+#[derive(Clone)]
 pub struct BlobFile {
     file: Arc<File>,
     size: u64,
@@ -154,10 +156,13 @@ pub enum StoreEvent {
 /// When the store gives up blobs to stay small.
 #[derive(Clone, Debug, Default)]
 pub struct EvictionPolicy {
-    /// Complete blobs may take at most this many bytes.
+    /// Blobs, complete and partial, may take at most this many bytes.
     pub max_bytes: Option<u64>,
     /// The disk holding the data dir may be at most this full (a fraction, 0.9 = 90%).
     pub disk_high_watermark: Option<f64>,
+    /// A partial blob no transfer writes is removed once nothing was written to it for this
+    /// long (none: kept until evicted).
+    pub partial_ttl: Option<std::time::Duration>,
 }
 
 /// Events buffered per subscriber; one that lags re-lists [`Store::held_keys`].
@@ -297,6 +302,18 @@ impl Store {
         self.inner.total_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Disk bytes partial blobs take (their files are sparse: what was written).
+    pub fn partial_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(dir) = std::fs::read_dir(self.inner.root.join("partial/sha256")) else { return 0 };
+        dir.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.blocks() * 512).sum()
+    }
+
+    /// Bytes of blobs, complete and partial: what `max_bytes` bounds.
+    pub fn used_bytes(&self) -> u64 {
+        self.total_bytes() + self.partial_bytes()
+    }
+
     pub(crate) fn add_bytes(&self, n: u64) {
         self.inner.total_bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         self.inner.grown.notify_one();
@@ -349,12 +366,20 @@ impl Store {
             }
         };
         let layout = PieceLayout::new(record.size, record.piece_size);
-        let mut durable = vec![false; layout.count() as usize];
+        let in_blob = |[start, end]: [u64; 2]| (start < end && end <= record.size).then_some(start..end);
+        let mut durable: IntervalSet = record.spans.iter().copied().filter_map(in_blob).collect();
         for i in record.durable.iter().filter(|i| **i < layout.count()) {
-            durable[*i as usize] = true;
+            let b = layout.bounds(*i);
+            durable.insert(b.start..b.end);
         }
-        tracing::info!(%digest, pieces = record.durable.len(), of = layout.count(), "resuming partial blob");
-        Ok(Some(self.adopt(&mut partials, digest, layout, file, durable)))
+        // Earlier versions did not record where bytes came from: treat them as a peer's.
+        let untrusted = if record.spans.is_empty() {
+            durable.clone()
+        } else {
+            record.untrusted.iter().copied().filter_map(in_blob).collect()
+        };
+        tracing::info!(%digest, bytes = durable.len(), of = record.size, "resuming partial blob");
+        Ok(Some(self.adopt(&mut partials, digest, layout, file, durable, untrusted)))
     }
 
     /// The partial blob for `digest`: the one already arriving, one to resume, or a new one.
@@ -377,9 +402,9 @@ impl Store {
             .truncate(true)
             .open(self.partial_path(digest))?;
         file.set_len(size)?;
-        let record = PartialRecord { size, piece_size: layout.piece_size(), durable: Vec::new() };
+        let record = PartialRecord { size, piece_size: layout.piece_size(), touched: unix_now(), ..Default::default() };
         self.inner.meta.put_partial(digest, &record)?;
-        Ok(self.adopt(&mut partials, digest, layout, file, vec![false; layout.count() as usize]))
+        Ok(self.adopt(&mut partials, digest, layout, file, IntervalSet::new(), IntervalSet::new()))
     }
 
     fn adopt(
@@ -388,10 +413,11 @@ impl Store {
         digest: &Digest,
         layout: PieceLayout,
         file: File,
-        durable: Vec<bool>,
+        durable: IntervalSet,
+        untrusted: IntervalSet,
     ) -> Arc<PartialBlob> {
         let path = self.partial_path(digest);
-        let blob = Arc::new(PartialBlob::new(self.clone(), *digest, layout, file, path, durable));
+        let blob = Arc::new(PartialBlob::new(self.clone(), *digest, layout, file, path, durable, untrusted));
         partials.insert(*digest, blob.clone());
         self.inner.tasks.spawn(blob.clone().finish(self.inner.shutdown.subscribe()));
         self.emit(StoreEvent::Holding(ContentKey::Digest(*digest)));
@@ -520,7 +546,7 @@ impl Store {
     /// rest) until complete blobs take at most `target` bytes. Each removal is withdrawn
     /// ([`StoreEvent::Dropped`]). Returns the digests removed.
     pub async fn evict_to(&self, target: u64) -> Result<Vec<Digest>, StoreError> {
-        if self.total_bytes() <= target {
+        if self.used_bytes() <= target {
             return Ok(Vec::new());
         }
         let store = self.clone();
@@ -531,7 +557,9 @@ impl Store {
         let pending = self.inner.accesses.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let manifests: std::collections::HashSet<String> =
             self.inner.meta.manifests()?.into_iter().map(|(k, _)| k).collect();
-        let mut candidates: Vec<(u64, Digest, u64)> = self
+        // (last use, digest, partial?): complete blobs by their last read, partial blobs no
+        // transfer writes by their last write.
+        let mut candidates: Vec<(u64, Digest, bool)> = self
             .inner
             .meta
             .blobs()?
@@ -540,20 +568,74 @@ impl Store {
             .filter_map(|(key, record)| {
                 let digest: Digest = key.parse().ok()?;
                 let last = pending.get(&digest).copied().unwrap_or(0).max(record.last_access).max(record.created);
-                Some((last, digest, record.size))
+                Some((last, digest, false))
             })
             .collect();
+        for (key, record) in self.inner.meta.partials()? {
+            if let Ok(digest) = key.parse::<Digest>() {
+                candidates.push((pending.get(&digest).copied().unwrap_or(0).max(record.touched), digest, true));
+            }
+        }
         candidates.sort();
         let mut removed = Vec::new();
-        for (_, digest, _) in candidates {
-            if self.total_bytes() <= target {
+        let mut used = self.used_bytes();
+        for (_, digest, partial) in candidates {
+            if used <= target {
                 break;
             }
-            let size = self.remove_blob_blocking(&digest)?;
-            tracing::info!(%digest, size, "evicted (least recently used)");
+            let size = if partial {
+                match self.remove_idle_partial_blocking(&digest)? {
+                    Some(size) => size,
+                    None => continue,
+                }
+            } else {
+                self.remove_blob_blocking(&digest)?
+            };
+            used = used.saturating_sub(size);
+            tracing::info!(%digest, size, partial, "evicted (least recently used)");
             removed.push(digest);
         }
         Ok(removed)
+    }
+
+    /// Removes a partial blob that no transfer writes (its file and record); its disk bytes,
+    /// or `None` when a transfer has it.
+    fn remove_idle_partial_blocking(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        // Held while removing: a transfer adopting this partial waits, then finds no record.
+        let partials = self.inner.partials.blocking_lock();
+        if partials.contains_key(digest) {
+            return Ok(None);
+        }
+        let path = self.partial_path(digest);
+        let size = std::fs::metadata(&path).map_or(0, |m| m.blocks() * 512);
+        self.inner.meta.remove_partial(digest)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        drop(partials);
+        Ok(Some(size))
+    }
+
+    /// Removes partial blobs no transfer wrote to for `ttl`; their digests.
+    pub async fn expire_partials(&self, ttl: std::time::Duration) -> Result<Vec<Digest>, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let horizon = unix_now().saturating_sub(ttl.as_secs());
+            let mut expired = Vec::new();
+            for (key, record) in store.inner.meta.partials()? {
+                let Ok(digest) = key.parse::<Digest>() else { continue };
+                if record.touched < horizon && store.remove_idle_partial_blocking(&digest)?.is_some() {
+                    tracing::info!(%digest, "partial blob expired (nothing written to it for the partial TTL)");
+                    expired.push(digest);
+                }
+            }
+            Ok(expired)
+        })
+        .await
+        .map_err(StoreError::join)?
     }
 
     /// Removes a complete blob's file and record, and withdraws it; returns its size.
@@ -572,11 +654,12 @@ impl Store {
         Ok(size)
     }
 
-    /// How many bytes complete blobs may take now under `policy`, if that is less than they
-    /// take: above `max_bytes`, 90% of it (a margin, so one eviction frees room for several
-    /// blobs); above the disk's high watermark, whatever brings the disk 5 points under it.
+    /// How many bytes blobs (complete and partial) may take now under `policy`, if that is
+    /// less than they take: above `max_bytes`, 90% of it (a margin, so one eviction frees
+    /// room for several blobs); above the disk's high watermark, whatever brings the disk 5
+    /// points under it.
     pub fn eviction_target(&self, policy: &EvictionPolicy) -> Option<u64> {
-        let total = self.total_bytes();
+        let total = self.used_bytes();
         let mut target: Option<u64> = None;
         if let Some(max) = policy.max_bytes
             && total > max
@@ -609,6 +692,11 @@ impl Store {
                     _ = store.inner.grown.notified() => {}
                     _ = tick.tick() => {}
                     _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                if let Some(ttl) = policy.partial_ttl
+                    && let Err(e) = store.expire_partials(ttl).await
+                {
+                    tracing::warn!(error = %e, "expiring partial blobs failed");
                 }
                 if let Some(target) = store.eviction_target(&policy)
                     && let Err(e) = store.evict_to(target).await

@@ -52,13 +52,24 @@ pub struct BlobRecord {
     pub last_access: u64,
 }
 
-/// A blob still arriving: which pieces are durable on disk.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A blob still arriving: which bytes are durable on disk.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartialRecord {
     pub size: u64,
     pub piece_size: u64,
-    /// Indices of pieces whose bytes were fsynced.
+    /// Indices of pieces whose bytes were fsynced (records of earlier versions).
+    #[serde(default)]
     pub durable: Vec<u64>,
+    /// Byte intervals `[start, end)` that were fsynced.
+    #[serde(default)]
+    pub spans: Vec<[u64; 2]>,
+    /// Intervals whose bytes came from peers: served to ranged readers only once the whole
+    /// blob verified.
+    #[serde(default)]
+    pub untrusted: Vec<[u64; 2]>,
+    /// When bytes were last recorded (unix seconds): eviction and expiry go by it.
+    #[serde(default)]
+    pub touched: u64,
 }
 
 /// Changes the JSON record under `key` in place, if there is one.
@@ -174,6 +185,10 @@ impl Meta {
             }
         }
         txn.commit().map_err(db_err)
+    }
+
+    pub(crate) fn partials(&self) -> Result<Vec<(String, PartialRecord)>, StoreError> {
+        self.all(PARTIALS)
     }
 
     pub(crate) fn remove_partial(&self, digest: &Digest) -> Result<(), StoreError> {

@@ -5,10 +5,12 @@
 //! counter until the byte they need is written, so they stream bytes as they land. Writes
 //! that extend the hashed prefix are hashed as they are written (no read-back in the common,
 //! in-order case). One finisher task per blob follows the same counter: every
-//! [`DURABLE_BATCH`] bytes or [`DURABLE_INTERVAL`] it fsyncs the pieces that became whole and
-//! records them (so a restart resumes from them), hashes by reading back whatever arrived out
-//! of order, and at the end either commits the blob (verified, renamed into place) or
-//! discards it.
+//! [`DURABLE_BATCH`] bytes or [`DURABLE_INTERVAL`] it fsyncs what was written and records
+//! the written intervals (so a restart, or the next reader of a blob read only by ranges,
+//! resumes from them), hashes by reading back whatever arrived out of order, and at the end
+//! either commits the blob (verified, renamed into place) or discards it. The intervals whose
+//! bytes came from peers are recorded too ([`PartialBlob::mark_untrusted`]): only the whole
+//! blob's digest vouches for them, so no ranged reader gets them before it verified.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -43,7 +45,10 @@ enum LastByte {
 
 struct State {
     written: IntervalSet,
-    durable: Vec<bool>,
+    /// Written bytes that are fsynced and recorded.
+    durable: IntervalSet,
+    /// Bytes that came from peers (or from a run that did not record where they came from).
+    untrusted: IntervalSet,
     /// The sha256 matched; readers may have the last byte while the commit is made durable.
     verified: bool,
     outcome: Outcome,
@@ -81,20 +86,17 @@ impl PartialBlob {
         layout: PieceLayout,
         file: File,
         path: PathBuf,
-        durable: Vec<bool>,
+        durable: IntervalSet,
+        untrusted: IntervalSet,
     ) -> Self {
-        let mut written = IntervalSet::new();
-        for (i, _) in durable.iter().enumerate().filter(|(_, d)| **d) {
-            let b = layout.bounds(i as u64);
-            written.insert(b.start..b.end);
-        }
+        let written = durable.clone();
         let (changed, _) = watch::channel(0);
         Self {
             digest,
             layout,
             file: Arc::new(file),
             path,
-            state: Mutex::new(State { written, durable, verified: false, outcome: Outcome::Pending }),
+            state: Mutex::new(State { written, durable, untrusted, verified: false, outcome: Outcome::Pending }),
             changed,
             verifier: Arc::new(Mutex::new(DigestVerifier::new(digest))),
             store,
@@ -138,6 +140,17 @@ impl PartialBlob {
     /// The end of the written run starting at `offset` (`offset` when that byte is missing).
     pub fn written_from(&self, offset: u64) -> u64 {
         self.state().written.covered_from(offset)
+    }
+
+    /// Notes that `range` is about to be written with bytes from a peer: call it before the
+    /// write, so no reader sees those bytes without knowing.
+    pub fn mark_untrusted(&self, range: std::ops::Range<u64>) {
+        self.state().untrusted.insert(range);
+    }
+
+    /// Whether any of `range` came from a peer (only the blob's digest vouches for it).
+    pub fn is_untrusted(&self, range: std::ops::Range<u64>) -> bool {
+        self.state().untrusted.intersects(range)
     }
 
     /// The current outcome.
@@ -367,30 +380,29 @@ impl PartialBlob {
         }
     }
 
-    /// Bytes of whole pieces that are written but not yet durable.
+    /// Written bytes not yet durable.
     fn pending_durable_bytes(&self) -> u64 {
         let state = self.state();
-        (0..self.layout.count())
-            .filter(|&i| !state.durable[i as usize] && state.written.covers(self.layout.bounds(i)))
-            .map(|i| self.layout.bounds(i).end - self.layout.bounds(i).start)
-            .sum()
+        state.written.len().saturating_sub(state.durable.len())
     }
 
+    /// Fsyncs what is written and records the written intervals (and which came from peers).
     async fn make_pieces_durable(&self) -> Result<(), StoreError> {
-        let newly: Vec<u64> = {
+        let (written, record) = {
             let state = self.state();
-            (0..self.layout.count())
-                .filter(|&i| !state.durable[i as usize] && state.written.covers(self.layout.bounds(i)))
-                .collect()
-        };
-        if newly.is_empty() {
-            return Ok(());
-        }
-        let record = {
-            let state = self.state();
-            let mut durable: Vec<u64> = (0..self.layout.count()).filter(|&i| state.durable[i as usize]).collect();
-            durable.extend(&newly);
-            PartialRecord { size: self.size(), piece_size: self.layout.piece_size(), durable }
+            if state.written.len() == state.durable.len() {
+                return Ok(());
+            }
+            let spans = |set: &IntervalSet| set.spans().iter().map(|r| [r.start, r.end]).collect();
+            let record = PartialRecord {
+                size: self.size(),
+                piece_size: self.layout.piece_size(),
+                durable: Vec::new(),
+                spans: spans(&state.written),
+                untrusted: spans(&state.untrusted),
+                touched: crate::unix_now(),
+            };
+            (state.written.clone(), record)
         };
         let (file, store, digest) = (self.file.clone(), self.store.clone(), self.digest);
         tokio::task::spawn_blocking(move || {
@@ -399,14 +411,15 @@ impl PartialBlob {
         })
         .await
         .map_err(StoreError::join)??;
-        let mut state = self.state();
-        for &i in &newly {
-            state.durable[i as usize] = true;
-        }
-        let durable = state.durable.iter().filter(|d| **d).count();
-        drop(state);
-        tracing::debug!(digest = %self.digest, pieces = durable, of = self.layout.count(), "pieces made durable");
+        let bytes = written.len();
+        self.state().durable = written;
+        tracing::debug!(digest = %self.digest, bytes, of = self.size(), "written bytes made durable");
         Ok(())
+    }
+
+    /// Bytes written so far (for the store's accounting of partial blobs).
+    pub fn written_bytes(&self) -> u64 {
+        self.state().written.len()
     }
 
     /// Hashes, by reading them back, the written bytes that follow the hashed prefix (writes

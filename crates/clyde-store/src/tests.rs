@@ -61,17 +61,20 @@ async fn digest_mismatch_discards_and_fails_readers() {
 }
 
 #[tokio::test]
-async fn durable_pieces_survive_a_reopen() {
+async fn durable_intervals_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let data = random(256 * 1024);
     let digest = Digest::of(&data);
     {
         let store = Store::open(dir.path(), 64 * 1024).unwrap();
         let p = store.partial(&digest, data.len() as u64).await.unwrap();
-        p.write_at(0, Bytes::copy_from_slice(&data[..128 * 1024 + 5])).await.unwrap();
-        // Wait until the finisher recorded the two whole pieces.
-        for _ in 0..200 {
-            if store.inner.meta.partial(&digest).unwrap().is_some_and(|r| r.durable.len() == 2) {
+        p.write_at(0, Bytes::copy_from_slice(&data[..100_000])).await.unwrap();
+        // A range read by a lazy puller: not a whole piece, and from a peer.
+        p.mark_untrusted(200_000..200_100);
+        p.write_at(200_000, Bytes::copy_from_slice(&data[200_000..200_100])).await.unwrap();
+        // Wait until the finisher recorded both intervals.
+        for _ in 0..300 {
+            if store.inner.meta.partial(&digest).unwrap().is_some_and(|r| r.spans.len() == 2) {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -80,8 +83,11 @@ async fn durable_pieces_survive_a_reopen() {
     }
     let store = Store::open(dir.path(), 64 * 1024).unwrap();
     let p = store.existing_partial(&digest).await.unwrap().expect("resumable");
-    assert_eq!(p.written().spans(), &[0..128 * 1024]);
-    p.write_at(128 * 1024, Bytes::copy_from_slice(&data[128 * 1024..])).await.unwrap();
+    assert_eq!(p.written().spans(), &[0..100_000, 200_000..200_100]);
+    assert!(p.is_untrusted(200_050..200_051));
+    assert!(!p.is_untrusted(0..100_000));
+    p.write_at(100_000, Bytes::copy_from_slice(&data[100_000..200_000])).await.unwrap();
+    p.write_at(200_100, Bytes::copy_from_slice(&data[200_100..])).await.unwrap();
     assert_eq!(wait_outcome(&p).await, Outcome::Complete);
     assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), data);
 }
@@ -188,6 +194,48 @@ async fn eviction_removes_least_recently_read_blobs_and_withdraws_them() {
     assert!(store.blob_record(&blobs[1].0).unwrap().is_none());
     // Under the target: nothing to do.
     assert!(store.evict_to(2000).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn idle_partial_blobs_count_against_the_cap_are_evicted_and_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    // An idle partial: 256 KiB written of a 1 MiB blob, its transfer gone.
+    let data = random(1024 * 1024);
+    let digest = Digest::of(&data);
+    let p = store.partial(&digest, data.len() as u64).await.unwrap();
+    p.write_at(0, Bytes::copy_from_slice(&data[..256 * 1024])).await.unwrap();
+    for _ in 0..300 {
+        if store.inner.meta.partial(&digest).unwrap().is_some_and(|r| !r.spans.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    p.abandon("test: the reader left").await;
+    drop(p);
+    assert!(store.partial_bytes() >= 256 * 1024, "partial bytes {}", store.partial_bytes());
+    let bytes = random(1000);
+    let recent = Digest::of(&bytes);
+    store.put_blob(recent, Bytes::from(bytes)).await.unwrap();
+    store.inner.accesses.lock().unwrap().insert(recent, unix_now() + 10);
+    // Over a cap the complete blob alone fits under: the idle partial (older) goes.
+    let policy = EvictionPolicy { max_bytes: Some(100 * 1024), ..Default::default() };
+    let target = store.eviction_target(&policy).expect("over the cap");
+    assert_eq!(store.evict_to(target).await.unwrap(), vec![digest]);
+    assert_eq!(store.partial_bytes(), 0);
+    assert!(store.inner.meta.partial(&digest).unwrap().is_none());
+    assert!(store.blob_path(&recent).exists());
+
+    // Expiry: a partial not written to for longer than the TTL is removed; a fresh one stays.
+    let p = store.partial(&digest, data.len() as u64).await.unwrap();
+    p.abandon("test: the reader left").await;
+    drop(p);
+    assert!(store.expire_partials(std::time::Duration::from_secs(3600)).await.unwrap().is_empty());
+    let mut record = store.inner.meta.partial(&digest).unwrap().unwrap();
+    record.touched = unix_now() - 7200;
+    store.inner.meta.put_partial(&digest, &record).unwrap();
+    assert_eq!(store.expire_partials(std::time::Duration::from_secs(3600)).await.unwrap(), vec![digest]);
+    assert!(store.existing_partial(&digest).await.unwrap().is_none());
 }
 
 /// Caches a blob and returns its digest.

@@ -21,6 +21,6 @@ pub use image::{ImageRef, ImageRefError};
 pub use intervals::IntervalSet;
 pub use key::{BlobState, ContentKey, INTENT_EPOCH_SECS, intent_epoch, intent_keys};
 pub use piece::PieceLayout;
-pub use range::{ByteRange, RangeError, RangeRequest};
+pub use range::{ByteRange, MAX_RANGES, RangeError, RangeRequest};
 pub use reference::{ApiPath, PathError, Reference, Registry, Repository, Resource};
 pub use size::{SizeError, parse_size};

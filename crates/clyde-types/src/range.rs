@@ -1,4 +1,5 @@
-//! HTTP `Range` requests (RFC 9110 §14), single ranges of the `bytes` unit.
+//! HTTP `Range` requests (RFC 9110 §14) of the `bytes` unit: one range, or several
+//! ([`RangeRequest::parse_set`], answered with `multipart/byteranges`).
 
 use std::ops::Range;
 
@@ -18,7 +19,7 @@ pub enum RangeRequest {
 pub enum RangeError {
     #[error("malformed Range header; expected bytes=FIRST-LAST, bytes=FIRST- or bytes=-SUFFIX")]
     Malformed,
-    #[error("multiple ranges in one request are not supported; ask for one range at a time")]
+    #[error("too many ranges in one request (at most {MAX_RANGES})")]
     Multiple,
     #[error("range is outside the blob of {size} bytes")]
     Unsatisfiable { size: u64 },
@@ -32,18 +33,35 @@ pub struct ByteRange {
     pub size: u64,
 }
 
-const MAX_RANGE_HEADER: usize = 256;
+/// Longest `Range` header accepted (a lazy puller's multi-range requests fit easily).
+const MAX_RANGE_HEADER: usize = 16 * 1024;
+/// Most ranges in one request.
+pub const MAX_RANGES: usize = 256;
 
 impl RangeRequest {
-    /// Parses a `Range` header value.
+    /// Parses a `Range` header value of one range.
     pub fn parse(value: &str) -> Result<Self, RangeError> {
+        let mut set = Self::parse_set(value)?;
+        if set.len() > 1 {
+            return Err(RangeError::Multiple);
+        }
+        set.pop().ok_or(RangeError::Malformed)
+    }
+
+    /// Parses a `Range` header value of one or more comma-separated ranges, in order.
+    pub fn parse_set(value: &str) -> Result<Vec<Self>, RangeError> {
         if value.len() > MAX_RANGE_HEADER {
             return Err(RangeError::Malformed);
         }
         let spec = value.trim().strip_prefix("bytes=").ok_or(RangeError::Malformed)?;
-        if spec.contains(',') {
+        let parts: Vec<&str> = spec.split(',').map(str::trim).collect();
+        if parts.len() > MAX_RANGES {
             return Err(RangeError::Multiple);
         }
+        parts.into_iter().map(Self::parse_one).collect()
+    }
+
+    fn parse_one(spec: &str) -> Result<Self, RangeError> {
         let (first, last) = spec.trim().split_once('-').ok_or(RangeError::Malformed)?;
         let number = |s: &str| -> Result<u64, RangeError> {
             if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
@@ -61,6 +79,24 @@ impl RangeRequest {
                 }
                 Ok(Self::Bounded { first, last })
             }
+        }
+    }
+
+    /// The satisfiable ranges of a set, in the order asked (RFC 9110 §14.2: the others are
+    /// ignored); `Unsatisfiable` when none is.
+    pub fn resolve_set(set: &[Self], size: u64) -> Result<Vec<ByteRange>, RangeError> {
+        let resolved: Vec<ByteRange> = set.iter().filter_map(|r| r.resolve(size).ok()).collect();
+        if resolved.is_empty() {
+            return Err(RangeError::Unsatisfiable { size });
+        }
+        Ok(resolved)
+    }
+
+    /// The first byte this request selects, when that does not depend on the size.
+    pub fn first_byte(self) -> Option<u64> {
+        match self {
+            Self::Bounded { first, .. } | Self::From { first } => Some(first),
+            Self::Suffix { .. } => None,
         }
     }
 
@@ -121,6 +157,17 @@ mod tests {
         assert_eq!(RangeRequest::parse("bytes=5-"), Ok(RangeRequest::From { first: 5 }));
         assert_eq!(RangeRequest::parse("bytes=-5"), Ok(RangeRequest::Suffix { len: 5 }));
         assert_eq!(RangeRequest::parse("bytes=0-1,4-5"), Err(RangeError::Multiple));
+        assert_eq!(
+            RangeRequest::parse_set("bytes=100-199, 300000-300099,-5"),
+            Ok(vec![
+                RangeRequest::Bounded { first: 100, last: 199 },
+                RangeRequest::Bounded { first: 300000, last: 300099 },
+                RangeRequest::Suffix { len: 5 }
+            ])
+        );
+        assert_eq!(RangeRequest::parse_set("bytes=0-1,,4-5"), Err(RangeError::Malformed));
+        let many = format!("bytes={}", vec!["0-1"; MAX_RANGES + 1].join(","));
+        assert_eq!(RangeRequest::parse_set(&many), Err(RangeError::Multiple));
         for bad in [
             "bytes=",
             "bytes=-",
@@ -150,6 +197,15 @@ mod tests {
         assert_eq!(RangeRequest::parse("bytes=10-").unwrap().resolve(10), Err(RangeError::Unsatisfiable { size: 10 }));
         assert_eq!(RangeRequest::parse("bytes=-0").unwrap().resolve(10), Err(RangeError::Unsatisfiable { size: 10 }));
         assert!(RangeRequest::parse("bytes=0-0").unwrap().resolve(0).is_err());
+    }
+
+    #[test]
+    fn a_set_keeps_its_satisfiable_parts_in_order() {
+        let set = RangeRequest::parse_set("bytes=50-59,200-,0-4").unwrap();
+        let parts = RangeRequest::resolve_set(&set, 100).unwrap();
+        assert_eq!(parts.iter().map(|r| (r.start, r.end)).collect::<Vec<_>>(), vec![(50, 60), (0, 5)]);
+        let set = RangeRequest::parse_set("bytes=200-,300-400").unwrap();
+        assert_eq!(RangeRequest::resolve_set(&set, 100), Err(RangeError::Unsatisfiable { size: 100 }));
     }
 
     proptest::proptest! {

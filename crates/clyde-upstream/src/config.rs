@@ -61,8 +61,11 @@ pub struct UpstreamConfig {
     pub registries: Vec<RegistryConfig>,
     /// TCP + TLS connect timeout.
     pub connect_timeout: Duration,
-    /// Longest wait for the next bytes of an answer.
+    /// Longest wait for the next bytes of an answer (a body is judged by its progress).
     pub read_timeout: Duration,
+    /// Longest wait for an answer's head, token exchange and retries included: a stalled
+    /// registry gets a quick miss, so the client falls back by itself.
+    pub response_timeout: Duration,
     /// Retries on connection errors and 5xx before any byte was received.
     pub retries: u32,
 }
@@ -72,7 +75,8 @@ impl Default for UpstreamConfig {
         Self {
             registries: Vec::new(),
             connect_timeout: Duration::from_secs(3),
-            read_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(3),
             retries: 2,
         }
     }

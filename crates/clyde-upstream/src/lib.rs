@@ -188,7 +188,25 @@ impl Upstream {
         blob_body(resp, range, registry.to_string())
     }
 
+    /// Sends a request, answering a token challenge and retrying transient failures, all
+    /// bounded by `response_timeout`.
     async fn send(
+        &self,
+        client: &RegistryClient,
+        repository: &Repository,
+        method: Method,
+        url: &str,
+        headers: &[(header::HeaderName, String)],
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let bound = self.config.response_timeout;
+        let sent = self.send_unbounded(client, repository, method, url, headers);
+        tokio::time::timeout(bound, sent).await.map_err(|_| UpstreamError::Unreachable {
+            registry: client.registry.to_string(),
+            reason: format!("no answer within {} ms", bound.as_millis()),
+        })?
+    }
+
+    async fn send_unbounded(
         &self,
         client: &RegistryClient,
         repository: &Repository,

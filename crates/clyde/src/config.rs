@@ -46,6 +46,9 @@ pub struct Config {
     pub upload_rate: u64,
     /// Evict when the data dir's disk is fuller than this fraction (0.9); 0 or 1 disables.
     pub disk_high_watermark: f64,
+    /// A partial blob nothing was written to for this long is removed (`24h`); 0 disables.
+    #[serde(with = "humantime_serde")]
+    pub partial_ttl: Duration,
     /// containerd's socket (`/run/containerd/containerd.sock`); empty disables.
     pub containerd_socket: String,
     /// The containerd namespace whose content is shared (`k8s.io`).
@@ -60,15 +63,21 @@ pub struct Config {
     pub tag_ttl: Duration,
     /// Re-check `latest` on every request.
     pub always_pull_latest: bool,
-    /// Bound on the `HEAD` that re-checks a tag (`2s`).
+    /// Bound on the `HEAD` that re-checks a tag (`800ms`; past it the cached tag is served).
     #[serde(with = "humantime_serde")]
     pub tag_check_timeout: Duration,
     /// Upstream connect timeout (`3s`).
     #[serde(with = "humantime_serde")]
     pub upstream_connect_timeout: Duration,
-    /// Longest upstream silence mid-answer (`30s`).
+    /// Longest upstream silence mid-answer (`10s`).
     #[serde(with = "humantime_serde")]
     pub upstream_read_timeout: Duration,
+    /// Longest wait for an upstream answer's head, token exchange and retries included (`3s`).
+    #[serde(with = "humantime_serde")]
+    pub upstream_response_timeout: Duration,
+    /// Whether a blob read only by ranges is fetched whole in the background: `off`
+    /// (default), `idle` or `eager`.
+    pub fill: clyde_resolver::FillPolicy,
     /// A file of image references (one per line) loaded at start while serving.
     pub preload_images: Option<PathBuf>,
     /// Upstream registries with their endpoint, auth and TLS.
@@ -102,15 +111,18 @@ impl Default for Config {
             max_uploads: clyde_api::UploadLimits::default().max_uploads,
             upload_rate: clyde_api::UploadLimits::default().upload_rate,
             disk_high_watermark: 0.9,
+            partial_ttl: Duration::from_secs(24 * 3600),
             containerd_socket: "/run/containerd/containerd.sock".into(),
             containerd_namespace: "k8s.io".into(),
             containerd_content_dir: "/var/lib/containerd/io.containerd.content.v1.content".into(),
             piece_size: clyde_types::piece::DEFAULT_PIECE_SIZE,
             tag_ttl: Duration::from_secs(300),
             always_pull_latest: false,
-            tag_check_timeout: Duration::from_secs(2),
+            tag_check_timeout: Duration::from_millis(800),
             upstream_connect_timeout: Duration::from_secs(3),
-            upstream_read_timeout: Duration::from_secs(30),
+            upstream_read_timeout: Duration::from_secs(10),
+            upstream_response_timeout: Duration::from_secs(3),
+            fill: clyde_resolver::FillPolicy::Off,
             preload_images: None,
             registries: Vec::new(),
             peers: Default::default(),
@@ -133,6 +145,7 @@ impl Config {
             registries: self.registries.clone(),
             connect_timeout: self.upstream_connect_timeout,
             read_timeout: self.upstream_read_timeout,
+            response_timeout: self.upstream_response_timeout,
             ..Default::default()
         }
     }
@@ -144,6 +157,7 @@ impl Config {
             tag_ttl: self.tag_ttl,
             always_pull_latest: self.always_pull_latest,
             tag_check_timeout: self.tag_check_timeout,
+            fill: self.fill,
             peers: self.peers.clone(),
             peer_tls: self.peer_tls.clone(),
             ..Default::default()

@@ -117,6 +117,10 @@ pub struct ServeArgs {
     /// Re-check the `latest` tag upstream on every request
     #[arg(long)]
     always_pull_latest: bool,
+    /// Fetch the rest of a blob read only by ranges: off (only what is read), idle (while no
+    /// reader waits) or eager [default: off]
+    #[arg(long, value_parser = ["off", "idle", "eager"])]
+    fill: Option<String>,
 }
 
 /// A byte count as operators write it (`500MiB`, `1G`, `1048576`).
@@ -143,6 +147,7 @@ impl ServeArgs {
         set(&mut c.max_uploads, self.max_uploads);
         set(&mut c.upload_rate, self.upload_rate);
         set(&mut c.tag_ttl, self.tag_ttl.map(Into::into));
+        set(&mut c.fill, self.fill.and_then(|f| f.parse().ok()));
         if self.preload_images.is_some() {
             c.preload_images = self.preload_images;
         }

@@ -36,6 +36,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     store.spawn_evictor(EvictionPolicy {
         max_bytes: config.cache_max_bytes,
         disk_high_watermark: (watermark > 0.0 && watermark < 1.0).then_some(watermark),
+        partial_ttl: (!config.partial_ttl.is_zero()).then_some(config.partial_ttl),
     });
     let mirror_tls = config.mirror_tls.as_ref().map(ServerTls::acceptor).transpose().context("[mirror_tls]")?;
     // Peers present their certificate as clients too: the peer port requires one the CA signed.
@@ -135,7 +136,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let (p2p, store, metrics, registry) = (p2p.clone(), store.clone(), metrics.clone(), registry.clone());
         async move {
             let status = p2p.status().await;
-            metrics.sample(status.connected_peers as u64, store.total_bytes(), status.provided_keys as u64);
+            metrics.sample(status.connected_peers as u64, store.used_bytes(), status.provided_keys as u64);
             clyde_metrics::encode(&registry)
         }
     };
