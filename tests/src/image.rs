@@ -137,6 +137,12 @@ impl TestImage {
         run(&mut cmd);
     }
 
+    /// The bytes of layer `i`, from the layout on disk.
+    pub fn layer_data(&self, i: usize) -> Vec<u8> {
+        let hex = self.layers[i].digest.trim_start_matches("sha256:");
+        std::fs::read(self.dir.path().join("blobs/sha256").join(hex)).expect("layer file")
+    }
+
     /// Total bytes of all layers.
     pub fn layer_bytes(&self) -> u64 {
         self.layers.iter().map(|l| l.size).sum()

@@ -50,6 +50,13 @@ impl Place {
     pub fn is_isolated(&self) -> bool {
         self.netns.is_some()
     }
+
+    /// Bytes this lab host has sent on its `eth0` (the kernel's counter, Ethernet headers
+    /// included): what really left it, transfers cut short too.
+    pub fn tx_bytes(&self) -> u64 {
+        let out = crate::run(self.command("cat").arg("/sys/class/net/eth0/statistics/tx_bytes"));
+        out.trim().parse().expect("a byte count")
+    }
 }
 
 fn ip_bin() -> std::path::PathBuf {

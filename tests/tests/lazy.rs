@@ -6,7 +6,9 @@
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use clyde_tests::{Agent, ImageFormat, Registry, SlowProxy, TestImage, http, poll, sha256, wait_store_holds};
+use clyde_tests::{
+    Agent, Containerd, ImageFormat, Registry, SlowProxy, TestImage, http, poll, sha256, wait_store_holds,
+};
 
 const MIB: usize = 1024 * 1024;
 /// The agent's window for an open-ended range, and how long a transfer that reached it waits
@@ -292,4 +294,151 @@ fn a_stalled_upstream_gives_quick_misses_and_cached_content_at_once() {
     // The upstream back: the same requests succeed.
     let back = poll(Duration::from_secs(10), || (manifest("v2").ok()?.status() == 200).then_some(()));
     assert!(back.is_some(), "the uncached tag never came back");
+}
+
+#[test]
+fn a_puller_without_ns_reads_blobs_from_the_registry_containerd_resolved_the_repository_at() {
+    let Lab { _reg, want, digest, proxy, agent, url } = lab("team/app", 4 * MIB, 400 * MIB as u64, "");
+    let ns = url.split("?ns=").nth(1).expect("ns").to_string();
+    let bare = format!("{}/v2/team/app/blobs/{digest}", agent.url());
+    // Before containerd resolved the repository here, the bare path means docker.io: a miss.
+    assert_eq!(get(&bare, Some("bytes=0-99")).status(), 404);
+    // containerd resolves the tag through the mirror, with ?ns=...
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
+    let r = http().get(format!("{}/v2/team/app/manifests/v1?ns={ns}", agent.url())).header("accept", accept).send();
+    assert_eq!(r.expect("manifest").status(), 200);
+    // ...then a lazy puller reads the layer by the bare path: from that registry.
+    let before = settled(&proxy);
+    let r = get(&bare, Some("bytes=1000-1999"));
+    assert_eq!(r.status(), 206, "{}", agent.log());
+    same(&r.bytes().expect("body"), &want[1000..2000]);
+    assert!(settled(&proxy) > before, "the bytes did not come from the registry ?ns= named");
+}
+
+/// `ctr-remote` (Debian's stargz-snapshotter) against a containerd of our own.
+fn ctr_remote(ctrd: &Containerd, args: &[&str]) -> String {
+    let bin = clyde_tests::require("ctr-remote", "stargz-snapshotter");
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("--address").arg(ctrd.socket()).args(["--namespace", "clyde-test"]).args(args);
+    clyde_tests::run(&mut cmd)
+}
+
+#[test]
+fn a_stargz_reader_gets_usable_answers_and_the_layer_is_never_fully_downloaded() {
+    // A layer converted by the reference tool, read the way the stargz snapshotter reads it:
+    // HEAD, the footer at the end, the TOC, then chunks, some in one multi-range request.
+    let reg = Registry::start();
+    let img = TestImage::single(&[24 * MIB]);
+    img.push(&reg, "esgz/app", "orig", ImageFormat::Oci);
+    let ctrd = Containerd::start();
+    let src = format!("{}/esgz/app:orig", reg.addr());
+    let dst = format!("{}/esgz/app:esgz", reg.addr());
+    ctr_remote(&ctrd, &["images", "pull", "--plain-http", &src]);
+    ctr_remote(&ctrd, &["images", "convert", "--estargz", "--oci", &src, &dst]);
+    ctr_remote(&ctrd, &["images", "push", "--plain-http", &dst]);
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    let manifest: serde_json::Value = http()
+        .get(format!("http://{}/v2/esgz/app/manifests/esgz", reg.addr()))
+        .header("accept", accept)
+        .send()
+        .and_then(|r| r.json())
+        .expect("converted manifest");
+    let layer = &manifest["layers"][0];
+    let digest = layer["digest"].as_str().expect("digest").to_string();
+    assert!(
+        layer["annotations"]["containerd.io/snapshot/stargz/toc.digest"].is_string(),
+        "not an eStargz layer: {layer}"
+    );
+    let want = http()
+        .get(format!("http://{}/v2/esgz/app/blobs/{digest}", reg.addr()))
+        .send()
+        .and_then(|r| r.bytes())
+        .expect("layer")
+        .to_vec();
+    let size = want.len();
+
+    let proxy = SlowProxy::start(&reg.addr(), 200 * MIB as u64);
+    let config = format!("[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
+    let agent = Agent::start(&config, &[]);
+    // containerd resolves through the mirror (with ?ns=); the snapshotter then sends none.
+    let r = http()
+        .get(format!("{}/v2/esgz/app/manifests/esgz?ns={}", agent.url(), reg.addr()))
+        .header("accept", accept)
+        .send()
+        .expect("manifest");
+    assert_eq!(r.status(), 200);
+    let url = format!("{}/v2/esgz/app/blobs/{digest}", agent.url());
+    let head = http().head(&url).send().expect("HEAD");
+    assert_eq!(head.status(), 200);
+    assert_eq!(header(&head, "content-length"), size.to_string());
+
+    // The footer: 51 bytes whose gzip extra field holds the TOC offset in hex.
+    let r = get(&url, Some(&format!("bytes={}-{}", size - 51, size - 1)));
+    assert_eq!(r.status(), 206);
+    let footer = r.bytes().expect("footer");
+    same(&footer, &want[size - 51..]);
+    assert_eq!(&footer[32..38], b"STARGZ", "an eStargz footer");
+    let toc_offset =
+        u64::from_str_radix(std::str::from_utf8(&footer[16..32]).expect("hex"), 16).expect("TOC offset") as usize;
+    // The TOC: a gzip member holding a tar with stargz.index.json.
+    let r = get(&url, Some(&format!("bytes={toc_offset}-{}", size - 52)));
+    assert_eq!(r.status(), 206);
+    let toc_member = r.bytes().expect("TOC");
+    same(&toc_member, &want[toc_offset..size - 51]);
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&toc_member[..]));
+    let mut entry = archive.entries().expect("tar").next().expect("an entry").expect("entry");
+    assert_eq!(entry.path().expect("path").to_str(), Some("stargz.index.json"));
+    let toc: serde_json::Value = serde_json::from_reader(&mut entry).expect("TOC json");
+
+    // Chunks: every entry with a digest of its payload, as (compressed range, payload size, digest).
+    let entries = toc["entries"].as_array().expect("entries");
+    let mut offsets: Vec<usize> = entries.iter().filter_map(|e| e["offset"].as_u64()).map(|o| o as usize).collect();
+    offsets.push(toc_offset);
+    offsets.sort_unstable();
+    offsets.dedup();
+    let chunks: Vec<(std::ops::Range<usize>, usize, String)> = entries
+        .iter()
+        .filter(|e| e["chunkDigest"].is_string() && e["offset"].as_u64().is_some())
+        .map(|e| {
+            let start = e["offset"].as_u64().unwrap_or(0) as usize;
+            let end = offsets[offsets.partition_point(|o| *o <= start)];
+            let len = match e["chunkSize"].as_u64() {
+                Some(n) if n > 0 => n as usize,
+                _ => e["size"].as_u64().unwrap_or(0) as usize,
+            };
+            (start..end, len, e["chunkDigest"].as_str().unwrap_or_default().to_string())
+        })
+        .collect();
+    assert!(chunks.len() >= 4, "expected the 24 MiB file in several chunks: {}", chunks.len());
+    let usable = |compressed: &[u8], len: usize, digest: &str| {
+        let mut payload = Vec::new();
+        std::io::copy(&mut flate2::read::GzDecoder::new(compressed).take(len as u64), &mut payload).expect("gunzip");
+        assert_eq!(payload.len(), len);
+        assert_eq!(sha256(&payload), digest, "a chunk that does not decompress to its digest");
+    };
+    // One chunk alone, then two in one multi-range request.
+    let (range, len, d) = &chunks[1];
+    let r = get(&url, Some(&format!("bytes={}-{}", range.start, range.end - 1)));
+    assert_eq!(r.status(), 206);
+    let body = r.bytes().expect("chunk");
+    same(&body, &want[range.clone()]);
+    usable(&body, *len, d);
+    let (a, b) = (&chunks[3], &chunks[chunks.len() - 1]);
+    let r = get(&url, Some(&format!("bytes={}-{},{}-{}", a.0.start, a.0.end - 1, b.0.start, b.0.end - 1)));
+    assert_eq!(r.status(), 206);
+    let content_type = header(&r, "content-type");
+    let got = parts(&content_type, &r.bytes().expect("multipart"));
+    assert_eq!(got.len(), 2);
+    for ((_, bytes), (range, len, d)) in got.iter().zip([a, b]) {
+        same(bytes, &want[range.clone()]);
+        usable(bytes, *len, d);
+    }
+    // What was read, and not the layer: the upstream moved about those bytes only.
+    let read = 51 + (size - 51 - toc_offset) + [&chunks[1], a, b].iter().map(|c| c.0.len()).sum::<usize>();
+    let moved = settled(&proxy) as usize;
+    assert!(moved < read + 256 * 1024, "the upstream delivered {moved} bytes for {read} read (layer {size})");
+    // Chunks 0, 2 and 4 (4 MiB each) were never read: they never moved.
+    assert!(moved + 8 * MIB < size, "the upstream delivered {moved} bytes of a {size} byte layer");
+    let hex = digest.trim_start_matches("sha256:");
+    assert!(!agent.data_dir().join("blobs/sha256").join(hex).exists(), "the layer was fully downloaded");
 }

@@ -211,10 +211,8 @@ fn a_blob_that_four_peers_hold_comes_from_all_of_them_at_once() {
     );
 }
 
-/// Bytes `place` has sent on its `eth0` (the kernel's counter, Ethernet headers included).
 fn tx_bytes(place: &clyde_tests::Place) -> u64 {
-    let out = clyde_tests::run(place.command("cat").arg("/sys/class/net/eth0/statistics/tx_bytes"));
-    out.trim().parse().expect("a byte count")
+    place.tx_bytes()
 }
 
 /// Bytes written so far into node `i`'s partial file of `digest`: the disk blocks it uses (the

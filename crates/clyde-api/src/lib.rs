@@ -10,6 +10,7 @@
 
 mod errors;
 mod health;
+mod origins;
 mod query;
 mod tls;
 mod uploads;
@@ -73,6 +74,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let connections = TaskTracker::new();
+    let origins = Arc::new(origins::Origins::default());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -86,7 +88,7 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let server = Server { resolver: resolver.clone(), api, uploads: uploads.clone() };
+        let server = Server { resolver: resolver.clone(), api, uploads: uploads.clone(), origins: origins.clone() };
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         connections.spawn(async move {
@@ -114,6 +116,8 @@ struct Server {
     resolver: Resolver,
     api: Api,
     uploads: Option<Arc<Uploads>>,
+    /// Registries `?ns=` named per repository path (mirror only).
+    origins: Arc<origins::Origins>,
 }
 
 /// Serves HTTP/1.1 requests on one connection until it ends or the server shuts down.
@@ -207,7 +211,21 @@ async fn route(server: &Server, req: &Request<Incoming>) -> (Response<Body>, &'s
             return (errors::answer(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, msg), "-");
         }
     };
-    let parsed = match ApiPath::parse(req.uri().path(), ns.as_deref()) {
+    // A path without `?ns=` (a lazy puller's blob URL): the registry `?ns=` last named for
+    // the same repository, when containerd resolved it through this mirror.
+    let path = req.uri().path();
+    let name = origins::repository_path(path);
+    let ns = match (ns, name) {
+        (Some(ns), Some(name)) if server.api == Api::Mirror => {
+            if let Ok(registry) = clyde_types::Registry::parse(&ns) {
+                server.origins.learn(name, &registry);
+            }
+            Some(ns)
+        }
+        (None, Some(name)) if server.api == Api::Mirror => server.origins.registry_for(name).map(|r| r.to_string()),
+        (ns, _) => ns,
+    };
+    let parsed = match ApiPath::parse(path, ns.as_deref()) {
         Ok(p) => p,
         Err(e) => return (path_error(&e), "-"),
     };

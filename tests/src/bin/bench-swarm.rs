@@ -29,6 +29,17 @@
 //!     a cold `ctr` pull through the node's mirror (a fresh agent, empty store, every round)
 //!     against a pull straight from the upstream, alternating. Prints the median ratio
 //!     (target <= 1.05) and the upstream blob bytes per mirror pull (target 1.0).
+//! bench-swarm lazy [SIZE_MIB=256] [RANGES=13] [RATE=200mbit]
+//!     netns lab, one node, the upstream on its own host behind `tc tbf`: RANGES 1 MiB ranges
+//!     at scattered offsets of a cold layer, each read through the node's mirror and straight
+//!     from the upstream (alternating which goes first), with curl in the node's namespace.
+//!     Prints the median mirror / direct ratio (target <= 1.5) and the upstream bytes over
+//!     the bytes read (13 MiB = 5% of 256 MiB; target <= 1.5), counted on the upstream's link.
+//! bench-swarm chunked [SIZE_MIB=64] [RATE=200mbit] [ROUNDS=3]
+//!     same lab: a cold layer fetched through the mirror as containerd 2.1 does (4 workers,
+//!     `Range: bytes=N-`, 8 MiB chunks, each connection dropped after its chunk) against one
+//!     plain GET through the mirror of another cold layer of that size. Prints the median
+//!     time ratio (target <= 1.15) and the upstream bytes over the layer (target <= 1.1).
 //! bench-swarm blob [SIZE_MIB=256] [ROUNDS=3]
 //!     agents on 127.0.0.x, no containerd: one blob fetched by a client from node 1 cold
 //!     (upstream), from node 2 (a peer), and from node 1 warm; times and each agent's CPU.
@@ -395,6 +406,173 @@ fn holders(args: &[String]) {
     );
 }
 
+/// One node and an upstream on its own host behind `rate`, `layers` cold layers of `size`.
+struct LazyLab {
+    _lab: Lab,
+    up: clyde_tests::Place,
+    upstream: Registry,
+    image: TestImage,
+    agent: Agent,
+}
+
+impl LazyLab {
+    fn start(size: usize, layers: usize, rate: &str) -> Self {
+        let mut lab = Lab::new();
+        let up = lab.host("up");
+        let upstream = Registry::start_in(&up, &RegistryOptions::default());
+        let image = TestImage::single(&vec![size * MIB; layers]);
+        eprintln!("pushing {layers} layers of {size} MiB...");
+        image.push(&upstream, "bench/lazy", "v1", ImageFormat::Oci);
+        lab.limit_egress(&up, rate);
+        let node = lab.host("node");
+        let config = format!("[[registries]]\nname = \"{}\"\nscheme = \"http\"\n", upstream.addr());
+        let agent = Agent::start_in(&node, &config, &[]);
+        agent.wait_ready();
+        Self { _lab: lab, up, upstream, image, agent }
+    }
+
+    fn mirror_url(&self, layer: usize) -> String {
+        let digest = &self.image.layers[layer].digest;
+        format!("http://{}/v2/bench/lazy/blobs/{digest}?ns={}", self.agent.addr(), self.upstream.addr())
+    }
+
+    fn direct_url(&self, layer: usize) -> String {
+        format!("http://{}/v2/bench/lazy/blobs/{}", self.upstream.addr(), self.image.layers[layer].digest)
+    }
+
+    /// Seconds curl (in the node's namespace) took for `range` of `url`, the bytes checked.
+    fn ranged(&self, url: &str, range: std::ops::Range<u64>, want: &[u8]) -> f64 {
+        let out = tempfile::NamedTempFile::new().expect("temp file");
+        let mut curl = self.agent.place().command("curl");
+        let r = format!("{}-{}", range.start, range.end - 1);
+        let written = clyde_tests::run(curl.args(["-s", "-r", &r, "-o"]).arg(out.path()).args([
+            "-w",
+            "%{http_code} %{time_total}",
+            url,
+        ]));
+        let (status, secs) = written.trim().split_once(' ').expect("curl output");
+        assert_eq!(status, "206", "GET {url} range {r}");
+        let got = std::fs::read(out.path()).expect("range");
+        assert!(got == want[range.start as usize..range.end as usize], "wrong bytes for {r} of {url}");
+        secs.parse().expect("seconds")
+    }
+}
+
+fn lazy(args: &[String]) {
+    let (size, ranges, rate) = (arg(args, 0, 256usize), arg(args, 1, 13usize), arg(args, 2, "200mbit".to_string()));
+    let l = LazyLab::start(size, 1, &rate);
+    let want = l.image.layer_data(0);
+    let len = want.len() as u64;
+    let mut rng = rand::thread_rng();
+    let mut ratios = Vec::new();
+    let (mut mirror, mut direct) = (Vec::new(), Vec::new());
+    let sent_before = l.up.tx_bytes();
+    let mut direct_bytes = 0u64;
+    for i in 0..ranges {
+        let at = rand::Rng::gen_range(&mut rng, 0..len - MIB as u64);
+        let range = at..at + MIB as u64;
+        let (m, d) = if i % 2 == 0 {
+            let before = l.up.tx_bytes();
+            let d = l.ranged(&l.direct_url(0), range.clone(), &want);
+            direct_bytes += l.up.tx_bytes() - before;
+            (l.ranged(&l.mirror_url(0), range, &want), d)
+        } else {
+            let m = l.ranged(&l.mirror_url(0), range.clone(), &want);
+            let before = l.up.tx_bytes();
+            let d = l.ranged(&l.direct_url(0), range, &want);
+            direct_bytes += l.up.tx_bytes() - before;
+            (m, d)
+        };
+        println!("range {i} at {at}: mirror {:.1} ms, direct {:.1} ms, {:.2}x", m * 1e3, d * 1e3, m / d);
+        mirror.push(m);
+        direct.push(d);
+        ratios.push(m / d);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let through_mirror = l.up.tx_bytes() - sent_before - direct_bytes;
+    let read = ranges as u64 * MIB as u64;
+    println!(
+        "{ranges} uncached 1 MiB ranges of a {size} MiB layer, upstream at {rate}: median mirror {:.1} ms, direct {:.1} ms, \
+         median ratio {:.2}x (worst {:.2}x); upstream bytes for the mirror's ranges {:.3}x the {:.1}% read",
+        percentile(&mut mirror, 0.5) * 1e3,
+        percentile(&mut direct, 0.5) * 1e3,
+        percentile(&mut ratios.clone(), 0.5),
+        percentile(&mut ratios, 1.0),
+        through_mirror as f64 / read as f64,
+        read as f64 * 100.0 / len as f64,
+    );
+}
+
+fn chunked(args: &[String]) {
+    let (size, rate, rounds) =
+        (arg(args, 0, 64usize), arg(args, 1, "200mbit".to_string()), arg(args, 2, 3usize).max(1));
+    let (mut ratios, mut bytes) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let l = LazyLab::start(size, 2, &rate);
+        let len = l.image.layers[0].size;
+        // The reference: one plain GET of the other layer through the mirror.
+        let out = tempfile::NamedTempFile::new().expect("temp file");
+        let started = Instant::now();
+        let mut curl = l.agent.place().command("curl");
+        let code =
+            clyde_tests::run(curl.args(["-s", "-o"]).arg(out.path()).args(["-w", "%{http_code}", &l.mirror_url(1)]));
+        let plain = started.elapsed().as_secs_f64();
+        assert_eq!(code.trim(), "200");
+        assert_eq!(clyde_tests::sha256(&std::fs::read(out.path()).expect("blob")), l.image.layers[1].digest);
+        std::thread::sleep(Duration::from_secs(1));
+        // containerd 2.1: workers take the next 8 MiB chunk, ask `bytes=N-`, read the chunk,
+        // drop the connection.
+        let chunk = 8 * MIB as u64;
+        let next = std::sync::atomic::AtomicU64::new(0);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = l.mirror_url(0);
+        let sent_before = l.up.tx_bytes();
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if i * chunk >= len {
+                            return;
+                        }
+                        let part = dir.path().join(format!("{i:04}"));
+                        let script = format!(
+                            "curl -s -H 'Range: bytes={}-' '{url}' | head -c {chunk} > '{}'",
+                            i * chunk,
+                            part.display()
+                        );
+                        clyde_tests::run(l.agent.place().command("sh").args(["-c", &script]));
+                    }
+                });
+            }
+        });
+        let fetched = started.elapsed().as_secs_f64();
+        let mut all = Vec::new();
+        let mut parts: Vec<_> =
+            std::fs::read_dir(dir.path()).expect("parts").map(|e| e.expect("part").path()).collect();
+        parts.sort();
+        for p in parts {
+            all.extend(std::fs::read(p).expect("part"));
+        }
+        assert_eq!(clyde_tests::sha256(&all), l.image.layers[0].digest, "the chunks do not make the layer");
+        std::thread::sleep(Duration::from_secs(3));
+        let b = (l.up.tx_bytes() - sent_before) as f64 / len as f64;
+        println!(
+            "round {round}: chunked {fetched:.2} s, plain GET {plain:.2} s, {:.3}x; upstream bytes {b:.3}x the layer",
+            fetched / plain
+        );
+        ratios.push(fetched / plain);
+        bytes.push(b);
+    }
+    println!(
+        "containerd 2.1-style fetch (4 workers, 8 MiB chunks, bytes=N-) of a cold {size} MiB layer, upstream at {rate}, \
+         {rounds} rounds: median {:.3}x one plain GET; upstream bytes {:.3}x the layer (worst)",
+        percentile(&mut ratios, 0.5),
+        percentile(&mut bytes, 1.0),
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -405,9 +583,11 @@ fn main() {
         Some("pull") => pull(&args[1..]),
         Some("herd") => herd(&args[1..]),
         Some("holders") => holders(&args[1..]),
+        Some("lazy") => lazy(&args[1..]),
+        Some("chunked") => chunked(&args[1..]),
         _ => {
             eprintln!(
-                "usage: bench-swarm scale-out|lookup|staggered|herd|holders|pull|blob [ARGS] (see the source's header)"
+                "usage: bench-swarm scale-out|lookup|staggered|herd|holders|pull|blob|lazy|chunked [ARGS] (see the source's header)"
             );
             std::process::exit(2);
         }
