@@ -313,3 +313,43 @@ fn a_node_serving_three_peers_stays_under_its_upload_cap() {
     assert!(sent >= 3 * layer.size, "the node sent {sent} bytes for 3 copies of {}", layer.size);
     assert!(rate <= CAP as f64 * 1.1, "the node sent {:.1} MiB/s, over its cap", rate / MIB as f64);
 }
+
+#[test]
+fn a_lazy_reader_behind_a_slow_upstream_moves_only_its_ranges() {
+    // One node, the upstream on its own host behind 100 Mbit/s: 1 MiB ranges of a cold
+    // 48 MiB layer, read with curl in the node's namespace through its mirror.
+    let c = cluster(1, &[48 * MIB], Some("100mbit"));
+    let layer = &c.image.layers[0];
+    let want = c.image.layer_data(0);
+    let agent = &c.nodes[0].agent;
+    let url = format!("http://{}/v2/team/app/blobs/{}?ns={}", agent.addr(), layer.digest, c.upstream.addr());
+    let offsets = [7 * MIB + 3, 19 * MIB, 30 * MIB + 77, 44 * MIB];
+    for at in offsets {
+        let out = tempfile::NamedTempFile::new().expect("temp file");
+        let range = format!("{at}-{}", at + MIB - 1);
+        let mut curl = agent.place().command("curl");
+        let code =
+            clyde_tests::run(curl.args(["-s", "-r", &range, "-o"]).arg(out.path()).args(["-w", "%{http_code}", &url]));
+        assert_eq!(code.trim(), "206", "range {range}:\n{}", agent.log());
+        let got = std::fs::read(out.path()).expect("range");
+        assert!(got == want[at..at + MIB], "wrong bytes for {range}");
+    }
+    // The upstream's own log: one GET per range, each exactly that range's bytes.
+    let gets: Vec<u64> = wait_for("the registry to log the ranges", Duration::from_secs(10), || {
+        let gets: Vec<u64> = c
+            .upstream
+            .requests()
+            .into_iter()
+            .filter(|(m, uri, _, _)| m == "GET" && uri.contains(&layer.digest))
+            .map(|(_, _, written, _)| written)
+            .collect();
+        (gets.len() >= offsets.len()).then_some(gets)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(gets, vec![MIB as u64; offsets.len()], "the upstream sent more than the ranges read");
+    assert!(partial_exists(&c, 0, &layer.digest), "the ranges are not kept");
+    assert!(
+        !agent.data_dir().join("blobs").join(layer.digest.replace(':', "/")).exists(),
+        "the layer was fully downloaded"
+    );
+}

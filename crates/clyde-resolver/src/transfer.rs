@@ -59,8 +59,8 @@ pub const WINDOW: u64 = 8 * 1024 * 1024;
 /// stops (the reader dropped its connection): the upstream bytes nobody waits for are cancelled.
 pub const LINGER: Duration = Duration::from_secs(2);
 /// A job nobody reads or fetches for this long is closed; its written bytes stay on disk
-/// (durable, recorded) for the next reader.
-const JOB_IDLE: Duration = Duration::from_secs(60);
+/// (durable, recorded) for the next reader, and the evictor may take them.
+const JOB_IDLE: Duration = Duration::from_secs(10);
 
 /// What a request wants of a blob.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -472,7 +472,7 @@ impl Transfers {
                 _ = idle => {
                     let written = job.partial.written().len();
                     tracing::info!(%digest, written, size = job.size(), "closing a transfer nobody reads; its bytes stay for later readers");
-                    job.partial.abandon("nobody read it for a while").await;
+                    job.partial.close().await;
                 }
             }
             if job.partial.is_corrupt()
@@ -969,6 +969,31 @@ impl Job {
     }
 }
 
+/// Bytes of a complete file per read: large reads are fewer blocking hops.
+const FILE_CHUNK: u64 = 2 * 1024 * 1024;
+
+/// Streams `range` of a complete file with the next read already running while the current
+/// chunk is sent: the disk (or page cache) and the socket work at the same time.
+fn stream_file(file: BlobFile, range: ByteRange) -> BlobStream {
+    let read = |file: &BlobFile, pos: u64, end: u64| {
+        let (file, len) = (file.clone(), (end - pos).min(FILE_CHUNK));
+        tokio::spawn(async move { file.read_at(pos, len).await })
+    };
+    let first = (range.start < range.end).then(|| read(&file, range.start, range.end));
+    let state = (file, first, range.start, range.end);
+    Box::pin(futures_util::stream::unfold(state, move |(file, pending, pos, end)| async move {
+        let pending = pending?;
+        let chunk = match pending.await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => return Some((Err(std::io::Error::other(e.to_string())), (file, None, end, end))),
+            Err(e) => return Some((Err(std::io::Error::other(e.to_string())), (file, None, end, end))),
+        };
+        let next = pos + chunk.len() as u64;
+        let ahead = (next < end).then(|| read(&file, next, end));
+        Some((Ok(chunk), (file, ahead, next, end)))
+    }))
+}
+
 /// A reader counted as waiting for bytes (see [`Job::waiting`]).
 struct WaitingGuard<'a>(&'a Job);
 
@@ -1068,6 +1093,9 @@ impl BlobSource {
     pub fn stream(self, range: ByteRange, ranged: bool) -> BlobStream {
         if !ranged && let Self::Transfer(job) | Self::Arriving(job) = &self {
             job.go_whole();
+        }
+        if let Self::Local(file) = self {
+            return stream_file(file, range);
         }
         let state = (self, range.start, range.end);
         let whole_blob = range.is_full();

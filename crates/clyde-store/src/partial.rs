@@ -281,14 +281,32 @@ impl PartialBlob {
     /// Gives up on this transfer but keeps what is durable: readers get an error, and the
     /// next request for the blob resumes from the recorded pieces.
     pub async fn abandon(&self, reason: &str) {
-        {
-            let mut state = self.state();
-            if state.outcome != Outcome::Pending || state.verified {
-                return;
-            }
-            state.outcome = Outcome::Failed(reason.into());
+        if self.stop(reason) {
+            tracing::warn!(digest = %self.digest, reason, "transfer abandoned; durable bytes kept for a resume");
+            self.release().await;
         }
-        tracing::warn!(digest = %self.digest, reason, "transfer abandoned; durable pieces kept for a resume");
+    }
+
+    /// Closes a partial blob nobody reads any more (no error to anyone): it stops being
+    /// advertised, its file is closed, and its recorded bytes stay for the next reader, who
+    /// resumes from them (or for the evictor and `partial_ttl`).
+    pub async fn close(&self) {
+        if self.stop("closed: nobody reads it") {
+            self.release().await;
+        }
+    }
+
+    /// Ends a pending blob as failed with `reason`; false when it had already ended.
+    fn stop(&self, reason: &str) -> bool {
+        let mut state = self.state();
+        if state.outcome != Outcome::Pending || state.verified {
+            return false;
+        }
+        state.outcome = Outcome::Failed(reason.into());
+        true
+    }
+
+    async fn release(&self) {
         self.store.forget_partial(self).await;
         self.store.emit(crate::StoreEvent::Dropped(clyde_types::ContentKey::Digest(self.digest)));
         self.notify();

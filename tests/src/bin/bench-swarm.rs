@@ -469,7 +469,9 @@ fn lazy(args: &[String]) {
     let sent_before = l.up.tx_bytes();
     let mut direct_bytes = 0u64;
     for i in 0..ranges {
-        let at = rand::Rng::gen_range(&mut rng, 0..len - MIB as u64);
+        // One range per stretch of the layer, so no range reads bytes another one fetched.
+        let stretch = len / ranges as u64;
+        let at = i as u64 * stretch + rand::Rng::gen_range(&mut rng, 0..stretch - MIB as u64);
         let range = at..at + MIB as u64;
         let (m, d) = if i % 2 == 0 {
             let before = l.up.tx_bytes();
