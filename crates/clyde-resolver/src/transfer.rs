@@ -969,28 +969,75 @@ impl Job {
     }
 }
 
-/// Bytes of a complete file per read: large reads are fewer blocking hops.
-const FILE_CHUNK: u64 = 2 * 1024 * 1024;
+/// Bytes of a complete file per chunk sent.
+const FILE_CHUNK: usize = 1024 * 1024;
+/// Buffers one file response keeps for reuse.
+const POOLED_BUFFERS: usize = 4;
 
-/// Streams `range` of a complete file with the next read already running while the current
-/// chunk is sent: the disk (or page cache) and the socket work at the same time.
+/// Buffers a file response reuses once hyper sent them: they stay warm in the CPU caches,
+/// and no fresh pages are faulted in per chunk.
+#[derive(Clone, Default)]
+struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl BufferPool {
+    /// A buffer of `FILE_CHUNK` initialized bytes (zeroed once, when first made).
+    fn take(&self) -> Vec<u8> {
+        lock(&self.0).pop().unwrap_or_else(|| vec![0; FILE_CHUNK])
+    }
+}
+
+/// A chunk of a file response: the first `filled` bytes of a pooled buffer, which goes back
+/// to the pool when the response is done with it.
+struct Pooled {
+    buf: Vec<u8>,
+    filled: usize,
+    pool: BufferPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.filled]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let mut pool = lock(&self.pool.0);
+        if pool.len() < POOLED_BUFFERS {
+            pool.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+/// Reads `len` bytes at `pos` into a pooled buffer: what the page cache holds on this thread
+/// (no hop, and the bytes are then sent from this core's cache, as nginx does), the rest, if
+/// the disk must be read, on the blocking pool.
+async fn read_chunk(file: &BlobFile, pool: &BufferPool, pos: u64, len: usize) -> Result<Bytes, StoreError> {
+    let mut buf = pool.take();
+    let cached = file.read_cached_at(pos, &mut buf[..len]);
+    if cached < len {
+        let file = file.clone();
+        buf = tokio::task::spawn_blocking(move || {
+            file.read_exact_at(pos + cached as u64, &mut buf[cached..len]).map(|()| buf)
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(e.to_string()))))?;
+    }
+    Ok(Bytes::from_owner(Pooled { buf, filled: len, pool: pool.clone() }))
+}
+
+/// Streams `range` of a complete file in 1 MiB chunks from reused buffers.
 fn stream_file(file: BlobFile, range: ByteRange) -> BlobStream {
-    let read = |file: &BlobFile, pos: u64, end: u64| {
-        let (file, len) = (file.clone(), (end - pos).min(FILE_CHUNK));
-        tokio::spawn(async move { file.read_at(pos, len).await })
-    };
-    let first = (range.start < range.end).then(|| read(&file, range.start, range.end));
-    let state = (file, first, range.start, range.end);
-    Box::pin(futures_util::stream::unfold(state, move |(file, pending, pos, end)| async move {
-        let pending = pending?;
-        let chunk = match pending.await {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(e)) => return Some((Err(std::io::Error::other(e.to_string())), (file, None, end, end))),
-            Err(e) => return Some((Err(std::io::Error::other(e.to_string())), (file, None, end, end))),
-        };
-        let next = pos + chunk.len() as u64;
-        let ahead = (next < end).then(|| read(&file, next, end));
-        Some((Ok(chunk), (file, ahead, next, end)))
+    let state = (file, BufferPool::default(), range.start, range.end);
+    Box::pin(futures_util::stream::unfold(state, move |(file, pool, pos, end)| async move {
+        if pos >= end {
+            return None;
+        }
+        let len = (end - pos).min(FILE_CHUNK as u64) as usize;
+        match read_chunk(&file, &pool, pos, len).await {
+            Ok(bytes) => Some((Ok(bytes), (file, pool, pos + len as u64, end))),
+            Err(e) => Some((Err(std::io::Error::other(e.to_string())), (file, pool, end, end))),
+        }
     }))
 }
 

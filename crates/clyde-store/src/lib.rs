@@ -111,6 +111,31 @@ impl BlobFile {
         .map_err(StoreError::join)?
     }
 
+    /// Reads into `buf`, from `offset`, what the page cache already holds, without ever
+    /// waiting for the disk (`RWF_NOWAIT`): the number of bytes read, 0 when the first is not
+    /// cached (or the filesystem cannot tell). Cheap enough for an async worker.
+    pub fn read_cached_at(&self, offset: u64, buf: &mut [u8]) -> usize {
+        use rustix::io::{ReadWriteFlags, preadv2};
+        let mut done = 0;
+        while done < buf.len() {
+            let mut slices = [std::io::IoSliceMut::new(&mut buf[done..])];
+            match preadv2(&*self.file, &mut slices, offset + done as u64, ReadWriteFlags::NOWAIT) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => done += n,
+            }
+        }
+        done
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset` (positional; may wait for the disk).
+    pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        if offset.checked_add(buf.len() as u64).is_none_or(|end| end > self.size) {
+            return Err(StoreError::OutOfBounds);
+        }
+        Ok(self.file.read_exact_at(buf, offset)?)
+    }
+
     /// The open file (for zero-copy senders).
     pub fn file(&self) -> &Arc<File> {
         &self.file
