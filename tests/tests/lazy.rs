@@ -478,3 +478,17 @@ fn partial_blobs_count_against_the_cache_cap_and_are_evicted_like_blobs() {
     let r = get(&url(0), Some("bytes=100-199"));
     same(&r.bytes().expect("range"), &a[100..200]);
 }
+
+#[test]
+fn with_the_idle_fill_a_range_read_blob_completes_in_the_background() {
+    let Lab { _reg, want, digest, proxy: _proxy, agent, url } =
+        lab("lazy/idle", 16 * MIB, 64 * MIB as u64, "fill = \"idle\"");
+    let r = get(&url, Some("bytes=5000000-5000999"));
+    assert_eq!(r.status(), 206);
+    same(&r.bytes().expect("range"), &want[5_000_000..5_001_000]);
+    // Nobody reads the rest, yet it arrives, verifies and is committed.
+    wait_store_holds(&agent.data_dir(), 1);
+    let hex = digest.trim_start_matches("sha256:");
+    let stored = std::fs::read(agent.data_dir().join("blobs/sha256").join(hex)).expect("stored blob");
+    same(&stored, &want);
+}
