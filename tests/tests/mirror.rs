@@ -455,3 +455,37 @@ fn a_transfer_given_up_mid_body_aborts_its_readers_and_resumes_on_the_next_reque
     assert!(max_pieces(&agent.log(), "resuming partial blob") >= 2, "{}", agent.log());
     wait_store_holds(&agent.data_dir(), 1);
 }
+
+#[test]
+fn a_narrow_accept_never_changes_what_other_clients_get_for_a_tag() {
+    let reg = Registry::start();
+    let img = TestImage::multi_arch(&[64 * 1024]);
+    img.push(&reg, "multi", "v1", ImageFormat::Docker);
+    let agent = Agent::start("", &[]);
+    let narrow = "application/vnd.docker.distribution.manifest.v2+json";
+    let answer = |base: &str, ns: &str, accept: &str| {
+        let r = get(&format!("{base}/v2/multi/manifests/v1{ns}"), &[("accept", accept)]);
+        assert_eq!(r.status(), 200, "{accept}");
+        (header(&r, "content-type"), header(&r, "docker-content-digest"))
+    };
+    let direct = format!("http://{}", reg.addr());
+    let ns = format!("?ns={}", reg.addr());
+    let (narrow_type, narrow_digest) = answer(&direct, "", narrow);
+    let (list_type, list_digest) = answer(&direct, "", ACCEPT);
+    assert_eq!(narrow_type, narrow, "the registry gives a narrow client one platform's manifest");
+    assert_ne!(narrow_digest, list_digest);
+    // The narrow client first (it used to rewrite the cached tag), then containerd's Accept,
+    // then both again from the cache: each gets what the upstream gives it.
+    for round in ["first", "cached"] {
+        assert_eq!(answer(&agent.url(), &ns, narrow), (narrow_type.clone(), narrow_digest.clone()), "{round}: narrow");
+        assert_eq!(answer(&agent.url(), &ns, ACCEPT), (list_type.clone(), list_digest.clone()), "{round}: containerd");
+    }
+    // The narrow answer is kept apart: the tag the agent advertises and lists is the list.
+    let listed = run_list(&agent);
+    assert!(listed.contains(&list_digest) && !listed.contains("#"), "{listed}");
+}
+
+fn run_list(agent: &Agent) -> String {
+    let mut cmd = std::process::Command::new(clyde_tests::agent::clyde_bin());
+    clyde_tests::run(cmd.args(["list", "--output", "json", "--data-dir"]).arg(agent.data_dir()))
+}

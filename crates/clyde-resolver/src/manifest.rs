@@ -128,7 +128,7 @@ impl Resolver {
         if !media::accepts(accept, &m.media_type) {
             return Ok(None);
         }
-        Ok(Some(self.keep_manifest(origin, reference, m, "peer", 0).await?))
+        Ok(Some(self.keep_manifest(origin, reference, accept, m, "peer", 0).await?))
     }
 
     async fn manifest_by_tag(
@@ -139,11 +139,23 @@ impl Resolver {
     ) -> Result<ServedManifest, ResolveError> {
         let config = &self.inner.config;
         let key = tag_key(origin, tag);
-        let record = self.inner.store.tag(&key)?;
-        let cached = match &record {
+        // The tag's answer when this client accepts its type; else, for a client with a
+        // narrower `Accept`, what the upstream answered clients of that kind (never the other
+        // way round: a narrow client's answer is kept apart, so nobody else sees it).
+        let mut record = self.inner.store.tag(&key)?;
+        let mut cached = match &record {
             Some(r) => self.cached_manifest(&r.digest).await?.filter(|m| media::accepts(accept, &m.media_type)),
             None => None,
         };
+        if cached.is_none()
+            && let Some(kind) = media::accept_kind(accept)
+        {
+            record = self.inner.store.tag_variant(&key, &kind)?;
+            cached = match &record {
+                Some(r) => self.cached_manifest(&r.digest).await?.filter(|m| media::accepts(accept, &m.media_type)),
+                None => None,
+            };
+        }
         let reference = Reference::Tag(tag.to_string());
         if config.air_gapped {
             return match (cached, record) {
@@ -186,7 +198,7 @@ impl Resolver {
             Ok(h) if h.digest == Some(cached.digest) => {
                 let record =
                     TagRecord { digest: cached.digest, media_type: cached.media_type.clone(), checked_at: unix_now() };
-                self.inner.store.put_tag(key, record).await?;
+                self.record_tag(&key, accept, record).await?;
                 Ok(cached)
             }
             Ok(h) => {
@@ -196,7 +208,7 @@ impl Resolver {
                 } {
                     let record =
                         TagRecord { digest: m.digest, media_type: m.media_type.clone(), checked_at: unix_now() };
-                    self.inner.store.put_tag(key, record).await?;
+                    self.record_tag(&key, accept, record).await?;
                     return Ok(m);
                 }
                 self.fetch_manifest(origin, &reference, accept).await
@@ -217,15 +229,26 @@ impl Resolver {
         accept: Option<&str>,
     ) -> Result<ServedManifest, ResolveError> {
         let m = self.inner.upstream.get_manifest(&origin.registry, &origin.repository, reference, accept).await?;
-        self.keep_manifest(origin, reference, m, "upstream", unix_now()).await
+        self.keep_manifest(origin, reference, accept, m, "upstream", unix_now()).await
+    }
+
+    /// Records where a tag points, for the kind of `Accept` that asked: the tag itself for a
+    /// client that accepts every manifest type, a variant of it for a narrower one.
+    async fn record_tag(&self, key: &str, accept: Option<&str>, record: TagRecord) -> Result<(), ResolveError> {
+        match media::accept_kind(accept) {
+            None => self.inner.store.put_tag(key.to_string(), record).await?,
+            Some(kind) => self.inner.store.put_tag_variant(key, &kind, record).await?,
+        }
+        Ok(())
     }
 
     /// Stores a fetched manifest (verified) with its record, and the tag (checked at
-    /// `checked_at`) when it was fetched by tag.
+    /// `checked_at`) when it was fetched by tag, for the kind of `accept` that asked.
     async fn keep_manifest(
         &self,
         origin: &Origin,
         reference: &Reference,
+        accept: Option<&str>,
         m: Manifest,
         source: &'static str,
         checked_at: u64,
@@ -250,7 +273,7 @@ impl Resolver {
         store.put_manifest(m.digest, record).await?;
         if let Reference::Tag(tag) = reference {
             let record = TagRecord { digest: m.digest, media_type: m.media_type.clone(), checked_at };
-            store.put_tag(tag_key(origin, tag), record).await?;
+            self.record_tag(&tag_key(origin, tag), accept, record).await?;
         }
         Ok(ServedManifest { bytes: m.bytes, media_type: m.media_type, digest: m.digest, source })
     }

@@ -528,6 +528,23 @@ impl Store {
         self.inner.meta.tag(key)
     }
 
+    /// Where a tag points for clients whose `Accept` is of `kind` (a variant: not advertised,
+    /// not listed, removed with its tag).
+    pub fn tag_variant(&self, key: &str, kind: &str) -> Result<Option<TagRecord>, StoreError> {
+        self.inner.meta.tag(&meta::variant_key(key, kind))
+    }
+
+    /// Records where a tag points for clients whose `Accept` is of `kind`.
+    pub async fn put_tag_variant(&self, key: &str, kind: &str, record: TagRecord) -> Result<(), StoreError> {
+        let (store, key) = (self.clone(), meta::variant_key(key, kind));
+        tokio::task::spawn_blocking(move || {
+            let _catalog = store.inner.catalog.read().unwrap_or_else(|p| p.into_inner());
+            store.inner.meta.put_tag(&key, &record)
+        })
+        .await
+        .map_err(StoreError::join)?
+    }
+
     /// Records where a tag points.
     pub async fn put_tag(&self, key: String, record: TagRecord) -> Result<(), StoreError> {
         let store = self.clone();

@@ -13,6 +13,16 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::StoreError;
 
 const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
+
+/// Separates a tag's key from the kind of `Accept` a variant answers (`#` appears in no
+/// registry, repository or tag name).
+pub const VARIANT_SEPARATOR: char = '#';
+
+/// The key of what a tag resolves to for clients whose `Accept` is of `kind` (see
+/// `clyde_types::media::accept_kind`).
+pub fn variant_key(key: &str, kind: &str) -> String {
+    format!("{key}{VARIANT_SEPARATOR}{kind}")
+}
 const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 const PARTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("partials");
@@ -156,8 +166,9 @@ impl Meta {
         self.all(MANIFESTS)
     }
 
+    /// Every tag's record (not the per-`Accept` variants, see [`variant_key`]).
     pub(crate) fn tags(&self) -> Result<Vec<(String, TagRecord)>, StoreError> {
-        self.all(TAGS)
+        Ok(self.all(TAGS)?.into_iter().filter(|(k, _)| !k.contains(VARIANT_SEPARATOR)).collect())
     }
 
     pub(crate) fn partial(&self, digest: &Digest) -> Result<Option<PartialRecord>, StoreError> {
@@ -222,8 +233,24 @@ impl Meta {
         self.remove(MANIFESTS, &digest.to_string())
     }
 
+    /// Removes a tag and its per-`Accept` variants.
     pub(crate) fn remove_tag(&self, key: &str) -> Result<(), StoreError> {
-        self.remove(TAGS, key)
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(TAGS).map_err(db_err)?;
+            table.remove(key).map_err(db_err)?;
+            let (from, to) =
+                (format!("{key}{VARIANT_SEPARATOR}"), format!("{key}{}", (VARIANT_SEPARATOR as u8 + 1) as char));
+            let variants: Vec<String> = table
+                .range(from.as_str()..to.as_str())
+                .map_err(db_err)?
+                .filter_map(|e| e.ok().map(|(k, _)| k.value().to_string()))
+                .collect();
+            for variant in variants {
+                table.remove(variant.as_str()).map_err(db_err)?;
+            }
+        }
+        txn.commit().map_err(db_err)
     }
 
     fn remove(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {

@@ -30,6 +30,26 @@ pub fn accepts(accept: Option<&str>, media_type: &str) -> bool {
     })
 }
 
+/// The kind of a client's `Accept` for manifests: `None` when it admits every manifest type
+/// Clyde knows (containerd, docker and skopeo send them all), else the names of those it
+/// admits, in a fixed order. A narrow client may get another answer for the same tag from the
+/// upstream (one platform's manifest for a multi-platform tag), so a tag's cached answer is
+/// kept per kind: no client changes what the others get.
+pub fn accept_kind(accept: Option<&str>) -> Option<String> {
+    const KNOWN: [(&str, &str); 4] = [
+        (OCI_INDEX, "oci-index"),
+        (OCI_MANIFEST, "oci-manifest"),
+        (DOCKER_MANIFEST_LIST, "docker-list"),
+        (DOCKER_MANIFEST, "docker-manifest"),
+    ];
+    let admitted: Vec<&str> = KNOWN.iter().filter(|(t, _)| accepts(accept, t)).map(|(_, name)| *name).collect();
+    match admitted.len() {
+        n if n == KNOWN.len() => None,
+        0 => Some("none".to_string()),
+        _ => Some(admitted.join("+")),
+    }
+}
+
 /// The `Accept` to send upstream for a client's: the client's own when it names a manifest
 /// type, else every type Clyde knows (a client sending `*/*` or nothing accepts anything, but
 /// registries only answer with media types they see named).
@@ -50,6 +70,17 @@ mod tests {
         assert!(accepts(Some("*/*"), OCI_INDEX));
         assert!(accepts(Some("application/json, application/vnd.oci.image.index.v1+json;q=0.9"), OCI_INDEX));
         assert!(!accepts(Some(DOCKER_MANIFEST), OCI_INDEX));
+    }
+
+    #[test]
+    fn accept_kinds() {
+        assert_eq!(accept_kind(None), None);
+        assert_eq!(accept_kind(Some("*/*")), None);
+        assert_eq!(accept_kind(Some(DEFAULT_MANIFEST_ACCEPT)), None);
+        assert_eq!(accept_kind(Some(DOCKER_MANIFEST)).as_deref(), Some("docker-manifest"));
+        let narrow = format!("{DOCKER_MANIFEST}, {OCI_MANIFEST};q=0.5");
+        assert_eq!(accept_kind(Some(&narrow)).as_deref(), Some("oci-manifest+docker-manifest"));
+        assert_eq!(accept_kind(Some("application/json")).as_deref(), Some("none"));
     }
 
     #[test]
