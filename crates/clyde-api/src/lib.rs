@@ -211,24 +211,24 @@ async fn route(server: &Server, req: &Request<Incoming>) -> (Response<Body>, &'s
             return (errors::answer(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, msg), "-");
         }
     };
-    // A path without `?ns=` (a lazy puller's blob URL): the registry `?ns=` last named for
-    // the same repository, when containerd resolved it through this mirror.
     let path = req.uri().path();
-    let name = origins::repository_path(path);
-    let ns = match (ns, name) {
-        (Some(ns), Some(name)) if server.api == Api::Mirror => {
-            if let Ok(registry) = clyde_types::Registry::parse(&ns) {
-                server.origins.learn(name, &registry);
-            }
-            Some(ns)
-        }
-        (None, Some(name)) if server.api == Api::Mirror => server.origins.registry_for(name).map(|r| r.to_string()),
-        (ns, _) => ns,
-    };
-    let parsed = match ApiPath::parse(path, ns.as_deref()) {
+    let mut parsed = match ApiPath::parse(path, ns.as_deref()) {
         Ok(p) => p,
         Err(e) => return (path_error(&e), "-"),
     };
+    // A digest-addressed path without `?ns=` (a lazy puller's blob URL): the registry that
+    // `?ns=` named for the same repository in a manifest answer containerd got through this
+    // mirror. Only content addressed by digest, which verifies: no request can change where
+    // a tag resolves for others.
+    let name = origins::repository_path(path);
+    if let (None, Some(name), ApiPath::Content { resource, .. }) = (&ns, name, &parsed)
+        && server.api == Api::Mirror
+        && resource.is_by_digest()
+        && let Some(registry) = server.origins.registry_for(name)
+        && let Ok(p) = ApiPath::parse(path, Some(registry.as_str()))
+    {
+        parsed = p;
+    }
     let (origin, resource) = match parsed {
         ApiPath::Root => {
             let mut r = Response::new(full("{}"));
@@ -239,7 +239,16 @@ async fn route(server: &Server, req: &Request<Incoming>) -> (Response<Body>, &'s
         ApiPath::Content { registry, repository, resource } => (Origin { registry, repository }, resource),
     };
     match resource {
-        Resource::Manifest(reference) => manifest(resolver, api, req, &origin, &reference).await,
+        Resource::Manifest(reference) => {
+            let answer = manifest(resolver, api, req, &origin, &reference).await;
+            // Learned from manifests served with `?ns=` only (containerd resolving an image).
+            if let (Some(_), Some(name), true) = (&ns, name, answer.0.status().is_success())
+                && api == Api::Mirror
+            {
+                server.origins.learn(name, &origin.registry);
+            }
+            answer
+        }
         Resource::Blob(digest) => blob(server, req, &origin, &digest).await,
     }
 }

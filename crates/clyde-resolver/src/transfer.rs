@@ -397,8 +397,10 @@ impl Transfers {
 
     /// The running job for `digest`, if any (without starting one).
     pub(crate) fn running(&self, digest: &Digest) -> Option<Arc<Job>> {
-        let cell = lock(&self.jobs).get(digest).cloned()?;
-        match cell.get() {
+        // Under the map's lock, so the watcher never closes a job between this check and
+        // the clone (see `watch`).
+        let jobs = lock(&self.jobs);
+        match jobs.get(digest)?.get() {
             Some(Ok(job)) if job.partial.outcome() == Outcome::Pending => Some(job.clone()),
             _ => None,
         }
@@ -416,8 +418,14 @@ impl Transfers {
                 Ok(job)
             };
             let result = cell.get_or_init(|| init).await.clone();
+            // Checked under the map's lock: the watcher closes an idle job only under it, and
+            // only while nobody but the map holds the job (this clone counts).
+            let pending = |job: &Job| {
+                let _jobs = lock(&self.jobs);
+                job.partial.outcome() == Outcome::Pending
+            };
             match result {
-                Ok(job) if job.partial.outcome() == Outcome::Pending => {
+                Ok(job) if pending(&job) => {
                     return Ok(BlobSource::Transfer(job));
                 }
                 Ok(_) => {
@@ -457,10 +465,15 @@ impl Transfers {
             let idle = async {
                 loop {
                     tokio::time::sleep(JOB_IDLE / 4).await;
-                    // Held by the map's cell and this task only: no reader, no claim.
+                    // Held by the map's cell and this task only (no reader, no claim), and not
+                    // written whole (a whole blob is being hashed): closed under the map's lock,
+                    // which `join` and `running` hold while they check and take a job.
+                    let _jobs = lock(&jobs);
                     if Arc::strong_count(&job) <= 2
                         && job.claims().is_empty()
                         && lock(&job.last_active).elapsed() >= JOB_IDLE
+                        && !job.partial.written().covers(0..job.size())
+                        && job.partial.begin_close()
                     {
                         return;
                     }
@@ -472,7 +485,7 @@ impl Transfers {
                 _ = idle => {
                     let written = job.partial.written().len();
                     tracing::info!(%digest, written, size = job.size(), "closing a transfer nobody reads; its bytes stay for later readers");
-                    job.partial.close().await;
+                    job.partial.finish_close().await;
                 }
             }
             if job.partial.is_corrupt()
@@ -684,13 +697,15 @@ impl Job {
         if self.partial.outcome() != Outcome::Pending || *self.shared.shutdown.borrow() {
             return;
         }
-        let whole = self.is_whole();
-        let background = !whole && self.shared.config.fill == FillPolicy::Idle;
-        if !whole && !background {
-            return;
-        }
         let added: Vec<Arc<Claim>> = {
             let mut claims = self.claims();
+            // Read under the claims lock: `go_whole` flips the flag, then updates every claim
+            // under this lock, so no claim made here misses the change.
+            let whole = self.is_whole();
+            let background = !whole && self.shared.config.fill == FillPolicy::Idle;
+            if !whole && !background {
+                return;
+            }
             let (written, views) = (self.partial.written(), Self::views(&claims));
             let gaps = if self.holders.is_empty() {
                 plan_fill(self.size(), &written, &views)
@@ -721,11 +736,12 @@ impl Job {
             return;
         }
         *lock(&self.last_active) = Instant::now();
-        let whole = self.is_whole();
         let reader_end = reader_end.min(self.size());
-        let window_end = if whole { u64::MAX } else { reader_end.min(offset.saturating_add(WINDOW)) };
-        let added = {
+        let (added, whole) = {
             let mut claims = self.claims();
+            // Under the claims lock, as in `fill`.
+            let whole = self.is_whole();
+            let window_end = if whole { u64::MAX } else { reader_end.min(offset.saturating_add(WINDOW)) };
             if !whole {
                 for c in claims.iter() {
                     let v = c.view();
@@ -749,10 +765,11 @@ impl Job {
                 }
                 Demand::Claim(range) => Some(range.start..cap(range.end)),
             };
-            range.map(|r| {
+            let added = range.map(|r| {
                 let limit = if whole { u64::MAX } else { window_end.max(r.start.saturating_add(READ_CHUNK)) };
                 (self.add_claim(&mut claims, &r, limit, false), r)
-            })
+            });
+            (added, whole)
         };
         self.nudge.notify_waiters();
         if let Some((claim, range)) = added {
@@ -969,6 +986,25 @@ impl Job {
     }
 }
 
+/// Parts of a multi-range request closer than this are fetched as one upstream request.
+const PREFETCH_GAP: u64 = 64 * 1024;
+/// Upstream requests one multi-range request starts at once.
+const PREFETCH_MAX: usize = 8;
+
+/// `ranges` sorted, with those less than `gap` apart (or overlapping) joined.
+fn coalesce(ranges: &[ByteRange], gap: u64) -> Vec<Range<u64>> {
+    let mut sorted: Vec<Range<u64>> = ranges.iter().map(ByteRange::as_range).collect();
+    sorted.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in sorted {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end.saturating_add(gap) => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
 /// Bytes of a complete file per chunk sent.
 const FILE_CHUNK: usize = 1024 * 1024;
 /// Buffers one file response keeps for reuse.
@@ -1122,14 +1158,15 @@ impl BlobSource {
         }
     }
 
-    /// Starts fetching every range in `ranges` at once (the parts of a multi-range request),
-    /// so they arrive concurrently while the response streams them in order.
+    /// Starts fetching the ranges of a multi-range request at once, so they arrive
+    /// concurrently while the response streams them in order: parts less than
+    /// [`PREFETCH_GAP`] apart as one request, at most [`PREFETCH_MAX`] requests (the rest
+    /// are fetched as the response reaches them).
     pub fn prefetch(&self, ranges: &[ByteRange]) {
-        if let Self::Transfer(job) = self {
-            for r in ranges {
-                if job.partial.written_from(r.start) < r.end {
-                    job.demand(r.start, r.end);
-                }
+        let Self::Transfer(job) = self else { return };
+        for r in coalesce(ranges, PREFETCH_GAP).into_iter().take(PREFETCH_MAX) {
+            if job.partial.written_from(r.start) < r.end {
+                job.demand(r.start, r.end);
             }
         }
     }
@@ -1165,7 +1202,7 @@ impl BlobSource {
                     if transfer && (missing || !job.is_whole()) {
                         job.demand(pos, end);
                     }
-                    let _waiting = (transfer && missing).then(|| job.waiting());
+                    let waiting = (transfer && missing).then(|| job.waiting());
                     // A response of the whole blob gets its last byte only once the blob
                     // verified; a range (a lazy puller's footer read), which no digest covers,
                     // as it arrives.
@@ -1174,6 +1211,9 @@ impl BlobSource {
                     } else {
                         job.partial.read_range_at(pos, len).await
                     };
+                    // Counted as waiting for bytes only until they are written: a reader
+                    // waiting for verification must not pause the fill it waits for.
+                    drop(waiting);
                     match read {
                         // Bytes from a peer reach a mirror client, which keeps them (containerd
                         // resumes an aborted download from what it holds; a lazy puller caches
@@ -1231,6 +1271,14 @@ mod tests {
         assert_eq!(plan_demand(50, 100, &IntervalSet::new(), &claims, 16), Demand::Steal { index: 0, at: 60 });
         let claims = [ClaimView { cursor: 0, reserved: 100, end: 100, ..Default::default() }];
         assert_eq!(plan_demand(50, 100, &IntervalSet::new(), &claims, 16), Demand::Wait);
+    }
+
+    #[test]
+    fn nearby_parts_of_a_multi_range_request_are_one_fetch() {
+        let r = |start, end| ByteRange { start, end, size: 1 << 30 };
+        let parts = [r(500_000, 600_000), r(0, 10), r(100, 200), r(600_010, 700_000), r(1_000_000, 1_000_001)];
+        assert_eq!(coalesce(&parts, 64 * 1024), vec![0..200, 500_000..700_000, 1_000_000..1_000_001]);
+        assert_eq!(coalesce(&parts, 0).len(), 5);
     }
 
     #[test]

@@ -334,9 +334,30 @@ impl Store {
         dir.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.blocks() * 512).sum()
     }
 
-    /// Bytes of blobs, complete and partial: what `max_bytes` bounds.
+    /// Bytes of blobs, complete and partial (the store gauge).
     pub fn used_bytes(&self) -> u64 {
         self.total_bytes() + self.partial_bytes()
+    }
+
+    /// Bytes the evictor weighs against `max_bytes` and the watermark: complete blobs, and
+    /// partial blobs no transfer writes (those being written count once they complete or
+    /// their transfer closes; evicting other content for them would empty the cache while
+    /// a large download runs).
+    fn evictable_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let active: std::collections::HashSet<String> = match self.inner.partials.try_lock() {
+            Ok(p) => p.keys().map(Digest::hex).collect(),
+            // Busy: count every partial (an eviction may come a little early).
+            Err(_) => return self.used_bytes(),
+        };
+        let Ok(dir) = std::fs::read_dir(self.inner.root.join("partial/sha256")) else { return self.total_bytes() };
+        let idle: u64 = dir
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_str().is_some_and(|n| !active.contains(n)))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.blocks() * 512)
+            .sum();
+        self.total_bytes() + idle
     }
 
     pub(crate) fn add_bytes(&self, n: u64) {
@@ -588,7 +609,7 @@ impl Store {
     /// rest) until complete blobs take at most `target` bytes. Each removal is withdrawn
     /// ([`StoreEvent::Dropped`]). Returns the digests removed.
     pub async fn evict_to(&self, target: u64) -> Result<Vec<Digest>, StoreError> {
-        if self.used_bytes() <= target {
+        if self.evictable_bytes() <= target {
             return Ok(Vec::new());
         }
         let store = self.clone();
@@ -620,7 +641,7 @@ impl Store {
         }
         candidates.sort();
         let mut removed = Vec::new();
-        let mut used = self.used_bytes();
+        let mut used = self.evictable_bytes();
         for (_, digest, partial) in candidates {
             if used <= target {
                 break;
@@ -701,7 +722,7 @@ impl Store {
     /// room for several blobs); above the disk's high watermark, whatever brings the disk 5
     /// points under it.
     pub fn eviction_target(&self, policy: &EvictionPolicy) -> Option<u64> {
-        let total = self.used_bytes();
+        let total = self.evictable_bytes();
         let mut target: Option<u64> = None;
         if let Some(max) = policy.max_bytes
             && total > max
@@ -740,7 +761,10 @@ impl Store {
                 {
                     tracing::warn!(error = %e, "expiring partial blobs failed");
                 }
-                if let Some(target) = store.eviction_target(&policy)
+                // A directory listing and a statvfs: off the async workers.
+                let (s, p) = (store.clone(), policy.clone());
+                let target = tokio::task::spawn_blocking(move || s.eviction_target(&p)).await.ok().flatten();
+                if let Some(target) = target
                     && let Err(e) = store.evict_to(target).await
                 {
                     tracing::warn!(error = %e, "eviction failed");

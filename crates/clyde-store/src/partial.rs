@@ -287,13 +287,17 @@ impl PartialBlob {
         }
     }
 
-    /// Closes a partial blob nobody reads any more (no error to anyone): it stops being
-    /// advertised, its file is closed, and its recorded bytes stay for the next reader, who
+    /// Marks a partial blob nobody reads any more as closed (no error to anyone, as nobody
+    /// reads it); false when it had already ended. [`PartialBlob::finish_close`] then stops
+    /// advertising it and lets its file go; its recorded bytes stay for the next reader, who
     /// resumes from them (or for the evictor and `partial_ttl`).
-    pub async fn close(&self) {
-        if self.stop("closed: nobody reads it") {
-            self.release().await;
-        }
+    pub fn begin_close(&self) -> bool {
+        self.stop("closed: nobody reads it")
+    }
+
+    /// The rest of [`PartialBlob::begin_close`].
+    pub async fn finish_close(&self) {
+        self.release().await;
     }
 
     /// Ends a pending blob as failed with `reason`; false when it had already ended.

@@ -33,6 +33,14 @@ pub enum Resource {
     Blob(Digest),
 }
 
+impl Resource {
+    /// Whether it is named by digest (a blob, or a manifest by digest): its bytes verify,
+    /// whoever serves them.
+    pub fn is_by_digest(&self) -> bool {
+        matches!(self, Self::Blob(_) | Self::Manifest(Reference::Digest(_)))
+    }
+}
+
 /// A parsed mirror request path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ApiPath {
