@@ -141,7 +141,11 @@ fn a_blob_read_by_ranges_moves_only_the_ranges_read() {
     drop(r);
     std::thread::sleep(LINGER);
     let open_ended = settled(&proxy) - before;
-    let bound = (MIB as u64) + WINDOW + 8 * MIB as u64;
+    // What the client read, the window past what the agent's reader sent (which runs ahead
+    // of the client by what the sockets buffer), and the sockets between relay and agent:
+    // far below the 59 MiB to the end of the blob.
+    let bound = (MIB as u64) + WINDOW + 16 * MIB as u64;
+    eprintln!("an abandoned bytes=N- moved {open_ended} upstream bytes");
     assert!(open_ended < bound, "an abandoned bytes=N- moved {open_ended} upstream bytes (bound {bound})");
 
     // A reader of the whole blob makes it complete, from what is held plus the rest.
