@@ -136,6 +136,7 @@ pub(crate) async fn follow_elected(
     origin: &Origin,
     digest: &Digest,
     range: Option<Range<u64>>,
+    expected: Option<u64>,
 ) -> Option<(BlobBody, SocketAddr)> {
     if !peers.has_company().await {
         return None;
@@ -175,7 +176,7 @@ pub(crate) async fn follow_elected(
             follow.restart(Instant::now());
             following = Some(winner.id.clone());
         }
-        let step = match peers.open_blob_from(winner.addr, origin, digest, range.clone()).await {
+        let step = match peers.open_blob_from(winner.addr, origin, digest, range.clone(), expected).await {
             Ok(body) => return Some((body, winner.addr)),
             // Not started yet (its upstream has not answered), or at its upload limit.
             Err(UpstreamError::NotFound | UpstreamError::Status { status: 429, .. }) => follow.next(Instant::now()),

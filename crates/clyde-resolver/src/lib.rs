@@ -226,7 +226,8 @@ impl Resolver {
 
     /// The size of a blob: cached, arriving, or by asking the upstream.
     pub async fn blob_size(&self, origin: &Origin, digest: &Digest) -> Result<u64, ResolveError> {
-        if let Some(size) = self.inner.store.blob_size(digest) {
+        // Held, or given by a verified manifest: before any peer's word.
+        if let Some(size) = self.inner.store.known_size(digest) {
             return Ok(size);
         }
         if let Some(size) = self.inner.local.as_ref().and_then(|l| l.blob_size(digest)) {

@@ -23,6 +23,24 @@ fn tag_key(origin: &Origin, tag: &str) -> String {
     clyde_types::key::tag_name(origin.registry.as_str(), origin.repository.as_str(), tag)
 }
 
+/// The sizes a manifest's descriptors give (config, layers, children, artifact blobs).
+fn descriptor_sizes(bytes: &[u8]) -> Vec<(Digest, u64)> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Vec::new();
+    };
+    let descriptors = doc.get("config").into_iter().chain(
+        ["layers", "manifests", "blobs"]
+            .iter()
+            .flat_map(|l| doc.get(*l).and_then(|v| v.as_array()).into_iter().flatten()),
+    );
+    descriptors
+        .filter_map(|d| {
+            let digest = d.get("digest")?.as_str()?.parse().ok()?;
+            Some((digest, d.get("size")?.as_u64()?))
+        })
+        .collect()
+}
+
 /// Digests of the blobs and manifests a manifest refers to (config, layers, children).
 fn references(bytes: &[u8]) -> Vec<Digest> {
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(bytes) else {
@@ -271,6 +289,11 @@ impl Resolver {
             references: references(&m.bytes),
         };
         store.put_manifest(m.digest, record).await?;
+        // Sizes only from a manifest whose bytes are vouched for: the upstream's, or one
+        // named by its digest (a tag from a peer is that peer's word).
+        if source == "upstream" || matches!(reference, Reference::Digest(_)) {
+            store.put_sizes(descriptor_sizes(&m.bytes)).await?;
+        }
         if let Reference::Tag(tag) = reference {
             let record = TagRecord { digest: m.digest, media_type: m.media_type.clone(), checked_at };
             self.record_tag(&tag_key(origin, tag), accept, record).await?;
@@ -348,6 +371,16 @@ fn manifest_media_type(bytes: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptor_sizes_are_read_from_every_list() {
+        let (d1, d2) = (Digest::of(b"1"), Digest::of(b"2"));
+        let doc = format!(
+            r#"{{"config":{{"digest":"{d1}","size":7}},"layers":[{{"digest":"{d2}","size":1234}},{{"digest":"{d2}"}},{{"digest":"bad","size":1}}]}}"#
+        );
+        assert_eq!(descriptor_sizes(doc.as_bytes()), vec![(d1, 7), (d2, 1234)]);
+        assert!(descriptor_sizes(b"not json").is_empty());
+    }
 
     #[test]
     fn finds_config_layers_and_children() {

@@ -298,10 +298,11 @@ impl Peers {
         origin: &Origin,
         digest: &Digest,
         range: Option<std::ops::Range<u64>>,
+        expected: Option<u64>,
     ) -> Result<BlobBody, UpstreamError> {
         let ask = self.client.get_blob(peer, &origin.registry, &origin.repository, digest, range);
         match tokio::time::timeout(self.config.peers.first_byte_timeout, ask).await {
-            Ok(answer) => answer,
+            Ok(answer) => answer.and_then(|body| sized(body, expected)),
             Err(_) => {
                 Err(UpstreamError::Unreachable { registry: peer.to_string(), reason: "no answer in time".into() })
             }
@@ -329,22 +330,27 @@ impl Peers {
         futures_util::future::join_all(asks).await.into_iter().flatten().collect()
     }
 
-    /// The first of `candidates` that starts sending `range` of the blob.
+    /// The first of `candidates` that starts sending `range` of the blob; with `expected`
+    /// (the size a trusted source gives), only one that claims that size: a peer that claims
+    /// another is penalized and never sizes a partial blob.
     pub(crate) async fn open_blob(
         &self,
         candidates: &[SocketAddr],
         origin: &Origin,
         digest: &Digest,
         range: Option<std::ops::Range<u64>>,
+        expected: Option<u64>,
     ) -> Option<(SocketAddr, BlobBody)> {
         let what = digest.to_string();
         self.hedged(candidates, &what, |peer| {
-            self.client.get_blob(peer, &origin.registry, &origin.repository, digest, range.clone())
+            let ask = self.client.get_blob(peer, &origin.registry, &origin.repository, digest, range.clone());
+            async move { sized(ask.await?, expected) }
         })
         .await
     }
 
-    /// The size of a blob, from the first of `candidates` that knows it.
+    /// The size of a blob, from the first of `candidates` that knows it (a peer's word: a
+    /// trusted size, when there is one, comes first; see `Resolver::blob_size`).
     pub(crate) async fn blob_size(&self, candidates: &[SocketAddr], origin: &Origin, digest: &Digest) -> Option<u64> {
         let what = digest.to_string();
         let found = self
@@ -368,6 +374,17 @@ impl Peers {
             })
             .await;
         found.map(|(_, m)| m)
+    }
+}
+
+/// `body` when its size is the `expected` one (or nothing is expected); else the peer lied.
+fn sized(body: BlobBody, expected: Option<u64>) -> Result<BlobBody, UpstreamError> {
+    match expected {
+        Some(size) if body.size != size => Err(UpstreamError::Protocol(format!(
+            "claims the blob has {} bytes; a verified manifest says {size}",
+            body.size
+        ))),
+        _ => Ok(body),
     }
 }
 
@@ -464,6 +481,46 @@ mod tests {
         tokio::time::advance(ResolverConfig::default().peers.penalty).await;
         assert!(p.hedged(&[addr(1)], "x", no).await.is_none());
         assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+
+    /// A peer server that answers every request with a blob of `claimed` bytes.
+    async fn lying_peer(claimed: usize) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = [0u8; 4096];
+                    let _ = conn.read(&mut head).await;
+                    let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {claimed}\r\n\r\n");
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                    let _ = conn.write_all(&vec![7u8; claimed]).await;
+                });
+            }
+        });
+        at
+    }
+
+    #[tokio::test]
+    async fn a_peer_claiming_another_size_than_the_manifest_is_penalized_and_not_used() {
+        let p = peers();
+        let origin = Origin {
+            registry: clyde_types::Registry::parse("registry.example").unwrap(),
+            repository: clyde_types::Repository::parse("team/app").unwrap(),
+        };
+        let digest = Digest::of(b"the real blob, 100 bytes long in the manifest");
+        // Ten times the size, then half of it: neither is used, both are penalized.
+        for claimed in [1000, 50] {
+            let liar = lying_peer(claimed).await;
+            assert!(p.open_blob(&[liar], &origin, &digest, None, Some(100)).await.is_none(), "{claimed}");
+            assert!(p.penalized(&liar), "a peer claiming {claimed} bytes was not penalized");
+        }
+        // The right size, or no trusted size to check against: used.
+        let honest = lying_peer(100).await;
+        assert!(p.open_blob(&[honest], &origin, &digest, None, Some(100)).await.is_some());
+        let unchecked = lying_peer(1000).await;
+        assert!(p.open_blob(&[unchecked], &origin, &digest, None, None).await.is_some());
     }
 
     #[tokio::test(start_paused = true)]

@@ -240,10 +240,11 @@ impl Shared {
         digest: &Digest,
         range: Option<Range<u64>>,
         lookup: Lookup,
+        expected: Option<u64>,
     ) -> Option<(BlobBody, SocketAddr)> {
         let peers = self.peers.as_ref()?;
         let candidates = peers.find(ContentKey::Digest(*digest), lookup).await;
-        peers.open_blob(&candidates, origin, digest, range).await.map(|(peer, body)| (body, peer))
+        peers.open_blob(&candidates, origin, digest, range, expected).await.map(|(peer, body)| (body, peer))
     }
 
     /// Opens `range` of a blob (`None`: all of it): from a peer that serves it in time,
@@ -257,12 +258,15 @@ impl Shared {
         digest: &Digest,
         range: Option<Range<u64>>,
         attempt: Attempt,
+        expected: Option<u64>,
     ) -> Result<(BlobBody, Source), ResolveError> {
         let never_upstream = self.config.air_gapped;
         let offered = match attempt {
             Attempt::Demand if !never_upstream => None,
-            Attempt::Resume if !never_upstream => self.open_from_complete_holders(origin, digest, range.clone()).await,
-            _ => self.open_from_peers(origin, digest, range.clone(), self.config.first_lookup()).await,
+            Attempt::Resume if !never_upstream => {
+                self.open_from_complete_holders(origin, digest, range.clone(), expected).await
+            }
+            _ => self.open_from_peers(origin, digest, range.clone(), self.config.first_lookup(), expected).await,
         };
         if let Some((body, peer)) = offered {
             return Ok((body, Source::Peer(peer)));
@@ -273,7 +277,7 @@ impl Shared {
         if let Some(peers) = &self.peers
             && attempt != Attempt::Demand
             && let Some((body, peer)) =
-                election::follow_elected(peers, &self.config.peers, origin, digest, range.clone()).await
+                election::follow_elected(peers, &self.config.peers, origin, digest, range.clone(), expected).await
         {
             return Ok((body, Source::Peer(peer)));
         }
@@ -285,7 +289,7 @@ impl Shared {
         if matches!(error, UpstreamError::NotFound | UpstreamError::Status { status: 416, .. }) {
             return Err(error.into());
         }
-        if let Some((body, peer)) = self.open_from_peers(origin, digest, range, Lookup::Patient).await {
+        if let Some((body, peer)) = self.open_from_peers(origin, digest, range, Lookup::Patient, expected).await {
             tracing::info!(%digest, %peer, upstream_error = %error, "upstream unavailable; fetching from a peer");
             return Ok((body, Source::Peer(peer)));
         }
@@ -310,10 +314,11 @@ impl Shared {
         origin: &Origin,
         digest: &Digest,
         range: Option<Range<u64>>,
+        expected: Option<u64>,
     ) -> Option<(BlobBody, SocketAddr)> {
         let complete = self.complete_holders(origin, digest, 1).await;
         let peers = self.peers.as_ref()?;
-        peers.open_blob(&complete, origin, digest, range).await.map(|(peer, body)| (body, peer))
+        peers.open_blob(&complete, origin, digest, range, expected).await.map(|(peer, body)| (body, peer))
     }
 }
 
@@ -520,7 +525,9 @@ impl Transfers {
         } else {
             (Some(want.start..want.end), Attempt::Demand)
         };
-        let (body, source) = match self.shared.open(origin, digest, wanted, attempt).await {
+        // A peer's claim of the size is checked against a verified manifest's descriptor.
+        let expected = self.store.known_size(digest);
+        let (body, source) = match self.shared.open(origin, digest, wanted, attempt, expected).await {
             // Past the end: answer 416 without downloading anything.
             Err(ResolveError::Upstream(UpstreamError::Status { status: 416, .. })) if first_byte > 0 => {
                 let size = self.shared.upstream.head_blob(registry, repository, digest).await?;
@@ -573,7 +580,8 @@ impl Transfers {
             return Ok(None);
         }
         let first = first_byte..first_byte.saturating_add(schedule::STRIPE);
-        let Some((peer, body)) = peers.open_blob(&holders, origin, digest, Some(first)).await else {
+        let expected = self.store.known_size(digest);
+        let Some((peer, body)) = peers.open_blob(&holders, origin, digest, Some(first), expected).await else {
             return Ok(None);
         };
         tracing::info!(%digest, holders = holders.len(), "fetching from several complete holders at once");
@@ -798,7 +806,7 @@ impl Job {
                     Some(opened) => Ok(opened),
                     None => {
                         let range = Some(view.cursor..view.end);
-                        let opened = self.shared.open(&self.origin, &digest, range, attempt).await;
+                        let opened = self.shared.open(&self.origin, &digest, range, attempt, Some(self.size())).await;
                         opened.map(|(b, source)| (b.stream, source))
                     }
                 },
@@ -872,7 +880,7 @@ impl Job {
         let digest = self.partial.digest();
         let mut opened = None;
         for round in 0..BUSY_ROUNDS {
-            opened = peers.open_blob(&ordered, &self.origin, &digest, Some(range.clone())).await;
+            opened = peers.open_blob(&ordered, &self.origin, &digest, Some(range.clone()), Some(self.size())).await;
             // Holders at their upload limit (429) are not penalized: while some are usable,
             // wait for a slot rather than send the stripe to the upstream.
             if opened.is_some() || round + 1 == BUSY_ROUNDS || !peers.any_usable(&ordered) {

@@ -584,6 +584,22 @@ impl Store {
         self.inner.meta.tags()
     }
 
+    /// Records the sizes a verified manifest's descriptors give its blobs: the size a peer
+    /// must claim for them.
+    pub async fn put_sizes(&self, sizes: Vec<(Digest, u64)>) -> Result<(), StoreError> {
+        if sizes.is_empty() {
+            return Ok(());
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.inner.meta.put_sizes(&sizes)).await.map_err(StoreError::join)?
+    }
+
+    /// A blob's size from a trusted source: the complete blob, or the descriptor of a verified
+    /// manifest that referenced it.
+    pub fn known_size(&self, digest: &Digest) -> Option<u64> {
+        self.blob_size(digest).or_else(|| self.inner.meta.described_size(digest).ok().flatten())
+    }
+
     /// A cached manifest's record.
     pub fn manifest(&self, digest: &Digest) -> Result<Option<ManifestRecord>, StoreError> {
         self.inner.meta.manifest(digest)

@@ -25,6 +25,8 @@ pub fn variant_key(key: &str, kind: &str) -> String {
 }
 const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
 const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
+/// Sizes of blobs as verified manifests' descriptors give them: digest -> size.
+const SIZES: TableDefinition<&str, u64> = TableDefinition::new("sizes");
 const PARTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("partials");
 
 /// Where a tag pointed when it was last checked.
@@ -111,6 +113,7 @@ impl Meta {
         for table in [TAGS, MANIFESTS, BLOBS, PARTIALS] {
             txn.open_table(table).map_err(db_err)?;
         }
+        txn.open_table(SIZES).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         Ok(Self { db })
     }
@@ -196,6 +199,29 @@ impl Meta {
             }
         }
         txn.commit().map_err(db_err)
+    }
+
+    /// Records blob sizes from a verified manifest's descriptors (the first size recorded
+    /// for a digest stays: a digest has one size).
+    pub(crate) fn put_sizes(&self, sizes: &[(Digest, u64)]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(SIZES).map_err(db_err)?;
+            for (digest, size) in sizes {
+                let key = digest.to_string();
+                if table.get(key.as_str()).map_err(db_err)?.is_none() {
+                    table.insert(key.as_str(), size).map_err(db_err)?;
+                }
+            }
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// A blob's size as a verified manifest's descriptor gives it.
+    pub(crate) fn described_size(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(SIZES).map_err(db_err)?;
+        Ok(table.get(digest.to_string().as_str()).map_err(db_err)?.map(|v| v.value()))
     }
 
     pub(crate) fn partials(&self) -> Result<Vec<(String, PartialRecord)>, StoreError> {
