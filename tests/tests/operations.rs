@@ -76,3 +76,30 @@ fn a_disk_above_its_high_watermark_is_relieved_by_eviction() {
         (agent.metric("clyde_store_bytes") == kept).then_some(())
     });
 }
+
+#[test]
+fn a_pinned_image_survives_eviction_and_the_others_go() {
+    let reg = Registry::start();
+    let pinned = TestImage::single(&[4 * MIB]);
+    pinned.push(&reg, "keep/app", "v1", ImageFormat::Oci);
+    let other = TestImage::single(&[4 * MIB]);
+    other.push(&reg, "lru/other", "v1", ImageFormat::Oci);
+    let config = format!("cache_max_bytes = {}\n[retention]\npinned = [\".*/keep/app:.*\"]\n", 6 * MIB);
+    let agent = clyde_tests::Agent::start(&config, &[]);
+    let held = |digest: &str| agent.data_dir().join("blobs").join(digest.replace(':', "/")).exists();
+    clyde_tests::pull_image(&agent.url(), &reg.addr(), "keep/app", "v1");
+    wait_for("the pinned layer in the store", Duration::from_secs(10), || held(&pinned.layers[0].digest).then_some(()));
+    // Read later, so the least recently used is the pinned image's layer: it stays anyway.
+    std::thread::sleep(Duration::from_millis(1100));
+    clyde_tests::pull_image(&agent.url(), &reg.addr(), "lru/other", "v1");
+    wait_for("the other layer to be evicted", Duration::from_secs(10), || {
+        (!held(&other.layers[0].digest)).then_some(())
+    });
+    assert!(held(&pinned.layers[0].digest), "the pinned image's layer was evicted");
+    // `clyde list` shows the pin.
+    let mut list = std::process::Command::new(clyde_tests::agent::clyde_bin());
+    let out = clyde_tests::run(list.args(["list", "--output", "json", "--data-dir"]).arg(agent.data_dir()));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("list json");
+    let keep = rows.iter().find(|r| r["reference"].as_str().is_some_and(|s| s.ends_with("/keep/app:v1")));
+    assert_eq!(keep.map(|r| r["pinned"].clone()), Some(serde_json::Value::Bool(true)), "{out}");
+}

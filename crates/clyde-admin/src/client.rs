@@ -68,6 +68,7 @@ impl AdminClient {
                 accessed_before: request.accessed_before,
                 max_size: request.max_size,
                 dry_run: request.dry_run,
+                force: request.force,
             })
             .await?
             .into_inner();
@@ -80,6 +81,7 @@ impl AdminClient {
             manifests: digests(r.manifests)?,
             blobs: digests(r.blobs)?,
             bytes: r.bytes,
+            pinned: r.pinned,
         })
     }
 
@@ -121,6 +123,7 @@ fn image_from_pb(i: pb::Image) -> Result<ImageEntry, ClientError> {
         last_pulled: i.last_pulled,
         tagged: i.tagged,
         child: i.child,
+        pinned: i.pinned,
     })
 }
 

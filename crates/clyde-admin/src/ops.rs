@@ -53,6 +53,8 @@ pub struct PruneRequest {
     /// Then least-recently-pulled images until the store holds at most this many bytes.
     pub max_size: Option<u64>,
     pub dry_run: bool,
+    /// Pinned images the selection matches go too.
+    pub force: bool,
 }
 
 /// Selects images (all given filters must hold), plans the prune, and applies it unless
@@ -71,6 +73,7 @@ pub async fn prune(store: &Store, request: &PruneRequest) -> Result<PrunePlan, A
     let selection = PruneSelection {
         select: filtered.then_some(&select as &(dyn Fn(&ImageEntry) -> bool + Sync)),
         max_bytes: request.max_size,
+        force: request.force,
     };
     // Reads noted but not yet written count: an image pulled a second ago is not stale.
     store.flush_accesses().await?;

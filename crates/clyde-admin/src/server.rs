@@ -41,6 +41,7 @@ pub(crate) fn image_to_pb(e: ImageEntry) -> pb::Image {
         last_pulled: e.last_pulled,
         tagged: e.tagged,
         child: e.child,
+        pinned: e.pinned,
     }
 }
 
@@ -52,6 +53,7 @@ pub(crate) fn plan_to_pb(plan: PrunePlan, dry_run: bool) -> pb::PruneResponse {
         blobs: plan.blobs.iter().map(ToString::to_string).collect(),
         bytes: plan.bytes,
         dry_run,
+        pinned: plan.pinned,
     }
 }
 
@@ -95,6 +97,7 @@ impl pb::admin_server::Admin for AdminService {
             accessed_before: r.accessed_before,
             max_size: r.max_size,
             dry_run: r.dry_run,
+            force: r.force,
         };
         let plan = ops::prune(&self.store, &request).await?;
         Ok(Response::new(plan_to_pb(plan, request.dry_run)))

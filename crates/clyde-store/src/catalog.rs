@@ -52,6 +52,10 @@ pub struct ImageEntry {
     pub tagged: bool,
     /// Whether it is a platform manifest of a cached index (it goes with the index).
     pub child: bool,
+    /// Whether its name matches a pinned pattern: eviction never removes what it references,
+    /// and a prune only with `force`.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// What a prune removes (or would remove, in a dry run).
@@ -67,6 +71,9 @@ pub struct PrunePlan {
     pub blobs: Vec<Digest>,
     /// Bytes freed: removed manifests and blobs.
     pub bytes: u64,
+    /// Pinned names the selection matched and kept (not forced).
+    #[serde(default)]
+    pub pinned: Vec<String>,
 }
 
 /// Which images to prune: those `select` accepts, then least-recently-pulled ones until
@@ -74,6 +81,8 @@ pub struct PrunePlan {
 pub struct PruneSelection<'a> {
     pub select: Option<&'a (dyn Fn(&ImageEntry) -> bool + Sync)>,
     pub max_bytes: Option<u64>,
+    /// Pinned images may go too.
+    pub force: bool,
 }
 
 /// Everything the catalog needs, read once.
@@ -81,6 +90,7 @@ struct Snapshot {
     manifests: HashMap<Digest, ManifestRecord>,
     tags: Vec<(String, Digest)>,
     blob_sizes: HashMap<Digest, u64>,
+    pins: Option<std::sync::Arc<regex::RegexSet>>,
 }
 
 impl Snapshot {
@@ -99,7 +109,7 @@ impl Snapshot {
             .into_iter()
             .filter_map(|(k, r)| Some((k.parse::<Digest>().ok()?, r.size)))
             .collect();
-        Ok(Self { manifests, tags, blob_sizes })
+        Ok(Self { manifests, tags, blob_sizes, pins: store.pins() })
     }
 
     /// Every digest reachable from `roots` (the manifests and what they reference) that the
@@ -133,7 +143,6 @@ impl Snapshot {
         let entry = |reference: String, digest: Digest, tagged: bool| {
             let m = &self.manifests[&digest];
             ImageEntry {
-                reference,
                 digest,
                 kind: ManifestKind::of(&m.media_type),
                 media_type: m.media_type.clone(),
@@ -142,6 +151,8 @@ impl Snapshot {
                 last_pulled: m.last_pulled,
                 tagged,
                 child: children.contains(&digest),
+                pinned: self.pins.as_ref().is_some_and(|p| p.is_match(&reference)),
+                reference,
             }
         };
         let mut out: Vec<ImageEntry> = self.tags.iter().map(|(name, d)| entry(name.clone(), *d, true)).collect();
@@ -156,6 +167,16 @@ impl Snapshot {
 }
 
 impl Store {
+    /// Digests eviction must keep: everything a pinned image references.
+    pub(crate) fn pinned_digests(&self) -> Result<HashSet<Digest>, StoreError> {
+        if self.pins().is_none() {
+            return Ok(HashSet::new());
+        }
+        let snapshot = Snapshot::read(self)?;
+        let pinned: Vec<Digest> = snapshot.entries().into_iter().filter(|e| e.pinned).map(|e| e.digest).collect();
+        Ok(snapshot.reach(pinned))
+    }
+
     /// Every cached manifest by name, indexes and images; platform manifests of an index last.
     pub fn images(&self) -> Result<Vec<ImageEntry>, StoreError> {
         Ok(Snapshot::read(self)?.entries())
@@ -168,13 +189,16 @@ impl Store {
         // Names a prune can remove: children go with their index, and an untagged image a
         // kept index still references is kept by reachability anyway.
         let roots: Vec<&ImageEntry> = entries.iter().filter(|e| e.tagged || !e.child).collect();
-        let mut selected: Vec<bool> = roots.iter().map(|e| selection.select.is_some_and(|select| select(e))).collect();
+        let matched: Vec<bool> = roots.iter().map(|e| selection.select.is_some_and(|select| select(e))).collect();
+        // Pinned images stay unless forced.
+        let keeps = |e: &ImageEntry| e.pinned && !selection.force;
+        let mut selected: Vec<bool> = roots.iter().zip(&matched).map(|(e, m)| *m && !keeps(e)).collect();
         let kept = |selected: &[bool]| -> HashSet<Digest> {
             snapshot.reach(roots.iter().zip(selected).filter(|(_, s)| !**s).map(|(e, _)| e.digest))
         };
         if let Some(max) = selection.max_bytes {
             // Least recently pulled first; the oldest names go until what stays fits.
-            let mut order: Vec<usize> = (0..roots.len()).filter(|i| !selected[*i]).collect();
+            let mut order: Vec<usize> = (0..roots.len()).filter(|i| !selected[*i] && !keeps(roots[*i])).collect();
             order.sort_by_key(|i| (roots[*i].last_pulled, roots[*i].created));
             let unowned = self.unowned_bytes(&snapshot);
             if unowned > max {
@@ -194,6 +218,12 @@ impl Store {
         let mut plan = PrunePlan {
             images: chosen.iter().map(|e| e.reference.clone()).collect(),
             tags: chosen.iter().filter(|e| e.tagged).map(|e| e.reference.clone()).collect(),
+            pinned: roots
+                .iter()
+                .zip(&matched)
+                .filter(|(e, m)| **m && keeps(e))
+                .map(|(e, _)| e.reference.clone())
+                .collect(),
             ..PrunePlan::default()
         };
         for d in &gone {

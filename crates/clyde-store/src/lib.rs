@@ -167,6 +167,8 @@ struct Inner {
     /// Held to write manifests and tags, and exclusively while a prune removes: a manifest
     /// recorded meanwhile keeps what it references.
     catalog: std::sync::RwLock<()>,
+    /// `[retention] pinned`: names whose content eviction keeps.
+    pins: std::sync::RwLock<Option<Arc<regex::RegexSet>>>,
 }
 
 /// A change in what the store can serve, for those who advertise it.
@@ -245,8 +247,22 @@ impl Store {
                 total_bytes: total.into(),
                 grown: tokio::sync::Notify::new(),
                 catalog: std::sync::RwLock::new(()),
+                pins: std::sync::RwLock::new(None),
             }),
         })
+    }
+
+    /// Pins images whose name (`registry/repo:tag`, or `registry/repo@digest` untagged)
+    /// matches any of `patterns`: eviction and the disk watermark never remove what they
+    /// reference, and a prune removes them only when forced.
+    pub fn set_pins(&self, patterns: &[String]) -> Result<(), regex::Error> {
+        let pins = if patterns.is_empty() { None } else { Some(Arc::new(regex::RegexSet::new(patterns)?)) };
+        *self.inner.pins.write().unwrap_or_else(|p| p.into_inner()) = pins;
+        Ok(())
+    }
+
+    pub(crate) fn pins(&self) -> Option<Arc<regex::RegexSet>> {
+        self.inner.pins.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The data dir.
@@ -636,8 +652,9 @@ impl Store {
         let pending = self.inner.accesses.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let manifests: std::collections::HashSet<String> =
             self.inner.meta.manifests()?.into_iter().map(|(k, _)| k).collect();
+        let pinned = self.pinned_digests()?;
         // (last use, digest, partial?): complete blobs by their last read, partial blobs no
-        // transfer writes by their last write.
+        // transfer writes by their last write; nothing a pinned image references.
         let mut candidates: Vec<(u64, Digest, bool)> = self
             .inner
             .meta
@@ -655,6 +672,7 @@ impl Store {
                 candidates.push((pending.get(&digest).copied().unwrap_or(0).max(record.touched), digest, true));
             }
         }
+        candidates.retain(|(_, d, _)| !pinned.contains(d));
         candidates.sort();
         let mut removed = Vec::new();
         let mut used = self.evictable_bytes();

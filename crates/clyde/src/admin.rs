@@ -50,6 +50,9 @@ pub struct PruneArgs {
     /// Print what would be removed and change nothing
     #[arg(long)]
     dry_run: bool,
+    /// Remove pinned images (`[retention] pinned`) the selection matches too
+    #[arg(long)]
+    force: bool,
     /// table for people, json for scripts
     #[arg(long, value_parser = ["table", "json"], default_value = "table")]
     output: String,
@@ -91,6 +94,7 @@ async fn target(config: &Config, create: bool) -> anyhow::Result<Target> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
     let store =
         Store::open(dir, config.piece_size).with_context(|| format!("cannot open the store in {}", dir.display()))?;
+    store.set_pins(&config.retention.pinned).context("[retention] pinned")?;
     Ok(Target::Offline(store))
 }
 
@@ -117,7 +121,11 @@ pub async fn list(config: &Config, args: &ListArgs) -> anyhow::Result<()> {
         };
         rows.push(vec![
             reference,
-            if e.child { format!("{} (platform)", e.kind.as_str()) } else { e.kind.as_str().to_string() },
+            match (e.child, e.pinned) {
+                (true, _) => format!("{} (platform)", e.kind.as_str()),
+                (false, true) => format!("{} (pinned)", e.kind.as_str()),
+                (false, false) => e.kind.as_str().to_string(),
+            },
             e.digest.to_string().chars().take(19).collect(),
             human_bytes(e.size),
             time(e.created),
@@ -139,6 +147,7 @@ fn image_json(e: &ImageEntry) -> serde_json::Value {
         "last_pulled": time(e.last_pulled),
         "tagged": e.tagged,
         "platform_manifest": e.child,
+        "pinned": e.pinned,
     })
 }
 
@@ -150,6 +159,7 @@ pub async fn prune(config: &Config, args: &PruneArgs) -> anyhow::Result<()> {
         accessed_before: args.accessed_before.as_deref().map(|s| parse_instant(s, now)).transpose()?,
         max_size: args.max_size.as_deref().map(clyde_types::parse_size).transpose()?,
         dry_run: args.dry_run,
+        force: args.force,
     };
     let plan = match target(config, false).await? {
         Target::Agent(mut c) => c.prune(&request).await?,
@@ -171,6 +181,7 @@ fn print_plan(plan: &PrunePlan, dry_run: bool, output: &str) -> anyhow::Result<(
             "manifests": plan.manifests.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "blobs": plan.blobs.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "bytes": plan.bytes,
+            "kept_pinned": plan.pinned,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -178,6 +189,9 @@ fn print_plan(plan: &PrunePlan, dry_run: bool, output: &str) -> anyhow::Result<(
     let verb = if dry_run { "would remove" } else { "removed" };
     for image in &plan.images {
         println!("{verb} {image}");
+    }
+    for image in &plan.pinned {
+        println!("kept {image}: pinned (--force removes it)");
     }
     println!(
         "{verb} {} images, {} manifests, {} blobs, {}{}",

@@ -90,6 +90,20 @@ pub struct Config {
     pub mirror_tls: Option<clyde_api::ServerTls>,
     /// Mutual TLS between agents' peer ports (`[peer_tls]`); none: plain HTTP.
     pub peer_tls: Option<clyde_upstream::PeerTls>,
+    /// What the store keeps whatever eviction wants (`[retention]`).
+    pub retention: Retention,
+}
+
+/// `[retention]`: pinned images. `min_copies` and `[[retention.prune]]` (scheduled prunes)
+/// are part of the interface and not built yet: a config that sets them is refused rather
+/// than half obeyed.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    /// Regular expressions over image names (`registry/repo:tag`), as `clyde prune --pattern`.
+    pub pinned: Vec<String>,
+    pub min_copies: Option<u32>,
+    pub prune: Option<toml::Value>,
 }
 
 impl Default for Config {
@@ -129,6 +143,7 @@ impl Default for Config {
             p2p: Default::default(),
             mirror_tls: None,
             peer_tls: None,
+            retention: Retention::default(),
         }
     }
 }
@@ -173,7 +188,23 @@ impl Config {
         };
         let text = std::fs::read_to_string(&path)
             .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {} is invalid: {e}", path.display()))
+        let config: Self =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {} is invalid: {e}", path.display()))?;
+        config.check().map_err(|e| anyhow::anyhow!("config {} is invalid: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// What parsing cannot tell: settings this version does not carry out, bad patterns.
+    fn check(&self) -> anyhow::Result<()> {
+        let r = &self.retention;
+        if r.min_copies.is_some() || r.prune.is_some() {
+            anyhow::bail!(
+                "[retention] min_copies and [[retention.prune]] are not supported by this version of clyde \
+                 (pinned is); remove them"
+            );
+        }
+        regex::RegexSet::new(&r.pinned).map_err(|e| anyhow::anyhow!("[retention] pinned: {e}"))?;
+        Ok(())
     }
 }
 
@@ -209,5 +240,20 @@ mod tests {
     #[test]
     fn unknown_keys_are_errors() {
         assert!(toml::from_str::<Config>("mirrorr_addr = \"x\"").is_err());
+    }
+
+    #[test]
+    fn retention_pins_parse_and_what_is_not_built_is_refused() {
+        let c: Config = toml::from_str("[retention]\npinned = [\"reg\\\\.example/team/.*\"]\n").unwrap();
+        assert_eq!(c.retention.pinned, ["reg\\.example/team/.*"]);
+        assert!(c.check().is_ok());
+        for refused in [
+            "[retention]\nmin_copies = 2\n",
+            "[[retention.prune]]\nevery = \"1d\"\n",
+            "[retention]\npinned = [\"(unclosed\"]\n",
+        ] {
+            let c: Config = toml::from_str(refused).unwrap();
+            assert!(c.check().is_err(), "{refused}");
+        }
     }
 }

@@ -33,6 +33,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let upstream = Upstream::new(config.upstream())?;
     store.spawn_access_flusher(std::time::Duration::from_secs(30));
     let watermark = config.disk_high_watermark;
+    store.set_pins(&config.retention.pinned).context("[retention] pinned")?;
     store.spawn_evictor(EvictionPolicy {
         max_bytes: config.cache_max_bytes,
         disk_high_watermark: (watermark > 0.0 && watermark < 1.0).then_some(watermark),
