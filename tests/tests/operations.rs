@@ -103,3 +103,31 @@ fn a_pinned_image_survives_eviction_and_the_others_go() {
     let keep = rows.iter().find(|r| r["reference"].as_str().is_some_and(|s| s.ends_with("/keep/app:v1")));
     assert_eq!(keep.map(|r| r["pinned"].clone()), Some(serde_json::Value::Bool(true)), "{out}");
 }
+
+#[test]
+fn a_scheduled_prune_removes_what_its_rule_selects_and_keeps_pinned_and_other_images() {
+    let reg = Registry::start();
+    let images: Vec<(&str, TestImage)> =
+        ["old/app", "keep/app", "new/tool"].into_iter().map(|repo| (repo, TestImage::single(&[MIB]))).collect();
+    for (repo, img) in &images {
+        img.push(&reg, repo, "v1", ImageFormat::Oci);
+    }
+    let config = "[retention]\npinned = [\".*/keep/app:.*\"]\n\
+                  [[retention.prune]]\nevery = \"1s\"\npattern = [\".*/(old|keep)/app:.*\"]\n";
+    let agent = clyde_tests::Agent::start(config, &[]);
+    let held = |digest: &str| agent.data_dir().join("blobs").join(digest.replace(':', "/")).exists();
+    for (repo, img) in &images {
+        clyde_tests::pull_image(&agent.url(), &reg.addr(), repo, "v1");
+        wait_for("the layer in the store", Duration::from_secs(10), || held(&img.layers[0].digest).then_some(()));
+    }
+    // Within a few runs: the selected image goes, the pinned one and the unselected one stay.
+    wait_for("the scheduled prune to remove old/app", Duration::from_secs(15), || {
+        (!held(&images[0].1.layers[0].digest)).then_some(())
+    });
+    assert!(held(&images[1].1.layers[0].digest), "the pinned image was pruned");
+    assert!(held(&images[2].1.layers[0].digest), "an image no rule selects was pruned");
+    let log = agent.log();
+    assert!(log.contains("scheduled prune") && log.contains("kept_pinned"), "{log}");
+    let metrics = agent.metrics();
+    assert!(metrics.lines().any(|l| l.starts_with("clyde_pruned_images_total{") && !l.ends_with(" 0")), "{metrics}");
+}

@@ -55,6 +55,8 @@ pub struct PruneRequest {
     pub dry_run: bool,
     /// Pinned images the selection matches go too.
     pub force: bool,
+    /// At most this many selected images, least recently pulled first (scheduled prunes).
+    pub max_images: Option<usize>,
 }
 
 /// Selects images (all given filters must hold), plans the prune, and applies it unless
@@ -74,6 +76,7 @@ pub async fn prune(store: &Store, request: &PruneRequest) -> Result<PrunePlan, A
         select: filtered.then_some(&select as &(dyn Fn(&ImageEntry) -> bool + Sync)),
         max_bytes: request.max_size,
         force: request.force,
+        max_images: request.max_images,
     };
     // Reads noted but not yet written count: an image pulled a second ago is not stale.
     store.flush_accesses().await?;

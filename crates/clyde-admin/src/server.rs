@@ -98,6 +98,7 @@ impl pb::admin_server::Admin for AdminService {
             max_size: r.max_size,
             dry_run: r.dry_run,
             force: r.force,
+            max_images: None,
         };
         let plan = ops::prune(&self.store, &request).await?;
         Ok(Response::new(plan_to_pb(plan, request.dry_run)))

@@ -61,6 +61,16 @@ struct Families {
     peers: Gauge,
     store_bytes: Gauge,
     advertised_keys: Gauge,
+    prune_runs: Family<PruneLabels, Counter>,
+    pruned_images: Family<PruneLabels, Counter>,
+    pruned_bytes: Family<PruneLabels, Counter>,
+}
+
+/// A scheduled prune rule (its index in `[[retention.prune]]`) and whether it only reports.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PruneLabels {
+    pub rule: String,
+    pub dry_run: String,
 }
 
 fn duration_histogram() -> Histogram {
@@ -80,6 +90,9 @@ impl Metrics {
             peers: Gauge::default(),
             store_bytes: Gauge::default(),
             advertised_keys: Gauge::default(),
+            prune_runs: Family::default(),
+            pruned_images: Family::default(),
+            pruned_bytes: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("clyde");
         r.register("requests", "Requests answered, by API, kind and status", families.requests.clone());
@@ -106,12 +119,31 @@ impl Metrics {
         r.register("peers", "Peers with an open connection", families.peers.clone());
         r.register("store_bytes", "Bytes of complete blobs in the store", families.store_bytes.clone());
         r.register("advertised_keys", "Digests and tags this node advertises", families.advertised_keys.clone());
+        r.register("prune_runs", "Runs of scheduled prune rules", families.prune_runs.clone());
+        r.register(
+            "pruned_images",
+            "Images scheduled prunes removed (or, dry runs, would have)",
+            families.pruned_images.clone(),
+        );
+        r.register(
+            "pruned_bytes",
+            "Bytes scheduled prunes freed (or, dry runs, would have)",
+            families.pruned_bytes.clone(),
+        );
         Self { inner: Arc::new(families) }
     }
 
     /// A handle registered nowhere, for components built without an endpoint (tests).
     pub fn unregistered() -> Self {
         Self::new(&mut Registry::default())
+    }
+
+    /// Counts one run of scheduled prune rule `rule` and what it removed.
+    pub fn prune_run(&self, rule: usize, dry_run: bool, images: u64, bytes: u64) {
+        let labels = PruneLabels { rule: rule.to_string(), dry_run: dry_run.to_string() };
+        self.inner.prune_runs.get_or_create(&labels).inc();
+        self.inner.pruned_images.get_or_create(&labels).inc_by(images);
+        self.inner.pruned_bytes.get_or_create(&labels).inc_by(bytes);
     }
 
     /// Counts one answered request and its duration.

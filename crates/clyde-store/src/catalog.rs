@@ -83,6 +83,8 @@ pub struct PruneSelection<'a> {
     pub max_bytes: Option<u64>,
     /// Pinned images may go too.
     pub force: bool,
+    /// At most this many of the selected images, least recently pulled first.
+    pub max_images: Option<usize>,
 }
 
 /// Everything the catalog needs, read once.
@@ -193,6 +195,13 @@ impl Store {
         // Pinned images stay unless forced.
         let keeps = |e: &ImageEntry| e.pinned && !selection.force;
         let mut selected: Vec<bool> = roots.iter().zip(&matched).map(|(e, m)| *m && !keeps(e)).collect();
+        if let Some(cap) = selection.max_images {
+            let mut chosen: Vec<usize> = (0..roots.len()).filter(|i| selected[*i]).collect();
+            chosen.sort_by_key(|i| (roots[*i].last_pulled, roots[*i].created));
+            for i in chosen.into_iter().skip(cap) {
+                selected[i] = false;
+            }
+        }
         let kept = |selected: &[bool]| -> HashSet<Digest> {
             snapshot.reach(roots.iter().zip(selected).filter(|(_, s)| !**s).map(|(e, _)| e.digest))
         };

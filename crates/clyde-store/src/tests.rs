@@ -311,7 +311,9 @@ async fn prune_keeps_blobs_a_kept_image_shares() {
     let c = catalog(&store).await;
     let mut events = store.subscribe();
     let select = |e: &ImageEntry| e.reference.contains("/app");
-    let plan = store.plan_prune(&PruneSelection { select: Some(&select), max_bytes: None, force: false }).unwrap();
+    let plan = store
+        .plan_prune(&PruneSelection { select: Some(&select), max_bytes: None, force: false, max_images: None })
+        .unwrap();
     assert_eq!(plan.tags, ["r.test/app:v1"]);
     let mut manifests = vec![c.app_index, c.app_image];
     manifests.sort();
@@ -348,14 +350,26 @@ async fn prune_to_a_size_removes_least_recently_pulled_first() {
     let c = catalog(&store).await;
     // app (pulled at 100) goes before tool (200); dropping app alone is enough.
     let plan = store
-        .plan_prune(&PruneSelection { select: None, max_bytes: Some(store.total_bytes() - 100), force: false })
+        .plan_prune(&PruneSelection {
+            select: None,
+            max_bytes: Some(store.total_bytes() - 100),
+            force: false,
+            max_images: None,
+        })
         .unwrap();
     assert_eq!(plan.images, ["r.test/app:v1"]);
     assert_eq!(plan.blobs, [c.app_layer]);
-    let nothing =
-        store.plan_prune(&PruneSelection { select: None, max_bytes: Some(store.total_bytes()), force: false }).unwrap();
+    let nothing = store
+        .plan_prune(&PruneSelection {
+            select: None,
+            max_bytes: Some(store.total_bytes()),
+            force: false,
+            max_images: None,
+        })
+        .unwrap();
     assert_eq!(nothing, PrunePlan::default());
-    let all = store.plan_prune(&PruneSelection { select: None, max_bytes: Some(0), force: false }).unwrap();
+    let all =
+        store.plan_prune(&PruneSelection { select: None, max_bytes: Some(0), force: false, max_images: None }).unwrap();
     assert_eq!(all.images.len(), 2);
     assert_eq!(all.blobs.len(), 3);
 }
@@ -377,7 +391,9 @@ async fn a_manifest_recorded_between_plan_and_prune_keeps_its_blobs() {
     let store = Store::open(dir.path(), 64 * 1024).unwrap();
     let c = catalog(&store).await;
     let select = |e: &ImageEntry| e.reference.contains("/app");
-    let plan = store.plan_prune(&PruneSelection { select: Some(&select), max_bytes: None, force: false }).unwrap();
+    let plan = store
+        .plan_prune(&PruneSelection { select: Some(&select), max_bytes: None, force: false, max_images: None })
+        .unwrap();
     assert_eq!(plan.blobs, [c.app_layer]);
     // A pull records another image using app's layer before the prune runs.
     manifest(&store, "other", Some("v1"), clyde_types::media::OCI_MANIFEST, &[c.app_layer], 300).await;
@@ -393,7 +409,9 @@ async fn a_size_no_prune_of_images_can_reach_is_refused() {
     let store = Store::open(dir.path(), 64 * 1024).unwrap();
     catalog(&store).await;
     blob(&store, &random(5000)).await;
-    let err = store.plan_prune(&PruneSelection { select: None, max_bytes: Some(1000), force: false }).unwrap_err();
+    let err = store
+        .plan_prune(&PruneSelection { select: None, max_bytes: Some(1000), force: false, max_images: None })
+        .unwrap_err();
     assert!(matches!(err, StoreError::Unprunable { unowned: 5000, max: 1000 }), "{err}");
 }
 
@@ -409,11 +427,15 @@ async fn pinned_images_survive_eviction_and_unforced_prunes() {
 
     // A prune that selects everything keeps the pinned image and says so; forced, it goes.
     let all = |_: &ImageEntry| true;
-    let plan = store.plan_prune(&PruneSelection { select: Some(&all), max_bytes: None, force: false }).unwrap();
+    let plan = store
+        .plan_prune(&PruneSelection { select: Some(&all), max_bytes: None, force: false, max_images: None })
+        .unwrap();
     assert_eq!(plan.images, ["r.test/tool:v1"]);
     assert_eq!(plan.pinned, ["r.test/app:v1"]);
     assert_eq!(plan.blobs, [c.tool_layer]);
-    let forced = store.plan_prune(&PruneSelection { select: Some(&all), max_bytes: None, force: true }).unwrap();
+    let forced = store
+        .plan_prune(&PruneSelection { select: Some(&all), max_bytes: None, force: true, max_images: None })
+        .unwrap();
     assert!(forced.images.contains(&"r.test/app:v1".to_string()) && forced.pinned.is_empty());
 
     // Eviction down to nothing: every blob goes but those the pinned image references.

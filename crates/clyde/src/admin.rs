@@ -160,6 +160,7 @@ pub async fn prune(config: &Config, args: &PruneArgs) -> anyhow::Result<()> {
         max_size: args.max_size.as_deref().map(clyde_types::parse_size).transpose()?,
         dry_run: args.dry_run,
         force: args.force,
+        max_images: None,
     };
     let plan = match target(config, false).await? {
         Target::Agent(mut c) => c.prune(&request).await?,

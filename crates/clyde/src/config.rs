@@ -94,16 +94,39 @@ pub struct Config {
     pub retention: Retention,
 }
 
-/// `[retention]`: pinned images. `min_copies` and `[[retention.prune]]` (scheduled prunes)
-/// are part of the interface and not built yet: a config that sets them is refused rather
-/// than half obeyed.
+/// `[retention]`: pinned images and scheduled prunes. `min_copies` is part of the interface
+/// and not built yet: a config that sets it is refused rather than half obeyed.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Retention {
     /// Regular expressions over image names (`registry/repo:tag`), as `clyde prune --pattern`.
     pub pinned: Vec<String>,
     pub min_copies: Option<u32>,
-    pub prune: Option<toml::Value>,
+    /// `[[retention.prune]]`: prunes the agent runs on a schedule.
+    pub prune: Vec<PruneRule>,
+}
+
+/// One scheduled prune: the selectors of `clyde prune` (all that are given must hold), run
+/// every `every`; pinned images are never removed.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneRule {
+    #[serde(with = "humantime_serde")]
+    pub every: Duration,
+    /// Images last pulled longer ago than this.
+    #[serde(default, with = "humantime_serde")]
+    pub accessed_before: Option<Duration>,
+    /// Images first cached longer ago than this.
+    #[serde(default, with = "humantime_serde")]
+    pub created_before: Option<Duration>,
+    /// Regular expressions over image names; any match selects.
+    #[serde(default)]
+    pub pattern: Vec<String>,
+    /// At most this many images per run, least recently pulled first.
+    pub max_images: Option<usize>,
+    /// Only log and count what would go.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 impl Default for Config {
@@ -197,13 +220,25 @@ impl Config {
     /// What parsing cannot tell: settings this version does not carry out, bad patterns.
     fn check(&self) -> anyhow::Result<()> {
         let r = &self.retention;
-        if r.min_copies.is_some() || r.prune.is_some() {
+        if r.min_copies.is_some() {
             anyhow::bail!(
-                "[retention] min_copies and [[retention.prune]] are not supported by this version of clyde \
-                 (pinned is); remove them"
+                "[retention] min_copies is not supported by this version of clyde (pinned and \
+                 [[retention.prune]] are); remove it"
             );
         }
         regex::RegexSet::new(&r.pinned).map_err(|e| anyhow::anyhow!("[retention] pinned: {e}"))?;
+        for (i, rule) in r.prune.iter().enumerate() {
+            let n = i + 1;
+            if rule.every.is_zero() {
+                anyhow::bail!("[[retention.prune]] rule {n}: every must be more than 0");
+            }
+            if rule.accessed_before.is_none() && rule.created_before.is_none() && rule.pattern.is_empty() {
+                anyhow::bail!(
+                    "[[retention.prune]] rule {n}: say what to prune: pattern, accessed_before or created_before"
+                );
+            }
+            regex::RegexSet::new(&rule.pattern).map_err(|e| anyhow::anyhow!("[[retention.prune]] rule {n}: {e}"))?;
+        }
         Ok(())
     }
 }
@@ -247,9 +282,17 @@ mod tests {
         let c: Config = toml::from_str("[retention]\npinned = [\"reg\\\\.example/team/.*\"]\n").unwrap();
         assert_eq!(c.retention.pinned, ["reg\\.example/team/.*"]);
         assert!(c.check().is_ok());
+        let c: Config = toml::from_str(
+            "[[retention.prune]]\nevery = \"1d\"\naccessed_before = \"30d\"\nmax_images = 100\ndry_run = true\n",
+        )
+        .unwrap();
+        assert!(c.check().is_ok());
+        assert_eq!(c.retention.prune[0].accessed_before, Some(Duration::from_secs(30 * 86400)));
         for refused in [
             "[retention]\nmin_copies = 2\n",
             "[[retention.prune]]\nevery = \"1d\"\n",
+            "[[retention.prune]]\nevery = \"0s\"\npattern = [\"x\"]\n",
+            "[[retention.prune]]\nevery = \"1d\"\npattern = [\"(\"]\n",
             "[retention]\npinned = [\"(unclosed\"]\n",
         ] {
             let c: Config = toml::from_str(refused).unwrap();

@@ -126,6 +126,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let images = crate::admin::load_images(&[], Some(file))?;
         tasks.spawn(preload(resolver.clone(), images, shutdown_rx.clone()));
     }
+    for (i, rule) in config.retention.prune.iter().enumerate() {
+        tasks.spawn(scheduled_prune(i + 1, rule.clone(), store.clone(), metrics.clone(), shutdown_rx.clone()));
+    }
     let ready = {
         let p2p = p2p.clone();
         move || {
@@ -177,6 +180,52 @@ async fn preload(resolver: clyde_resolver::Resolver, images: Vec<String>, mut sh
             Err(e) => tracing::warn!(error = %e, "preload failed"),
         },
         _ = shutdown.wait_for(|stop| *stop) => {}
+    }
+}
+
+/// Runs `[[retention.prune]]` rule number `n` every `rule.every` (the first run one period
+/// after start), as `clyde prune` would with the rule's selectors; pinned images stay. Every
+/// run is logged and counted.
+async fn scheduled_prune(
+    n: usize,
+    rule: crate::config::PruneRule,
+    store: Store,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + rule.every, rule.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let now = clyde_store::unix_now();
+        let before = |age: Option<std::time::Duration>| age.map(|a| now.saturating_sub(a.as_secs()));
+        let request = clyde_admin::PruneRequest {
+            patterns: rule.pattern.clone(),
+            created_before: before(rule.created_before),
+            accessed_before: before(rule.accessed_before),
+            max_size: None,
+            dry_run: rule.dry_run,
+            force: false,
+            max_images: rule.max_images,
+        };
+        match clyde_admin::ops::prune(&store, &request).await {
+            Ok(plan) => {
+                metrics.prune_run(n, rule.dry_run, plan.images.len() as u64, plan.bytes);
+                tracing::info!(
+                    rule = n,
+                    dry_run = rule.dry_run,
+                    images = ?plan.images,
+                    kept_pinned = ?plan.pinned,
+                    blobs = plan.blobs.len(),
+                    bytes = plan.bytes,
+                    "scheduled prune"
+                );
+            }
+            Err(e) => tracing::warn!(rule = n, error = %e, "scheduled prune failed"),
+        }
     }
 }
 
