@@ -211,3 +211,25 @@ fn serve_preloads_images_from_a_file_and_keeps_serving() {
     assert!(agent.log().contains("image not loaded"), "the failed image is logged");
     assert_eq!(http().get(format!("{}/v2/", agent.url())).send().expect("get").status(), 200);
 }
+
+#[test]
+fn an_image_loaded_with_pin_is_marked_and_pruned_only_with_force() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[MIB]);
+    img.push(&reg, "pinned", "v1", ImageFormat::Oci);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("data");
+    let reference = format!("{}/pinned:v1", reg.addr());
+    let out = clyde(&dir, &["load", "--pin", &reference]);
+    assert!(out.ok, "{}{}", out.stdout, out.stderr);
+    let rows = list_json(&dir);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["pinned"], serde_json::Value::Bool(true), "{rows:?}");
+    // A prune that selects it keeps it and says so; --force removes it.
+    let out = clyde(&dir, &["prune", "--pattern", "pinned"]);
+    assert!(out.ok && out.stdout.contains("pinned (--force removes it)"), "{}{}", out.stdout, out.stderr);
+    assert!(held(&dir, &img.layers[0].digest));
+    let out = clyde(&dir, &["prune", "--pattern", "pinned", "--force"]);
+    assert!(out.ok && out.stdout.contains("removed 1 images"), "{}{}", out.stdout, out.stderr);
+    assert!(!held(&dir, &img.layers[0].digest));
+}

@@ -96,6 +96,7 @@ impl AdminClient {
                 images: request.images.clone(),
                 platforms: request.platforms.clone(),
                 concurrency: request.concurrency as u32,
+                pin: request.pin,
             })
             .await?
             .into_inner();

@@ -94,6 +94,8 @@ pub struct LoadRequest {
     pub platforms: Vec<String>,
     /// Images at once; 0 means [`DEFAULT_CONCURRENCY`].
     pub concurrency: usize,
+    /// Pin every image loaded.
+    pub pin: bool,
 }
 
 /// One image's progress.
@@ -133,7 +135,13 @@ pub async fn load(
         .map(|image| {
             let (events, platforms) = (events.clone(), &platforms);
             async move {
-                let result = load_one(resolver, &image, platforms, &events).await;
+                let mut result = load_one(resolver, &image, platforms, &events).await;
+                if let Ok(digest) = &result
+                    && request.pin
+                    && let Err(e) = resolver.store().pin(*digest).await
+                {
+                    result = Err(format!("loaded, but not pinned: {e}"));
+                }
                 if let Err(e) = &result {
                     tracing::warn!(%image, error = %e, "image not loaded");
                 } else {

@@ -108,8 +108,12 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn load(&self, request: Request<pb::LoadRequest>) -> Result<Response<LoadStream>, Status> {
         let r = request.into_inner();
-        let request =
-            ops::LoadRequest { images: r.images, platforms: r.platforms, concurrency: r.concurrency as usize };
+        let request = ops::LoadRequest {
+            images: r.images,
+            platforms: r.platforms,
+            concurrency: r.concurrency as usize,
+            pin: r.pin,
+        };
         // Bad platforms are the caller's mistake: answer with an error, not a stream.
         for p in &request.platforms {
             clyde_resolver::Platform::parse(p).map_err(AdminError::from)?;

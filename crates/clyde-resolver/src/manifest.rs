@@ -287,6 +287,8 @@ impl Resolver {
             created: existing.as_ref().map_or(now, |e| e.created),
             last_pulled: now,
             references: references(&m.bytes),
+            // A pin stays through later pulls of the same manifest.
+            pinned: existing.as_ref().is_some_and(|e| e.pinned),
         };
         store.put_manifest(m.digest, record).await?;
         // Sizes only from a manifest whose bytes are vouched for: the upstream's, or one

@@ -153,7 +153,7 @@ impl Snapshot {
                 last_pulled: m.last_pulled,
                 tagged,
                 child: children.contains(&digest),
-                pinned: self.pins.as_ref().is_some_and(|p| p.is_match(&reference)),
+                pinned: m.pinned || self.pins.as_ref().is_some_and(|p| p.is_match(&reference)),
                 reference,
             }
         };
@@ -171,12 +171,26 @@ impl Snapshot {
 impl Store {
     /// Digests eviction must keep: everything a pinned image references.
     pub(crate) fn pinned_digests(&self) -> Result<HashSet<Digest>, StoreError> {
-        if self.pins().is_none() {
-            return Ok(HashSet::new());
-        }
         let snapshot = Snapshot::read(self)?;
         let pinned: Vec<Digest> = snapshot.entries().into_iter().filter(|e| e.pinned).map(|e| e.digest).collect();
         Ok(snapshot.reach(pinned))
+    }
+
+    /// Pins the manifest `digest` (and so its image): `clyde load --pin`.
+    pub async fn pin(&self, digest: Digest) -> Result<(), StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _catalog = store.inner.catalog.read().unwrap_or_else(|p| p.into_inner());
+            match store.inner.meta.manifest(&digest)? {
+                Some(mut record) => {
+                    record.pinned = true;
+                    store.inner.meta.put_manifest(&digest, &record)
+                }
+                None => Err(StoreError::Metadata(format!("no manifest {digest} to pin"))),
+            }
+        })
+        .await
+        .map_err(StoreError::join)?
     }
 
     /// Every cached manifest by name, indexes and images; platform manifests of an index last.

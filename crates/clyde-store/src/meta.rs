@@ -52,6 +52,9 @@ pub struct ManifestRecord {
     /// Blobs and child manifests it references.
     #[serde(default)]
     pub references: Vec<Digest>,
+    /// Pinned (`clyde load --pin`): never evicted, pruned only when forced.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// A complete blob.

@@ -127,6 +127,7 @@ async fn reads_are_recorded_in_batches() {
         created: 1,
         last_pulled: 1,
         references: vec![],
+        pinned: false,
     };
     store.put_manifest(d, record).await.unwrap();
     let before = store.blob_record(&d).unwrap().unwrap().last_access;
@@ -257,6 +258,7 @@ async fn manifest(store: &Store, repo: &str, tag: Option<&str>, kind: &str, refs
         created: pulled,
         last_pulled: pulled,
         references: refs.to_vec(),
+        pinned: false,
     };
     store.put_manifest(d, record).await.unwrap();
     if let Some(tag) = tag {

@@ -72,6 +72,9 @@ pub struct LoadArgs {
     /// Images loaded at once
     #[arg(long, default_value_t = ops::DEFAULT_CONCURRENCY)]
     concurrency: usize,
+    /// Pin the loaded images: eviction never removes them, prune only with --force
+    #[arg(long)]
+    pin: bool,
 }
 
 /// Where a command's work happens.
@@ -231,8 +234,12 @@ pub async fn load(config: &Config, args: &LoadArgs) -> anyhow::Result<()> {
     for p in &args.platform {
         clyde_resolver::Platform::parse(p)?;
     }
-    let request =
-        LoadRequest { images: images.clone(), platforms: args.platform.clone(), concurrency: args.concurrency };
+    let request = LoadRequest {
+        images: images.clone(),
+        platforms: args.platform.clone(),
+        concurrency: args.concurrency,
+        pin: args.pin,
+    };
     let failed = match target(config, true).await? {
         Target::Agent(mut client) => {
             eprintln!("loading {} images through the running agent", images.len());
