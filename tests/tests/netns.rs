@@ -211,10 +211,6 @@ fn a_blob_that_four_peers_hold_comes_from_all_of_them_at_once() {
     );
 }
 
-fn tx_bytes(place: &clyde_tests::Place) -> u64 {
-    place.tx_bytes()
-}
-
 /// Bytes written so far into node `i`'s partial file of `digest`: the disk blocks it uses (the
 /// file is made at its full length, sparse, when the transfer starts).
 fn partial_written(c: &LabCluster, i: usize, digest: &str) -> u64 {
@@ -229,7 +225,7 @@ fn a_herd_completes_when_its_elected_fetcher_is_killed_midway() {
     let mut c = cluster(6, &[64 * MIB], Some("100mbit"));
     let layer = c.image.layers[0].clone();
     let up = c.upstream.place().clone();
-    let sent_before = tx_bytes(&up);
+    let sent_before = up.tx_bytes();
     let barrier = std::sync::Barrier::new(c.nodes.len() + 1);
     let killed = std::thread::scope(|s| {
         let pulls: Vec<_> = (0..c.nodes.len())
@@ -267,7 +263,7 @@ fn a_herd_completes_when_its_elected_fetcher_is_killed_midway() {
     let needle = format!("elected to fetch from the upstream digest={}", layer.digest);
     let successor = (0..c.nodes.len()).find(|&i| i != killed && c.nodes[i].agent.log().contains(&needle));
     assert!(successor.is_some(), "no survivor took over the fetch");
-    let sent = tx_bytes(&up) - sent_before;
+    let sent = up.tx_bytes() - sent_before;
     let ratio = sent as f64 / layer.size as f64;
     eprintln!(
         "fetcher (node {killed}) killed at 30%, node {} took over: the upstream host sent {ratio:.3}x the layer",
@@ -286,7 +282,7 @@ fn a_node_serving_three_peers_stays_under_its_upload_cap() {
     wait_store_holds(&c.nodes[0].agent.data_dir(), 1);
     let node = &c.nodes[0].agent;
     let url = format!("http://{}/v2/team/app/blobs/{}?ns={}", node.peer_addr(), layer.digest, c.upstream.addr());
-    let sent_before = tx_bytes(node.place());
+    let sent_before = node.place().tx_bytes();
     let started = Instant::now();
     std::thread::scope(|s| {
         let peers: Vec<_> = (0..3)
@@ -302,7 +298,7 @@ fn a_node_serving_three_peers_stays_under_its_upload_cap() {
         }
     });
     let took = started.elapsed().as_secs_f64();
-    let sent = tx_bytes(node.place()) - sent_before;
+    let sent = node.place().tx_bytes() - sent_before;
     let rate = sent as f64 / took;
     eprintln!(
         "3 peers served {:.1} MiB in {took:.2} s: {:.1} MiB/s on the interface, cap {} MiB/s",

@@ -1014,7 +1014,7 @@ fn coalesce(ranges: &[ByteRange], gap: u64) -> Vec<Range<u64>> {
 }
 
 /// Bytes of a complete file per chunk sent.
-const FILE_CHUNK: usize = 1024 * 1024;
+const FILE_CHUNK: usize = READ_CHUNK as usize;
 /// Buffers one file response keeps for reuse.
 const POOLED_BUFFERS: usize = 4;
 
@@ -1197,7 +1197,8 @@ impl BlobSource {
             }
             let len = (end - pos).min(READ_CHUNK);
             let read = match &source {
-                Self::Local(file) => file.read_at(pos, len).await,
+                // `stream` sends a complete file through `stream_file`; this arm is the same read.
+                Self::Local(file) => read_chunk(file, &BufferPool::default(), pos, len as usize).await,
                 Self::Held { reader, .. } => match reader.read_at(pos, len).await {
                     Ok(bytes) if !bytes.is_empty() => Ok(bytes),
                     Ok(_) => Err(StoreError::Io(std::io::ErrorKind::UnexpectedEof.into())),

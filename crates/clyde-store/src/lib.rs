@@ -65,8 +65,7 @@ impl StoreError {
     }
 }
 
-/// A complete blob opened for one reader (reads are sequential on its own file offset; a
-/// clone shares that offset, so clones must not read at the same time).
+/// A complete blob opened for reading (positional reads: clones may read at the same time).
 #[derive(Clone)]
 pub struct BlobFile {
     file: Arc<File>,
@@ -84,31 +83,6 @@ impl BlobFile {
     /// Its size in bytes.
     pub fn size(&self) -> u64 {
         self.size
-    }
-
-    /// Reads `len` bytes at `offset`.
-    pub async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes, StoreError> {
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(StoreError::OutOfBounds);
-        }
-        // This file handle belongs to one reader, which reads sequentially: use the file's own
-        // offset and `read_to_end`, which fills the buffer without zeroing it first.
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Seek, SeekFrom};
-            let mut f = &*file;
-            if f.stream_position()? != offset {
-                f.seek(SeekFrom::Start(offset))?;
-            }
-            let mut buf = Vec::with_capacity(len as usize);
-            f.take(len).read_to_end(&mut buf)?;
-            if buf.len() as u64 != len {
-                return Err(StoreError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-            }
-            Ok(Bytes::from(buf))
-        })
-        .await
-        .map_err(StoreError::join)?
     }
 
     /// Reads into `buf`, from `offset`, what the page cache already holds, without ever

@@ -199,65 +199,58 @@ impl Upstream {
         headers: &[(header::HeaderName, String)],
     ) -> Result<reqwest::Response, UpstreamError> {
         let bound = self.config.response_timeout;
-        let sent = self.send_unbounded(client, repository, method, url, headers);
-        tokio::time::timeout(bound, sent).await.map_err(|_| UpstreamError::Unreachable {
-            registry: client.registry.to_string(),
-            reason: format!("no answer within {} ms", bound.as_millis()),
-        })?
-    }
-
-    async fn send_unbounded(
-        &self,
-        client: &RegistryClient,
-        repository: &Repository,
-        method: Method,
-        url: &str,
-        headers: &[(header::HeaderName, String)],
-    ) -> Result<reqwest::Response, UpstreamError> {
-        let scope = format!("repository:{repository}:pull");
-        let mut challenged = false;
-        let mut attempt = 0u32;
-        loop {
-            let mut req = client.http.request(method.clone(), url);
-            for (name, value) in headers {
-                req = req.header(name, value);
-            }
-            if let Some(auth) = self.tokens.header(client.registry.as_str(), &scope) {
-                req = req.header(header::AUTHORIZATION, auth);
-            }
-            let result = req.send().await;
-            let resp = match result {
-                Ok(resp) => resp,
-                Err(e) if attempt < self.config.retries && (e.is_connect() || e.is_request()) && !e.is_timeout() => {
+        let sent = async {
+            let scope = format!("repository:{repository}:pull");
+            let mut challenged = false;
+            let mut attempt = 0u32;
+            loop {
+                let mut req = client.http.request(method.clone(), url);
+                for (name, value) in headers {
+                    req = req.header(name, value);
+                }
+                if let Some(auth) = self.tokens.header(client.registry.as_str(), &scope) {
+                    req = req.header(header::AUTHORIZATION, auth);
+                }
+                let result = req.send().await;
+                let resp = match result {
+                    Ok(resp) => resp,
+                    Err(e)
+                        if attempt < self.config.retries && (e.is_connect() || e.is_request()) && !e.is_timeout() =>
+                    {
+                        attempt += 1;
+                        tokio::time::sleep(backoff(attempt)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(unreachable_err(&client.registry, &e)),
+                };
+                let status = resp.status();
+                if status == StatusCode::UNAUTHORIZED && !challenged {
+                    challenged = true;
+                    let challenge = header_str(resp.headers(), "www-authenticate").unwrap_or("").to_string();
+                    self.tokens
+                        .answer(&client.http, client.registry.as_str(), &scope, &challenge, client.auth.as_ref())
+                        .await?;
+                    continue;
+                }
+                if status.is_server_error() && attempt < self.config.retries {
                     attempt += 1;
                     tokio::time::sleep(backoff(attempt)).await;
                     continue;
                 }
-                Err(e) => return Err(unreachable_err(&client.registry, &e)),
-            };
-            let status = resp.status();
-            if status == StatusCode::UNAUTHORIZED && !challenged {
-                challenged = true;
-                let challenge = header_str(resp.headers(), "www-authenticate").unwrap_or("").to_string();
-                self.tokens
-                    .answer(&client.http, client.registry.as_str(), &scope, &challenge, client.auth.as_ref())
-                    .await?;
-                continue;
+                return match status {
+                    s if s.is_success() => Ok(resp),
+                    StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                        Err(UpstreamError::Unauthorized(status.to_string()))
+                    }
+                    s => Err(UpstreamError::Status { status: s.as_u16(), url: url.to_string() }),
+                };
             }
-            if status.is_server_error() && attempt < self.config.retries {
-                attempt += 1;
-                tokio::time::sleep(backoff(attempt)).await;
-                continue;
-            }
-            return match status {
-                s if s.is_success() => Ok(resp),
-                StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                    Err(UpstreamError::Unauthorized(status.to_string()))
-                }
-                s => Err(UpstreamError::Status { status: s.as_u16(), url: url.to_string() }),
-            };
-        }
+        };
+        tokio::time::timeout(bound, sent).await.map_err(|_| UpstreamError::Unreachable {
+            registry: client.registry.to_string(),
+            reason: format!("no answer within {} ms", bound.as_millis()),
+        })?
     }
 }
 
