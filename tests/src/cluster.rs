@@ -98,3 +98,22 @@ pub fn wait_log(agent: &Agent, needle: &str) {
         agent.log().contains(needle).then_some(())
     });
 }
+
+/// A file holding a cluster secret (made once per secret and kept for the life of the test
+/// process), for `--cluster-secret-file`.
+pub fn secret_file(secret: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("clyde-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("secret dir");
+    let path = dir.join(sha256(secret.as_bytes()));
+    std::fs::write(&path, format!("{secret}\n")).expect("write secret");
+    path.display().to_string()
+}
+
+/// The `Authorization` a member holding `secret` sends with `GET path_and_query` to a peer port.
+pub fn member_auth(secret: &str, path_and_query: &str) -> String {
+    let members =
+        clyde_types::Membership::new(vec![clyde_types::ClusterSecret::parse(secret.as_bytes()).expect("secret")])
+            .expect("one secret");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    members.authorization("GET", path_and_query, now)
+}

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use clyde_tests::cluster::{member_auth, secret_file};
 use clyde_tests::containerd::NAMESPACE;
 use clyde_tests::{Agent, Containerd, ImageFormat, Registry, TestImage, http, poll, wait_for};
 
@@ -15,8 +16,26 @@ const PATIENT_LOOKUPS: &str = "[peers]\nlookup_timeout = \"1s\"\n";
 fn agent_sharing(ctrd: &Containerd, grpc_only: bool) -> Agent {
     let socket = ctrd.socket().display().to_string();
     let dir = if grpc_only { String::new() } else { ctrd.content_dir().display().to_string() };
-    let args = ["--containerd-socket", &socket, "--containerd-namespace", NAMESPACE, "--containerd-content-dir", &dir];
+    let secret = secret_file(SECRET);
+    let args = [
+        "--containerd-socket",
+        &socket,
+        "--containerd-namespace",
+        NAMESPACE,
+        "--containerd-content-dir",
+        &dir,
+        "--cluster-secret-file",
+        &secret,
+    ];
     Agent::start_on("127.0.0.2", "", &args)
+}
+
+/// Tags come from peers only in a cluster with a secret: A and B share one.
+const SECRET: &str = "containerd-source-test-0123456789abcdef";
+
+/// A GET to a peer port, signed as a member.
+fn member_get(peer_addr: &str, path: &str) -> reqwest::blocking::RequestBuilder {
+    http().get(format!("http://{peer_addr}{path}")).header("Authorization", member_auth(SECRET, path))
 }
 
 fn pull_direct(ctrd: &Containerd, reference: &str) {
@@ -40,7 +59,12 @@ fn share_and_pull(grpc_only: bool) {
     let mut ctrd_a = Containerd::start();
     pull_direct(&ctrd_a, &reference);
     let a = agent_sharing(&ctrd_a, grpc_only);
-    let b = Agent::start_on("127.0.0.3", PATIENT_LOOKUPS, &["--bootstrap", &a.p2p_addr()]);
+    let secret = secret_file(SECRET);
+    let b = Agent::start_on(
+        "127.0.0.3",
+        PATIENT_LOOKUPS,
+        &["--bootstrap", &a.p2p_addr(), "--cluster-secret-file", &secret],
+    );
     b.wait_ready();
     // Manifest, config, two layers, and the tag.
     let advertised = poll(Duration::from_secs(20), || (a.metric("clyde_advertised_keys") >= 5.0).then_some(()));
@@ -48,10 +72,10 @@ fn share_and_pull(grpc_only: bool) {
     assert_eq!(store_blobs(&a), 0, "A's own store stays empty");
     // A's peer port serves containerd's copy, whole and by range.
     let layer = &img.layers[1];
-    let peer_url = format!("http://{}/v2/shared/blobs/{}?ns={}", a.peer_addr(), layer.digest, reg.addr());
-    let whole = http().get(&peer_url).send().expect("get").bytes().expect("body");
+    let peer_path = format!("/v2/shared/blobs/{}?ns={}", layer.digest, reg.addr());
+    let whole = member_get(&a.peer_addr(), &peer_path).send().expect("get").bytes().expect("body");
     assert_eq!(clyde_tests::sha256(&whole), layer.digest);
-    let part = http().get(&peer_url).header("Range", "bytes=1000-1999").send().expect("range");
+    let part = member_get(&a.peer_addr(), &peer_path).header("Range", "bytes=1000-1999").send().expect("range");
     assert_eq!(part.status(), 206);
     let total = layer.size;
     assert_eq!(part.headers()["content-range"].to_str().unwrap_or(""), format!("bytes 1000-1999/{total}"));
@@ -92,8 +116,8 @@ fn share_and_pull(grpc_only: bool) {
         (a.metric("clyde_advertised_keys") <= advertised - 5.0).then_some(())
     });
     eprintln!("withdrawn {:?} after containerd deleted the image", started.elapsed());
-    let peer_url = format!("http://{}/v2/shared/blobs/{}?ns={}", a.peer_addr(), img.layers[0].digest, reg.addr());
-    assert_eq!(http().get(peer_url).send().expect("get").status(), 404);
+    let peer_path = format!("/v2/shared/blobs/{}?ns={}", img.layers[0].digest, reg.addr());
+    assert_eq!(member_get(&a.peer_addr(), &peer_path).send().expect("get").status(), 404);
     // B drops its own copy (through its admin socket): nobody has the layer now, and B
     // answers 404 at once instead of trying A.
     let out = std::process::Command::new(clyde_tests::agent::clyde_bin())
@@ -149,7 +173,12 @@ fn layers_containerd_discarded_after_unpack_are_still_shared_from_clydes_store()
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(a.metric("clyde_advertised_keys"), advertised);
 
-    let b = Agent::start_on("127.0.0.3", PATIENT_LOOKUPS, &["--bootstrap", &a.p2p_addr()]);
+    let secret = secret_file(SECRET);
+    let b = Agent::start_on(
+        "127.0.0.3",
+        PATIENT_LOOKUPS,
+        &["--bootstrap", &a.p2p_addr(), "--cluster-secret-file", &secret],
+    );
     b.wait_ready();
     reg.stop();
     let ctrd_b = Containerd::start();

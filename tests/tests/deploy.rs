@@ -54,7 +54,7 @@ fn validate(docs: &[Value]) -> String {
 #[test]
 fn kustomize_base_validates_against_the_kubernetes_schemas() {
     let text = validate(&rendered());
-    for kind in ["namespace", "serviceaccount", "configmap", "service", "daemonset"] {
+    for kind in ["namespace", "serviceaccount", "configmap", "secret", "service", "daemonset"] {
         assert!(text.contains(&format!("passed for resource {kind}/")), "{kind} was not validated:\n{text}");
     }
 }
@@ -100,6 +100,49 @@ fn the_daemonset_runs_on_every_node_with_what_the_agent_needs() {
     let written = std::fs::read_to_string(hosts.path().join("_default/hosts.toml")).expect("_default/hosts.toml");
     assert!(written.contains("[host.\"http://127.0.0.1:30021\"]"), "{written}");
     assert!(written.contains("capabilities = [\"pull\", \"resolve\"]"), "{written}");
+}
+
+#[test]
+fn agents_get_the_cluster_secret_from_a_read_only_secret_and_refuse_the_placeholder() {
+    let docs = rendered();
+    let secret = docs.iter().find(|d| d["kind"] == "Secret").expect("a Secret");
+    let name = secret["metadata"]["name"].as_str().expect("name");
+    let ds = find(&docs, "DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    let volume = strings_of(&pod["volumes"]).into_iter().find(|v| v["secret"]["secretName"] == name).expect("volume");
+    let agent = &pod["containers"][0];
+    let mount = strings_of(&agent["volumeMounts"]).into_iter().find(|m| m["name"] == volume["name"]).expect("mount");
+    assert_eq!(mount["readOnly"], true);
+    let args = strings(&agent["args"]);
+    let file = args.iter().skip_while(|a| *a != "--cluster-secret-file").nth(1).expect("--cluster-secret-file");
+    let dir = mount["mountPath"].as_str().expect("path");
+    let key = file.strip_prefix(&format!("{dir}/")).expect("the flag names a file of the mounted Secret");
+    assert!(secret["data"][key].is_string(), "the Secret has no key {key}");
+    // As shipped, the secret is a placeholder the agent refuses, saying what to do.
+    let placeholder = repo().join("deploy/kustomize/cluster-secret");
+    let data = tempfile::tempdir().expect("tempdir");
+    let log = data.path().join("serve.log");
+    let mut child = clyde_tests::spawn_logged(
+        Command::new(clyde_bin())
+            .args(["serve", "--config", "/dev/null", "--data-dir"])
+            .arg(data.path().join("data"))
+            .args(["--mirror-addr", "127.0.0.1:0", "--peer-addr", "127.0.0.1:0", "--metrics-addr", "127.0.0.1:0"])
+            .args(["--p2p-addr", "/ip4/127.0.0.1/tcp/0", "--containerd-socket", ""])
+            .arg("--cluster-secret-file")
+            .arg(&placeholder),
+        &log,
+    );
+    let status = clyde_tests::poll(std::time::Duration::from_secs(20), || child.try_wait().ok().flatten());
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.is_some_and(|s| !s.success()), "the agent started on the placeholder:\n{text}");
+    assert!(text.contains("head -c 32 /dev/urandom"), "{text}");
+}
+
+fn strings_of(v: &Value) -> Vec<Value> {
+    v.as_sequence().cloned().unwrap_or_default()
 }
 
 /// `.Values.a.b` paths used in the chart's templates.

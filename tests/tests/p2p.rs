@@ -26,7 +26,9 @@ fn peers_serve_every_node_after_the_first_also_with_the_upstream_gone() {
     let mut reg = Registry::start();
     let img = TestImage::single(&[3 * MIB, 5 * MIB, MIB]);
     img.push(&reg, "team/app", "v1", ImageFormat::Oci);
-    let cluster = Cluster::start(4, PATIENT_LOOKUPS, &[]);
+    // Tags come from peers only among members of a cluster with a secret.
+    let secret = clyde_tests::cluster::secret_file("peers-serve-every-node-0123456789abcdef");
+    let cluster = Cluster::start(4, PATIENT_LOOKUPS, &["--cluster-secret-file", &secret]);
     let reference = format!("{}/team/app:v1", reg.addr());
 
     // Node 1: containerd pulls through its mirror; the blobs come from the upstream.

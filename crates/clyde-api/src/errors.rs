@@ -15,6 +15,7 @@ pub enum ErrorCode {
     RangeInvalid,
     Unsupported,
     TooManyRequests,
+    Unauthorized,
     Unknown,
 }
 
@@ -29,6 +30,7 @@ impl ErrorCode {
             Self::DigestInvalid => "DIGEST_INVALID",
             Self::RangeInvalid => "RANGE_INVALID",
             Self::TooManyRequests => "TOOMANYREQUESTS",
+            Self::Unauthorized => "UNAUTHORIZED",
             Self::Unsupported => "UNSUPPORTED",
             Self::Unknown => "UNKNOWN",
         }

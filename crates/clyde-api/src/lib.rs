@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clyde_resolver::{Origin, ResolveError, Resolver, Want};
-use clyde_types::{ApiPath, BlobState, ByteRange, PathError, RangeError, RangeRequest, Reference, Resource};
+use clyde_types::{
+    ApiPath, BlobState, ByteRange, Membership, PathError, RangeError, RangeRequest, Reference, Resource, membership,
+};
 use futures_util::{StreamExt, TryStreamExt};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
@@ -64,13 +66,15 @@ impl Api {
 }
 
 /// Serves `api` on `listener`, over TLS when `tls` is given, until `shutdown` turns true;
-/// blob bodies within `uploads` when given (the peer server's limits).
+/// blob bodies within `uploads` when given (the peer server's limits); only to requests a
+/// cluster member signed when `members` is given (the peer server of a private cluster).
 pub async fn serve(
     listener: TcpListener,
     api: Api,
     resolver: Resolver,
     tls: Option<tokio_rustls::TlsAcceptor>,
     uploads: Option<Arc<Uploads>>,
+    members: Option<Membership>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let connections = TaskTracker::new();
@@ -88,7 +92,13 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let server = Server { resolver: resolver.clone(), api, uploads: uploads.clone(), origins: origins.clone() };
+        let server = Server {
+            resolver: resolver.clone(),
+            api,
+            uploads: uploads.clone(),
+            origins: origins.clone(),
+            members: members.clone(),
+        };
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         connections.spawn(async move {
@@ -118,6 +128,8 @@ struct Server {
     uploads: Option<Arc<Uploads>>,
     /// Registries `?ns=` named per repository path (mirror only).
     origins: Arc<origins::Origins>,
+    /// Who may read: members of the cluster only, when it has a secret.
+    members: Option<Membership>,
 }
 
 /// Serves HTTP/1.1 requests on one connection until it ends or the server shuts down.
@@ -192,6 +204,14 @@ async fn handle(server: &Server, req: Request<Incoming>, peer: SocketAddr) -> Re
 
 async fn route(server: &Server, req: &Request<Incoming>) -> (Response<Body>, &'static str) {
     let (resolver, api) = (&server.resolver, server.api);
+    if let Some(members) = &server.members
+        && let Err(e) = member_request(members, req)
+    {
+        let mut answer = errors::answer(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &e.to_string());
+        answer.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(membership::AUTH_SCHEME));
+        tracing::debug!(error = %e, path = %req.uri().path(), "peer request refused");
+        return (answer, "-");
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return (
             errors::answer(
@@ -253,6 +273,14 @@ async fn route(server: &Server, req: &Request<Incoming>) -> (Response<Body>, &'s
     }
 }
 
+/// Whether a cluster member signed this request.
+fn member_request(members: &Membership, req: &Request<Incoming>) -> Result<(), membership::AuthError> {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let header = req.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    members.verify(header, req.method().as_str(), path, now)
+}
+
 fn path_error(e: &PathError) -> Response<Body> {
     let (status, code) = match e {
         PathError::NotV2 | PathError::UnknownEndpoint => (StatusCode::NOT_FOUND, ErrorCode::Unsupported),
@@ -297,6 +325,9 @@ async fn manifest(
         h.insert(header::CONTENT_TYPE, v);
     }
     insert_digest(h, &m.digest.to_string());
+    if let Some(checked) = m.checked_at {
+        h.insert(clyde_upstream::TAG_CHECKED_HEADER, HeaderValue::from(checked));
+    }
     (r, m.source)
 }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use clyde_resolver::{BlobReader, BoxFuture, LocalBlob, LocalContent};
+use clyde_resolver::{BlobReader, BoxFuture, LocalBlob, LocalContent, LocalTag};
 use clyde_store::{BlobFile, StoreEvent};
 use clyde_types::key::tag_name;
 use clyde_types::{ContentKey, Digest, ImageRef, Reference};
@@ -61,7 +61,7 @@ struct Held {
     /// Blobs by digest, with their size.
     blobs: HashMap<Digest, u64>,
     /// Tags (`registry/repository:tag`) of images, with the target's digest and media type.
-    tags: HashMap<String, (Digest, String)>,
+    tags: HashMap<String, LocalTag>,
 }
 
 struct Inner {
@@ -228,7 +228,9 @@ impl Containerd {
             if let Ok(r) = ImageRef::parse(&image.name)
                 && let Reference::Tag(tag) = &r.reference
             {
-                tags.insert(tag_name(r.registry.as_str(), r.repository.as_str(), tag), (digest, target.media_type));
+                let updated_at = image.updated_at.as_ref().map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0));
+                let local = LocalTag { digest, media_type: target.media_type, updated_at };
+                tags.insert(tag_name(r.registry.as_str(), r.repository.as_str(), tag), local);
             }
         }
         let mut held = self.inner.held.write().unwrap_or_else(|p| p.into_inner());
@@ -280,7 +282,7 @@ async fn subscribe(channel: Channel, namespace: String, events: mpsc::Sender<Res
 }
 
 /// What changed between two lists.
-fn diff(old: &Held, blobs: &HashMap<Digest, u64>, tags: &HashMap<String, (Digest, String)>) -> Vec<StoreEvent> {
+fn diff(old: &Held, blobs: &HashMap<Digest, u64>, tags: &HashMap<String, LocalTag>) -> Vec<StoreEvent> {
     let mut out = Vec::new();
     let old_blobs: HashSet<&Digest> = old.blobs.keys().collect();
     let new_blobs: HashSet<&Digest> = blobs.keys().collect();
@@ -394,7 +396,7 @@ impl LocalContent for Containerd {
         })
     }
 
-    fn tag(&self, tag: &str) -> Option<(Digest, String)> {
+    fn tag(&self, tag: &str) -> Option<LocalTag> {
         self.held().tags.get(tag).cloned()
     }
 }
@@ -409,12 +411,13 @@ mod tests {
         let old = Held {
             blobs: HashMap::from([(a, 1), (b, 1)]),
             tags: HashMap::from([
-                ("r/x:1".to_string(), (a, "m".to_string())),
-                ("r/x:2".to_string(), (b, "m".to_string())),
+                ("r/x:1".to_string(), LocalTag { digest: a, media_type: "m".to_string(), updated_at: 1 }),
+                ("r/x:2".to_string(), LocalTag { digest: b, media_type: "m".to_string(), updated_at: 1 }),
             ]),
         };
         let blobs = HashMap::from([(b, 1), (c, 1)]);
-        let tags = HashMap::from([("r/x:2".to_string(), (c, "m".to_string()))]);
+        let tags =
+            HashMap::from([("r/x:2".to_string(), LocalTag { digest: c, media_type: "m".to_string(), updated_at: 1 })]);
         let mut events: Vec<String> = diff(&old, &blobs, &tags).iter().map(|e| format!("{e:?}")).collect();
         events.sort();
         let mut expected: Vec<String> = [

@@ -28,18 +28,20 @@ pub(crate) fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
     })
 }
 
-/// The address of a peer's server. `connection_ips` are the remote IPs of our connections to
-/// it and `listen` what it says it listens on. A connection IP the peer also listens on is
-/// the best answer (on a node with many interfaces it is the one that routes); an inbound
-/// connection's source IP may be another of the peer's addresses, so otherwise the peer's
-/// own listen address wins, a routable one before loopback.
+/// The address of a peer's server, always on an IP its libp2p connections come from: a
+/// peer cannot send others to a host that is not its own. `connection_ips` are the remote
+/// IPs of our connections to it and `listen` what it says it listens on. A connection IP
+/// the peer also listens on is the best answer (on a node with many interfaces it is the
+/// one that routes); else the connection's own IP. Loopback is one host: a peer on a
+/// loopback connection may name any loopback address it listens on (agents side by side on
+/// 127.0.0.x).
 pub fn http_addr(connection_ips: &[IpAddr], listen: &[Multiaddr], peer_port: u16) -> Option<SocketAddr> {
     let listen_ips: Vec<IpAddr> = listen.iter().filter_map(ip_of).filter(|ip| !ip.is_unspecified()).collect();
+    let on_loopback = connection_ips.iter().any(IpAddr::is_loopback);
     let ip = connection_ips
         .iter()
         .find(|ip| listen_ips.contains(ip))
-        .or_else(|| listen_ips.iter().find(|ip| !ip.is_loopback()))
-        .or_else(|| listen_ips.first())
+        .or_else(|| listen_ips.iter().find(|ip| on_loopback && ip.is_loopback()))
         .or_else(|| connection_ips.first())?;
     Some(SocketAddr::new(*ip, peer_port))
 }
@@ -79,11 +81,32 @@ mod tests {
     }
 
     #[test]
-    fn an_inbound_source_ip_defers_to_the_listen_address() {
+    fn a_loopback_peer_may_name_its_loopback_listen_address() {
         let listen = [ma("/ip4/127.0.0.3/tcp/4001")];
         assert_eq!(http_addr(&[ip("127.0.0.1")], &listen, 7), Some("127.0.0.3:7".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_peer_cannot_send_others_to_an_address_it_does_not_connect_from() {
+        // It claims to listen on another host's address: the connection's IP is used.
         let listen = [ma("/ip4/127.0.0.1/tcp/1"), ma("/ip4/10.1.2.3/tcp/1")];
-        assert_eq!(http_addr(&[ip("192.168.0.9")], &listen, 7), Some("10.1.2.3:7".parse().unwrap()));
+        assert_eq!(http_addr(&[ip("192.168.0.9")], &listen, 7), Some("192.168.0.9:7".parse().unwrap()));
+        let listen = [ma("/ip4/10.9.9.9/tcp/1")];
+        assert_eq!(http_addr(&[ip("127.0.0.1")], &listen, 7), Some("127.0.0.1:7".parse().unwrap()));
+        assert_eq!(http_addr(&[ip("10.0.0.7")], &[ma("/ip4/127.0.0.1/tcp/1")], 7), Some("10.0.0.7:7".parse().unwrap()));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_address_is_always_a_connection_ip_or_loopback_for_loopback(
+            conn in proptest::collection::vec(proptest::prelude::any::<[u8; 4]>(), 1..3),
+            listen in proptest::collection::vec(proptest::prelude::any::<[u8; 4]>(), 0..4),
+        ) {
+            let conn: Vec<IpAddr> = conn.into_iter().map(IpAddr::from).collect();
+            let listen: Vec<Multiaddr> = listen.into_iter().map(|b| format!("/ip4/{}/tcp/1", std::net::Ipv4Addr::from(b)).parse().unwrap()).collect();
+            let got = http_addr(&conn, &listen, 7).unwrap().ip();
+            proptest::prop_assert!(conn.contains(&got) || (got.is_loopback() && conn.iter().any(IpAddr::is_loopback)));
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod addr;
 mod advertise;
 mod keyfile;
 mod node;
+mod pnet;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -83,6 +84,9 @@ pub struct Network {
     pub kubernetes: bool,
     /// The port of this node's peer server, told to other nodes through identify.
     pub peer_port: u16,
+    /// The private network's pre-shared keys (from the cluster secrets), the one in use
+    /// first; empty: an open network, as without `--cluster-secret-file`.
+    pub psks: Vec<[u8; 32]>,
 }
 
 /// Why the node could not start.

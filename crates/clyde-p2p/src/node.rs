@@ -14,6 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use libp2p::Transport as _;
 use libp2p::core::ConnectedPoint;
 use libp2p::identity::Keypair;
 use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
@@ -31,6 +32,8 @@ use crate::{Command, KAD_PROTOCOL, Network, P2p, P2pConfig, P2pError, Status};
 
 /// Identify's protocol version: nodes of another network do not join ours.
 const IDENTIFY_PROTOCOL: &str = "/clyde/id/1.0.0";
+/// Longest a connection may take from TCP to a multiplexed, authenticated session.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keys this node may provide; the library's default (1024) is far below a node's content.
 const MAX_PROVIDED_KEYS: usize = 1 << 20;
 /// Provider records this node keeps for others.
@@ -126,9 +129,30 @@ pub(crate) struct EventLoop {
 
 fn build_swarm(keypair: Keypair, network: &Network, config: &P2pConfig) -> Result<Swarm<Behaviour>, P2pError> {
     let transport_err = |e: &dyn std::fmt::Display| P2pError::Transport(e.to_string());
+    let keys = crate::pnet::Keys::new(network.psks.clone());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+            // The private network comes first: without the secret, nothing else is said.
+            let sealed = tcp.and_then(move |socket, endpoint| {
+                let keys = keys.clone();
+                async move {
+                    match (&keys, endpoint.is_dialer()) {
+                        (None, _) => Ok(crate::pnet::Sealed::plain(socket)),
+                        (Some(keys), true) => crate::pnet::dial(socket, keys).await,
+                        (Some(keys), false) => crate::pnet::accept(socket, keys).await.inspect_err(|e| {
+                            tracing::debug!(error = %e, remote = ?endpoint.get_remote_address(), "p2p connection refused");
+                        }),
+                    }
+                }
+            });
+            Ok(sealed
+                .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default())
+                .timeout(HANDSHAKE_TIMEOUT))
+        })
         .map_err(|e| transport_err(&e))?
         .with_behaviour(|key| {
             let peer_id = key.public().to_peer_id();

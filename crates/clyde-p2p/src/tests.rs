@@ -18,6 +18,10 @@ struct TestNode {
 
 impl TestNode {
     async fn start(peer_port: u16, bootstrap: Vec<Multiaddr>) -> Self {
+        Self::start_with_keys(peer_port, bootstrap, Vec::new()).await
+    }
+
+    async fn start_with_keys(peer_port: u16, bootstrap: Vec<Multiaddr>, psks: Vec<[u8; 32]>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 64 * 1024).unwrap();
         let (stop, rx) = watch::channel(false);
@@ -28,6 +32,7 @@ impl TestNode {
             bootstrap_dns: Vec::new(),
             kubernetes: false,
             peer_port,
+            psks,
         };
         let p2p = P2p::start(dir.path(), network, P2pConfig::default(), store, None, &tasks, rx).await.unwrap();
         Self { p2p, stop, tasks, _dir: dir }
@@ -141,4 +146,50 @@ async fn a_peer_kubernetes_says_departed_is_dropped_at_once() {
     assert_eq!(first.p2p.status().await.connected_peers, 0);
     first.stop().await;
     second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_nodes_holding_the_secret_join_and_a_rotating_node_joins_both_sides() {
+    let (old, new) = ([1u8; 32], [2u8; 32]);
+    let first = TestNode::start_with_keys(40021, Vec::new(), vec![old]).await;
+    let boot = first.address().await;
+    let member = TestNode::start_with_keys(40022, vec![boot.clone()], vec![old]).await;
+    let outsider = TestNode::start_with_keys(40023, vec![boot.clone()], vec![new]).await;
+    let open = TestNode::start(40024, vec![boot.clone()]).await;
+    eventually("the member to join", || async { member.p2p.joined().await }).await;
+    let blob = ContentKey::Digest(Digest::of(b"members only"));
+    let outsiders_blob = ContentKey::Digest(Digest::of(b"advertised by an outsider"));
+    member.p2p.provide(blob.clone(), Holder::Store);
+    outsider.p2p.provide(outsiders_blob.clone(), Holder::Store);
+    open.p2p.provide(outsiders_blob.clone(), Holder::Store);
+    let want: SocketAddr = "127.0.0.1:40022".parse().unwrap();
+    eventually("the member's provider record", || async {
+        first.p2p.find_providers(blob.clone(), Duration::from_secs(2)).await == vec![want]
+    })
+    .await;
+    // Neither the node with another secret nor one with none ever gets in.
+    assert_eq!(first.p2p.status().await.connected_peers, 1);
+    assert!(!outsider.p2p.joined().await);
+    assert!(!open.p2p.joined().await);
+    assert!(outsider.p2p.find_providers(blob.clone(), Duration::from_secs(1)).await.is_empty());
+    assert!(first.p2p.find_providers(outsiders_blob.clone(), Duration::from_secs(1)).await.is_empty());
+
+    // A rotation: first every node accepts the new secret while still using the old one;
+    // then each uses the new one (every node accepts it by then); then the old one goes.
+    let accepting = TestNode::start_with_keys(40025, vec![boot], vec![old, new]).await;
+    eventually("the member's record through a node that accepts both", || async {
+        accepting.p2p.find_providers(blob.clone(), Duration::from_secs(2)).await == vec![want]
+    })
+    .await;
+    let using_new = TestNode::start_with_keys(40026, vec![accepting.address().await], vec![new, old]).await;
+    let rotated_blob = ContentKey::Digest(Digest::of(b"held during the rotation"));
+    accepting.p2p.provide(rotated_blob.clone(), Holder::Store);
+    let accepting_addr: SocketAddr = "127.0.0.1:40025".parse().unwrap();
+    eventually("a node using the new secret to reach one that accepts it", || async {
+        using_new.p2p.find_providers(rotated_blob.clone(), Duration::from_secs(2)).await == vec![accepting_addr]
+    })
+    .await;
+    for node in [first, member, outsider, open, accepting, using_new] {
+        node.stop().await;
+    }
 }

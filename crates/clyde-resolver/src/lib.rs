@@ -28,7 +28,7 @@ use serde::Deserialize;
 
 pub use election::Member;
 pub use load::{LoadError, LoadEvent, Platform};
-pub use local::{BlobReader, LocalBlob, LocalContent};
+pub use local::{BlobReader, LocalBlob, LocalContent, LocalTag};
 pub use manifest::ServedManifest;
 pub use peers::{BoxFuture, Discovery};
 pub use transfer::{BlobSource, BlobStream, FillPolicy, LINGER, WINDOW, Want};
@@ -60,6 +60,10 @@ pub struct ResolverConfig {
     /// Mutual TLS to peers (`[peer_tls]` in the config file); none: plain HTTP.
     #[serde(skip)]
     pub peer_tls: Option<clyde_upstream::PeerTls>,
+    /// The cluster's secrets (`--cluster-secret-file`): requests to peers are signed, and
+    /// tags are taken from members only; none: tags never come from peers.
+    #[serde(skip)]
+    pub members: Option<clyde_types::Membership>,
 }
 
 impl ResolverConfig {
@@ -82,6 +86,7 @@ impl Default for ResolverConfig {
             transfer_attempts: 4,
             peers: PeerTimeouts::default(),
             peer_tls: None,
+            members: None,
         }
     }
 }

@@ -29,6 +29,16 @@ pub trait LocalContent: Send + Sync {
     fn blob_size(&self, digest: &Digest) -> Option<u64>;
     /// Opens a blob it holds.
     fn open_blob(&self, digest: Digest) -> BoxFuture<Option<LocalBlob>>;
-    /// Where a tag (`registry/repository:tag`) points: the manifest's digest and media type.
-    fn tag(&self, tag: &str) -> Option<(Digest, String)>;
+    /// Where a tag (`registry/repository:tag`) points.
+    fn tag(&self, tag: &str) -> Option<LocalTag>;
+}
+
+/// A tag another holder on this node knows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalTag {
+    /// The manifest it points at.
+    pub digest: Digest,
+    pub media_type: String,
+    /// When the holder last set it (a pull resolved it; Unix seconds).
+    pub updated_at: u64,
 }

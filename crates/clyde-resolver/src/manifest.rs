@@ -16,6 +16,9 @@ pub struct ServedManifest {
     pub digest: Digest,
     /// Where it came from: `local`, `peer` or `upstream`.
     pub source: &'static str,
+    /// For a tag's answer to a peer: when the tag was last resolved from the upstream
+    /// (Unix seconds).
+    pub checked_at: Option<u64>,
 }
 
 /// The store's name of a tag, which is also what the DHT advertises it as.
@@ -96,7 +99,13 @@ impl Resolver {
         let Some(bytes) = store.read_blob(digest).await? else {
             return Ok(None);
         };
-        Ok(Some(ServedManifest { bytes, media_type: record.media_type, digest: *digest, source: "local" }))
+        Ok(Some(ServedManifest {
+            bytes,
+            media_type: record.media_type,
+            digest: *digest,
+            source: "local",
+            checked_at: None,
+        }))
     }
 
     async fn manifest_by_digest(
@@ -123,8 +132,10 @@ impl Resolver {
         if self.inner.peers.is_some() { ResolveError::NoPeer } else { ResolveError::AirGapped }
     }
 
-    /// The manifest from the first peer that holds it (a tag: that has it cached), stored
-    /// like one from the upstream. A tag learned from a peer is due for an upstream check.
+    /// The manifest from the first peer that holds it, stored like one from the upstream. A
+    /// tag is taken from members only, resolved from the upstream within the tag TTL, and
+    /// kept with the time the member checked it (so it is due for a check when the member's
+    /// would have been).
     async fn manifest_from_peers(
         &self,
         origin: &Origin,
@@ -135,18 +146,29 @@ impl Resolver {
         let Some(peers) = &self.inner.peers else {
             return Ok(None);
         };
-        let key = match reference {
-            Reference::Digest(d) => ContentKey::Digest(*d),
-            Reference::Tag(t) => ContentKey::Tag(tag_key(origin, t)),
-        };
-        let candidates = peers.find(key, lookup).await;
-        let Some(m) = peers.get_manifest(&candidates, origin, reference, accept).await else {
-            return Ok(None);
+        let (m, checked_at) = match reference {
+            Reference::Digest(d) => {
+                let candidates = peers.find(ContentKey::Digest(*d), lookup).await;
+                match peers.get_manifest(&candidates, origin, reference, accept).await {
+                    Some(m) => (m, 0),
+                    None => return Ok(None),
+                }
+            }
+            Reference::Tag(t) => {
+                if self.inner.config.members.is_none() {
+                    return Ok(None);
+                }
+                let candidates = peers.find(ContentKey::Tag(tag_key(origin, t)), lookup).await;
+                match peers.get_tag(&candidates, origin, t, accept).await {
+                    Some(answer) => answer,
+                    None => return Ok(None),
+                }
+            }
         };
         if !media::accepts(accept, &m.media_type) {
             return Ok(None);
         }
-        Ok(Some(self.keep_manifest(origin, reference, accept, m, "peer", 0).await?))
+        Ok(Some(self.keep_manifest(origin, reference, accept, m, "peer", checked_at).await?))
     }
 
     async fn manifest_by_tag(
@@ -300,11 +322,12 @@ impl Resolver {
             let record = TagRecord { digest: m.digest, media_type: m.media_type.clone(), checked_at };
             self.record_tag(&tag_key(origin, tag), accept, record).await?;
         }
-        Ok(ServedManifest { bytes: m.bytes, media_type: m.media_type, digest: m.digest, source })
+        Ok(ServedManifest { bytes: m.bytes, media_type: m.media_type, digest: m.digest, source, checked_at: None })
     }
 
-    /// A manifest this node holds, for the peer server: a tag is answered as cached,
-    /// without any upstream check.
+    /// A manifest this node holds, for the peer server: a tag is answered as cached, with
+    /// when it was last resolved from the upstream, and only if it ever was (a tag this
+    /// node has only from a peer of an older version, which did not say, is not passed on).
     pub async fn held_manifest(
         &self,
         origin: &Origin,
@@ -312,12 +335,12 @@ impl Resolver {
         accept: Option<&str>,
     ) -> Result<ServedManifest, ResolveError> {
         let local = self.inner.local.as_ref();
-        let (digest, local_type) = match reference {
-            Reference::Digest(d) => (*d, None),
+        let (digest, local_type, checked_at) = match reference {
+            Reference::Digest(d) => (*d, None, None),
             Reference::Tag(tag) => match self.inner.store.tag(&tag_key(origin, tag))? {
-                Some(record) => (record.digest, None),
-                None => match local.and_then(|l| l.tag(&tag_key(origin, tag))) {
-                    Some((digest, media_type)) => (digest, Some(media_type)),
+                Some(record) if record.checked_at > 0 => (record.digest, None, Some(record.checked_at)),
+                _ => match local.and_then(|l| l.tag(&tag_key(origin, tag))) {
+                    Some(t) => (t.digest, Some(t.media_type), Some(t.updated_at)),
                     None => return Err(ResolveError::NotHeld),
                 },
             },
@@ -327,7 +350,7 @@ impl Resolver {
             None => self.containerd_manifest(&digest, local_type).await,
         };
         match held {
-            Some(m) if media::accepts(accept, &m.media_type) => Ok(m),
+            Some(m) if media::accepts(accept, &m.media_type) => Ok(ServedManifest { checked_at, ..m }),
             Some(m) => Err(ResolveError::NotAcceptable(m.media_type)),
             None => Err(ResolveError::NotHeld),
         }
@@ -351,7 +374,13 @@ impl Resolver {
             return None;
         }
         let media_type = media_type.or_else(|| manifest_media_type(&bytes))?;
-        Some(ServedManifest { bytes: Bytes::from(bytes), media_type, digest: *digest, source: "local" })
+        Some(ServedManifest {
+            bytes: Bytes::from(bytes),
+            media_type,
+            digest: *digest,
+            source: "local",
+            checked_at: None,
+        })
     }
 }
 

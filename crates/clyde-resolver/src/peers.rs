@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::election::Member;
 use crate::{Origin, ResolverConfig};
+use clyde_store::unix_now;
 
 /// A boxed future, as [`Discovery`] returns it.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -107,8 +108,12 @@ const MAX_MISSES: usize = 1 << 16;
 
 impl Peers {
     pub(crate) fn new(discovery: Arc<dyn Discovery>, config: ResolverConfig) -> Result<Self, UpstreamError> {
-        let client =
-            PeerClient::new(config.peers.connect_timeout, config.peers.read_timeout, config.peer_tls.as_ref())?;
+        let client = PeerClient::new(
+            config.peers.connect_timeout,
+            config.peers.read_timeout,
+            config.peer_tls.as_ref(),
+            config.members.clone(),
+        )?;
         Ok(Self {
             discovery,
             client,
@@ -374,6 +379,34 @@ impl Peers {
             })
             .await;
         found.map(|(_, m)| m)
+    }
+
+    /// Where a member's cache says a tag points, when the member resolved it from the
+    /// upstream within the tag TTL, with that time. Only with a cluster secret: a tag does
+    /// not verify, so it is taken from members only.
+    pub(crate) async fn get_tag(
+        &self,
+        candidates: &[SocketAddr],
+        origin: &Origin,
+        tag: &str,
+        accept: Option<&str>,
+    ) -> Option<(Manifest, u64)> {
+        self.config.members.as_ref()?;
+        let what = format!("{}/{}:{tag}", origin.registry, origin.repository);
+        let ttl = self.config.tag_ttl.as_secs();
+        let what_ref = what.as_str();
+        let found = self
+            .hedged(candidates, &what, |peer| async move {
+                let (m, checked) = self.client.get_tag(peer, &origin.registry, &origin.repository, tag, accept).await?;
+                let now = unix_now();
+                if checked + ttl <= now || checked > now + clyde_types::membership::MAX_SKEW_SECS {
+                    tracing::debug!(%peer, tag = what_ref, checked, "a peer's tag is stale");
+                    return Err(UpstreamError::NotFound);
+                }
+                Ok((m, checked))
+            })
+            .await;
+        found.map(|(_, answer)| answer)
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use clyde_types::{Digest, Reference, Registry, Repository, media};
+use clyde_types::{Digest, Membership, Reference, Registry, Repository, media};
 use reqwest::{StatusCode, header};
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -25,22 +25,29 @@ use crate::{BlobBody, Manifest, UpstreamError, blob_body, error_chain, range_hea
 /// `arriving` ([`clyde_types::BlobState`]).
 pub const BLOB_STATE_HEADER: &str = "clyde-blob-state";
 
+/// The peer server's answer header that says when the tag it answered for was last
+/// resolved from the upstream (Unix seconds).
+pub const TAG_CHECKED_HEADER: &str = "clyde-tag-checked";
+
 /// HTTP client for peer servers; cheap to clone.
 #[derive(Clone)]
 pub struct PeerClient {
     http: reqwest::Client,
     /// `https` when peers speak TLS.
     scheme: &'static str,
+    /// Signs every request when the cluster has a secret.
+    members: Option<Membership>,
 }
 
 impl PeerClient {
     /// A client that gives up connecting after `connect_timeout` (a dead peer is skipped
     /// fast) and on a body silent for `read_timeout` (a stalled peer is replaced); over
-    /// mutual TLS when `tls` is given.
+    /// mutual TLS when `tls` is given; signing every request as a member when `members` is.
     pub fn new(
         connect_timeout: Duration,
         read_timeout: Duration,
         tls: Option<&PeerTls>,
+        members: Option<Membership>,
     ) -> Result<Self, UpstreamError> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(connect_timeout)
@@ -52,11 +59,27 @@ impl PeerClient {
             builder = builder.use_preconfigured_tls(client_tls(tls)?);
         }
         let http = builder.build().map_err(|e| UpstreamError::Config("peers".into(), error_chain(&e)))?;
-        Ok(Self { http, scheme: if tls.is_some() { "https" } else { "http" } })
+        Ok(Self { http, scheme: if tls.is_some() { "https" } else { "http" }, members })
     }
 
-    fn url(&self, peer: SocketAddr, registry: &Registry, repository: &Repository, what: &str) -> String {
-        format!("{}://{peer}/v2/{repository}/{what}?ns={}", self.scheme, registry.as_str())
+    /// A request for `/v2/<repository>/<what>?ns=<registry>` on `peer`, signed when members sign.
+    fn request(
+        &self,
+        method: reqwest::Method,
+        peer: SocketAddr,
+        registry: &Registry,
+        repository: &Repository,
+        what: &str,
+    ) -> reqwest::RequestBuilder {
+        let path = format!("/v2/{repository}/{what}?ns={}", registry.as_str());
+        let req = self.http.request(method.clone(), format!("{}://{peer}{path}", self.scheme));
+        match &self.members {
+            Some(m) => {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                req.header(header::AUTHORIZATION, m.authorization(method.as_str(), &path, now))
+            }
+            None => req,
+        }
     }
 
     async fn send(&self, peer: SocketAddr, req: reqwest::RequestBuilder) -> Result<reqwest::Response, UpstreamError> {
@@ -79,7 +102,7 @@ impl PeerClient {
         repository: &Repository,
         digest: &Digest,
     ) -> Result<u64, UpstreamError> {
-        let req = self.http.head(self.url(peer, registry, repository, &format!("blobs/{digest}")));
+        let req = self.request(reqwest::Method::HEAD, peer, registry, repository, &format!("blobs/{digest}"));
         let resp = self.send(peer, req).await?;
         crate::content_length(resp.headers())
             .ok_or_else(|| UpstreamError::Protocol(format!("peer {peer}: blob HEAD without Content-Length")))
@@ -94,7 +117,7 @@ impl PeerClient {
         repository: &Repository,
         digest: &Digest,
     ) -> Result<bool, UpstreamError> {
-        let req = self.http.head(self.url(peer, registry, repository, &format!("blobs/{digest}")));
+        let req = self.request(reqwest::Method::HEAD, peer, registry, repository, &format!("blobs/{digest}"));
         let resp = self.send(peer, req).await?;
         let state = resp.headers().get(BLOB_STATE_HEADER).and_then(|v| clyde_types::BlobState::parse(v.as_bytes()));
         Ok(state == Some(clyde_types::BlobState::Complete))
@@ -109,7 +132,7 @@ impl PeerClient {
         digest: &Digest,
         range: Option<Range<u64>>,
     ) -> Result<BlobBody, UpstreamError> {
-        let mut req = self.http.get(self.url(peer, registry, repository, &format!("blobs/{digest}")));
+        let mut req = self.request(reqwest::Method::GET, peer, registry, repository, &format!("blobs/{digest}"));
         if let Some(r) = &range {
             req = req.header(header::RANGE, range_header(r));
         }
@@ -127,11 +150,32 @@ impl PeerClient {
         accept: Option<&str>,
     ) -> Result<Manifest, UpstreamError> {
         let req = self
-            .http
-            .get(self.url(peer, registry, repository, &format!("manifests/{reference}")))
+            .request(reqwest::Method::GET, peer, registry, repository, &format!("manifests/{reference}"))
             .header(header::ACCEPT, media::upstream_accept(accept));
         let resp = self.send(peer, req).await?;
         read_manifest(resp, reference, &format!("peer {peer}")).await
+    }
+
+    /// Where a peer's cache says a tag points, and when it last resolved the tag from the
+    /// upstream; a peer that does not say when answers nothing usable.
+    pub async fn get_tag(
+        &self,
+        peer: SocketAddr,
+        registry: &Registry,
+        repository: &Repository,
+        tag: &str,
+        accept: Option<&str>,
+    ) -> Result<(Manifest, u64), UpstreamError> {
+        let reference = Reference::Tag(tag.to_string());
+        let req = self
+            .request(reqwest::Method::GET, peer, registry, repository, &format!("manifests/{tag}"))
+            .header(header::ACCEPT, media::upstream_accept(accept));
+        let resp = self.send(peer, req).await?;
+        let checked = resp.headers().get(TAG_CHECKED_HEADER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let Some(checked) = checked else {
+            return Err(UpstreamError::Protocol(format!("peer {peer}: a tag without {TAG_CHECKED_HEADER}")));
+        };
+        Ok((read_manifest(resp, &reference, &format!("peer {peer}")).await?, checked))
     }
 }
 

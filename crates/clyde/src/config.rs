@@ -92,6 +92,9 @@ pub struct Config {
     pub peer_tls: Option<clyde_upstream::PeerTls>,
     /// What the store keeps whatever eviction wants (`[retention]`).
     pub retention: Retention,
+    /// Files holding the cluster's shared secret, the one in use first (`--cluster-secret-file`,
+    /// repeatable for a rotation); none: an open cluster.
+    pub cluster_secret_file: Vec<PathBuf>,
 }
 
 /// `[retention]`: pinned images and scheduled prunes. `min_copies` is part of the interface
@@ -167,6 +170,7 @@ impl Default for Config {
             mirror_tls: None,
             peer_tls: None,
             retention: Retention::default(),
+            cluster_secret_file: Vec::new(),
         }
     }
 }
@@ -186,6 +190,19 @@ impl Config {
             response_timeout: self.upstream_response_timeout,
             ..Default::default()
         }
+    }
+
+    /// The cluster's secrets, read from their files; `None` without any.
+    pub fn membership(&self) -> anyhow::Result<Option<clyde_types::Membership>> {
+        let mut secrets = Vec::new();
+        for path in &self.cluster_secret_file {
+            let text = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("cannot read the cluster secret {}: {e}", path.display()))?;
+            let secret = clyde_types::ClusterSecret::parse(&text)
+                .map_err(|e| anyhow::anyhow!("cluster secret {}: {e}", path.display()))?;
+            secrets.push(secret);
+        }
+        Ok(clyde_types::Membership::new(secrets))
     }
 
     /// The resolver's settings.

@@ -121,6 +121,11 @@ pub struct ServeArgs {
     /// reader waits) or eager [default: off]
     #[arg(long, value_parser = ["off", "idle", "eager"])]
     fill: Option<String>,
+    /// A file holding the cluster's shared secret (32 characters or more): only agents
+    /// holding it join the p2p network, read from peer ports or share tags. Repeat it
+    /// during a rotation: the first is used, every one is accepted
+    #[arg(long)]
+    cluster_secret_file: Vec<PathBuf>,
 }
 
 /// A byte count as operators write it (`500MiB`, `1G`, `1048576`).
@@ -156,6 +161,9 @@ impl ServeArgs {
         }
         if !self.p2p_addr.is_empty() {
             c.p2p_addr = self.p2p_addr;
+        }
+        if !self.cluster_secret_file.is_empty() {
+            c.cluster_secret_file = self.cluster_secret_file;
         }
         c.bootstrap.extend(self.bootstrap);
         c.bootstrap_dns.extend(self.bootstrap_dns);

@@ -24,6 +24,7 @@ async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let members = config.membership()?;
     let kube_services =
         config.bootstrap_kubernetes.iter().map(|s| clyde_kube::ServiceRef::parse(s)).collect::<Result<Vec<_>, _>>()?;
     std::fs::create_dir_all(&config.data_dir)
@@ -61,6 +62,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         bootstrap_dns: config.bootstrap_dns.clone(),
         kubernetes: !config.bootstrap_kubernetes.is_empty(),
         peer_port: peer.local_addr()?.port(),
+        psks: members.iter().flat_map(|m| m.secrets().iter().map(|s| s.psk())).collect(),
     };
     let p2p = P2p::start(
         &config.data_dir,
@@ -102,8 +104,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let local = containerd.map(|c| Arc::new(c) as Arc<dyn LocalContent>);
     let never_upstream = config.never_upstream();
     let discovery: Arc<dyn Discovery> = Arc::new(p2p.clone());
+    let resolver_config = clyde_resolver::ResolverConfig { members: members.clone(), ..config.resolver() };
     let resolver =
-        Resolver::new(store.clone(), local, Arc::new(upstream), Some(discovery), config.resolver(), metrics.clone())?;
+        Resolver::new(store.clone(), local, Arc::new(upstream), Some(discovery), resolver_config, metrics.clone())?;
     tracing::info!(
         mirror_addr = %mirror.local_addr()?,
         peer_addr = %peer.local_addr()?,
@@ -113,12 +116,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         never_upstream,
         mirror_tls = mirror_tls.is_some(),
         peer_tls = peer_tls.is_some(),
+        cluster_secrets = ?members.as_ref().map(|m| m.secrets().iter().map(|s| s.fingerprint()).collect::<Vec<_>>()),
         "clyde serving"
     );
     let uploads = clyde_api::UploadLimits { max_uploads: config.max_uploads, upload_rate: config.upload_rate };
     let uploads = Some(std::sync::Arc::new(clyde_api::Uploads::new(&uploads)));
-    tasks.spawn(clyde_api::serve(mirror, Api::Mirror, resolver.clone(), mirror_tls, None, shutdown_rx.clone()));
-    tasks.spawn(clyde_api::serve(peer, Api::Peer, resolver.clone(), peer_tls, uploads, shutdown_rx.clone()));
+    tasks.spawn(clyde_api::serve(mirror, Api::Mirror, resolver.clone(), mirror_tls, None, None, shutdown_rx.clone()));
+    tasks.spawn(clyde_api::serve(peer, Api::Peer, resolver.clone(), peer_tls, uploads, members, shutdown_rx.clone()));
     let (admin, admin_path) = clyde_admin::server::bind(&config.data_dir)
         .with_context(|| format!("cannot create the admin socket in {}", config.data_dir.display()))?;
     tasks.spawn(clyde_admin::server::serve(admin, admin_path, store.clone(), resolver.clone(), shutdown_rx.clone()));
