@@ -225,6 +225,9 @@ async fn route(server: &Server, req: &Request<Incoming>) -> (Response<Body>, &'s
     if req.uri().to_string().len() > MAX_URI_LEN {
         return (errors::answer(StatusCode::URI_TOO_LONG, ErrorCode::NameInvalid, "request path too long"), "-");
     }
+    if api == Api::Peer && req.uri().path() == clyde_upstream::PINS_PATH {
+        return (pins(resolver).await, "local");
+    }
     let ns = match query::param(req.uri().query(), "ns") {
         Ok(ns) => ns,
         Err(msg) => {
@@ -271,6 +274,17 @@ async fn route(server: &Server, req: &Request<Incoming>) -> (Response<Body>, &'s
         }
         Resource::Blob(digest) => blob(server, req, &origin, &digest).await,
     }
+}
+
+/// The pinned images this node holds whole, for other nodes keeping minimum copies.
+async fn pins(resolver: &Resolver) -> Response<Body> {
+    let resolver = resolver.clone();
+    let images = tokio::task::spawn_blocking(move || resolver.pinned_images()).await.unwrap_or_default();
+    let bytes = serde_json::to_vec(&images).unwrap_or_default();
+    let mut r = Response::new(full(bytes.clone()));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    r
 }
 
 /// Whether a cluster member signed this request.

@@ -9,6 +9,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
 
+pub mod copies;
 pub mod election;
 pub mod load;
 pub mod local;

@@ -128,6 +128,32 @@ impl Peers {
         self.penalties.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Every live node that provides `key`, with its identity (this node left out).
+    pub(crate) async fn members(&self, key: ContentKey, timeout: Duration) -> Vec<Member> {
+        self.discovery.members(key, timeout).await
+    }
+
+    /// Provides `key` until [`Peers::retract`].
+    pub(crate) fn announce(&self, key: ContentKey) {
+        self.discovery.announce(key);
+    }
+
+    /// Stops providing a key [`Peers::announce`] provided.
+    pub(crate) fn retract(&self, key: ContentKey) {
+        self.discovery.retract(key);
+    }
+
+    /// The pinned images `peer` holds; nothing when it does not answer.
+    pub(crate) async fn pins_of(&self, peer: SocketAddr) -> Vec<clyde_upstream::PinnedImage> {
+        match self.client.get_pins(peer).await {
+            Ok(pins) => pins,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "no pins list from a peer");
+                Vec::new()
+            }
+        }
+    }
+
     /// Peers holding `key`, without those serving a penalty.
     pub(crate) async fn find(&self, key: ContentKey, lookup: Lookup) -> Vec<SocketAddr> {
         let timeout = match lookup {

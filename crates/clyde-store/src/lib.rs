@@ -235,6 +235,11 @@ impl Store {
         Ok(())
     }
 
+    /// Whether `name` (`registry/repository:tag`) matches a `pinned` pattern.
+    pub fn is_pinned_name(&self, name: &str) -> bool {
+        self.pins().is_some_and(|p| p.is_match(name))
+    }
+
     pub(crate) fn pins(&self) -> Option<Arc<regex::RegexSet>> {
         self.inner.pins.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -12,8 +12,9 @@ pub fn tag_name(registry: &str, repository: &str, tag: &str) -> String {
     format!("{registry}/{repository}:{tag}")
 }
 
-/// A key in the content-routing table: a digest (a blob or manifest), a cached tag, or a
-/// node's wish to fetch a blob nobody holds (an intent, the ballot of the fetcher election).
+/// A key in the content-routing table: a digest (a blob or manifest), a cached tag, a
+/// node's wish to fetch a blob nobody holds (an intent, the ballot of the fetcher election),
+/// or one of the well-known keys of minimum copies.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ContentKey {
     Digest(Digest),
@@ -26,6 +27,11 @@ pub enum ContentKey {
         digest: Digest,
         epoch: u64,
     },
+    /// "I keep minimum copies of pinned images": every such node provides it, so each can
+    /// rank all of them.
+    Keeper,
+    /// "I hold pinned images": the nodes to ask which ones.
+    Pins,
 }
 
 /// Length of an intent epoch: how long a stale intent record can mislead an election.
@@ -84,6 +90,8 @@ impl ContentKey {
             Self::Digest(d) => *d,
             Self::Tag(t) => Digest::of(format!("clyde-tag:{t}").as_bytes()),
             Self::Intent { digest, epoch } => Digest::of(format!("clyde-intent:{epoch}:{digest}").as_bytes()),
+            Self::Keeper => Digest::of(b"clyde-keeper"),
+            Self::Pins => Digest::of(b"clyde-pins"),
         };
         let mut key = SHA2_256.to_vec();
         key.extend_from_slice(hash.as_bytes());
@@ -97,6 +105,8 @@ impl fmt::Display for ContentKey {
             Self::Digest(d) => write!(f, "{d}"),
             Self::Tag(t) => write!(f, "tag {t}"),
             Self::Intent { digest, epoch } => write!(f, "intent {digest} (epoch {epoch})"),
+            Self::Keeper => write!(f, "copy keepers"),
+            Self::Pins => write!(f, "holders of pinned images"),
         }
     }
 }
@@ -132,6 +142,13 @@ mod tests {
         assert_ne!(now.routing_key(), ContentKey::Digest(d).routing_key());
         // A node that announced late in an epoch is still read early in the next one.
         assert!(intent_keys(d, 11 * INTENT_EPOCH_SECS).contains(&now));
+    }
+
+    #[test]
+    fn well_known_keys_are_distinct_from_each_other_and_from_tags() {
+        let keys = [ContentKey::Keeper, ContentKey::Pins, ContentKey::Tag("clyde-pins".into())];
+        let routing: std::collections::HashSet<Vec<u8>> = keys.iter().map(ContentKey::routing_key).collect();
+        assert_eq!(routing.len(), keys.len());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use futures_util::{Stream, StreamExt};
 use reqwest::{Method, StatusCode, header};
 
 pub use config::{AuthConfig, RegistryConfig, TlsConfig, UpstreamConfig};
-pub use peer::{BLOB_STATE_HEADER, PeerClient, PeerTls, TAG_CHECKED_HEADER};
+pub use peer::{BLOB_STATE_HEADER, PINS_PATH, PeerClient, PeerTls, PinnedImage, TAG_CHECKED_HEADER};
 
 /// What went wrong talking to an upstream; decides the mirror's answer.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -29,6 +29,20 @@ pub const BLOB_STATE_HEADER: &str = "clyde-blob-state";
 /// resolved from the upstream (Unix seconds).
 pub const TAG_CHECKED_HEADER: &str = "clyde-tag-checked";
 
+/// The peer server's path that lists the pinned images its node holds whole.
+pub const PINS_PATH: &str = "/clyde/v1/pins";
+/// Longest pins list read from a peer.
+const MAX_PINS_BYTES: usize = 4 << 20;
+
+/// A pinned image a node holds whole, as its peer server lists it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PinnedImage {
+    /// `registry/repository:tag`, or `registry/repository@digest` when no tag names it.
+    pub reference: String,
+    /// The manifest (or index) digest.
+    pub digest: Digest,
+}
+
 /// HTTP client for peer servers; cheap to clone.
 #[derive(Clone)]
 pub struct PeerClient {
@@ -71,12 +85,16 @@ impl PeerClient {
         repository: &Repository,
         what: &str,
     ) -> reqwest::RequestBuilder {
-        let path = format!("/v2/{repository}/{what}?ns={}", registry.as_str());
+        self.signed(method, peer, &format!("/v2/{repository}/{what}?ns={}", registry.as_str()))
+    }
+
+    /// A request for `path` on `peer`, signed when members sign.
+    fn signed(&self, method: reqwest::Method, peer: SocketAddr, path: &str) -> reqwest::RequestBuilder {
         let req = self.http.request(method.clone(), format!("{}://{peer}{path}", self.scheme));
         match &self.members {
             Some(m) => {
                 let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-                req.header(header::AUTHORIZATION, m.authorization(method.as_str(), &path, now))
+                req.header(header::AUTHORIZATION, m.authorization(method.as_str(), path, now))
             }
             None => req,
         }
@@ -154,6 +172,28 @@ impl PeerClient {
             .header(header::ACCEPT, media::upstream_accept(accept));
         let resp = self.send(peer, req).await?;
         read_manifest(resp, reference, &format!("peer {peer}")).await
+    }
+
+    /// The pinned images a peer holds whole.
+    pub async fn get_pins(&self, peer: SocketAddr) -> Result<Vec<PinnedImage>, UpstreamError> {
+        let resp = self.send(peer, self.signed(reqwest::Method::GET, peer, PINS_PATH)).await?;
+        let too_big = || UpstreamError::Protocol(format!("peer {peer}: a pins list over {MAX_PINS_BYTES} bytes"));
+        if crate::content_length(resp.headers()).is_some_and(|n| n > MAX_PINS_BYTES as u64) {
+            return Err(too_big());
+        }
+        let mut body = Vec::new();
+        let mut resp = resp;
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| UpstreamError::Unreachable { registry: format!("peer {peer}"), reason: error_chain(&e) })?
+        {
+            if body.len() + chunk.len() > MAX_PINS_BYTES {
+                return Err(too_big());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&body).map_err(|e| UpstreamError::Protocol(format!("peer {peer}: bad pins list: {e}")))
     }
 
     /// Where a peer's cache says a tag points, and when it last resolved the tag from the

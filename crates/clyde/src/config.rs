@@ -97,16 +97,26 @@ pub struct Config {
     pub cluster_secret_file: Vec<PathBuf>,
 }
 
-/// `[retention]`: pinned images and scheduled prunes. `min_copies` is part of the interface
-/// and not built yet: a config that sets it is refused rather than half obeyed.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// `[retention]`: pinned images, minimum copies of them across the cluster, scheduled prunes.
+#[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Retention {
     /// Regular expressions over image names (`registry/repo:tag`), as `clyde prune --pattern`.
     pub pinned: Vec<String>,
-    pub min_copies: Option<u32>,
+    /// Nodes that hold every blob of every pinned image, kept by the cluster (none: no
+    /// minimum).
+    pub min_copies: Option<usize>,
+    /// How often a node counts the copies (`10s`).
+    #[serde(with = "humantime_serde")]
+    pub copies_interval: Duration,
     /// `[[retention.prune]]`: prunes the agent runs on a schedule.
     pub prune: Vec<PruneRule>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { pinned: Vec::new(), min_copies: None, copies_interval: Duration::from_secs(10), prune: Vec::new() }
+    }
 }
 
 /// One scheduled prune: the selectors of `clyde prune` (all that are given must hold), run
@@ -237,11 +247,11 @@ impl Config {
     /// What parsing cannot tell: settings this version does not carry out, bad patterns.
     fn check(&self) -> anyhow::Result<()> {
         let r = &self.retention;
-        if r.min_copies.is_some() {
-            anyhow::bail!(
-                "[retention] min_copies is not supported by this version of clyde (pinned and \
-                 [[retention.prune]] are); remove it"
-            );
+        if r.min_copies == Some(0) {
+            anyhow::bail!("[retention] min_copies must be 1 or more (or absent: no minimum)");
+        }
+        if r.copies_interval.is_zero() {
+            anyhow::bail!("[retention] copies_interval must be more than 0");
         }
         regex::RegexSet::new(&r.pinned).map_err(|e| anyhow::anyhow!("[retention] pinned: {e}"))?;
         for (i, rule) in r.prune.iter().enumerate() {
@@ -295,7 +305,7 @@ mod tests {
     }
 
     #[test]
-    fn retention_pins_parse_and_what_is_not_built_is_refused() {
+    fn retention_pins_and_copies_parse_and_bad_values_are_refused() {
         let c: Config = toml::from_str("[retention]\npinned = [\"reg\\\\.example/team/.*\"]\n").unwrap();
         assert_eq!(c.retention.pinned, ["reg\\.example/team/.*"]);
         assert!(c.check().is_ok());
@@ -305,8 +315,12 @@ mod tests {
         .unwrap();
         assert!(c.check().is_ok());
         assert_eq!(c.retention.prune[0].accessed_before, Some(Duration::from_secs(30 * 86400)));
+        let c: Config = toml::from_str("[retention]\nmin_copies = 2\ncopies_interval = \"5s\"\n").unwrap();
+        assert!(c.check().is_ok());
+        assert_eq!((c.retention.min_copies, c.retention.copies_interval), (Some(2), Duration::from_secs(5)));
         for refused in [
-            "[retention]\nmin_copies = 2\n",
+            "[retention]\nmin_copies = 0\n",
+            "[retention]\nmin_copies = 2\ncopies_interval = \"0s\"\n",
             "[[retention.prune]]\nevery = \"1d\"\n",
             "[[retention.prune]]\nevery = \"0s\"\npattern = [\"x\"]\n",
             "[[retention.prune]]\nevery = \"1d\"\npattern = [\"(\"]\n",

@@ -130,6 +130,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let images = crate::admin::load_images(&[], Some(file))?;
         tasks.spawn(preload(resolver.clone(), images, shutdown_rx.clone()));
     }
+    if let Some(k) = config.retention.min_copies {
+        let (resolver, shutdown) = (resolver.clone(), shutdown_rx.clone());
+        let interval = config.retention.copies_interval;
+        tasks.spawn(async move { resolver.keep_copies(k, interval, shutdown).await });
+    }
     for (i, rule) in config.retention.prune.iter().enumerate() {
         tasks.spawn(scheduled_prune(i + 1, rule.clone(), store.clone(), metrics.clone(), shutdown_rx.clone()));
     }

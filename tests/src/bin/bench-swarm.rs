@@ -40,6 +40,17 @@
 //!     `Range: bytes=N-`, 8 MiB chunks, each connection dropped after its chunk) against one
 //!     plain GET through the mirror of another cold layer of that size. Prints the median
 //!     time ratio (target <= 1.15) and the upstream bytes over the layer (target <= 1.1).
+//! bench-swarm secret [SIZE_MIB=256] [ROUNDS=5]
+//!     two agents on 127.0.0.x: node 1 fetches a blob cold, node 2 fetches it from node 1,
+//!     once in a cluster with a secret (private network, signed peer requests) and once
+//!     without, alternating which goes first. Prints the median peer throughput with the
+//!     secret over without (target >= 0.95).
+//! bench-swarm copies [SIZE_MIB=64] [ROUNDS=3] [HOW=kill|stop]
+//!     four agents on 127.0.0.x with `min_copies = 2`: node 1 pulls a pinned image, a second
+//!     copy appears, the upstream stops; then node 1 dies (`kill -9`, or `SIGSTOP`: a hung
+//!     node, found by its pings) and the time until two survivors hold the image is measured.
+//!     The reference, in the same run: the same image fetched from a peer by a client.
+//!     Prints both medians (target: death to K copies <= 30 s plus the transfer time).
 //! bench-swarm blob [SIZE_MIB=256] [ROUNDS=3]
 //!     agents on 127.0.0.x, no containerd: one blob fetched by a client from node 1 cold
 //!     (upstream), from node 2 (a peer), and from node 1 warm; times and each agent's CPU.
@@ -281,6 +292,95 @@ fn blob(args: &[String]) {
     println!(
         "one {size} MiB blob, medians: cold {c:.3} s, from a peer {p:.3} s, warm {w:.3} s; peer / warm = {:.3}",
         p / w
+    );
+}
+
+fn secret(args: &[String]) {
+    let (size, rounds) = (arg(args, 0, 256usize), arg(args, 1, 5usize).max(1));
+    let reg = Registry::start();
+    let secret = clyde_tests::cluster::secret_file("bench-secret-0123456789abcdefghijklmnop");
+    let (mut open, mut private) = (Vec::new(), Vec::new());
+    // One peer transfer's throughput (MiB/s) in a fresh two-node cluster started with `args`.
+    let peer_rate = |tag: &str, args: &[&str]| {
+        let image = TestImage::single(&[size * MIB]);
+        image.push(&reg, "bench/secret", tag, ImageFormat::Oci);
+        let cluster = Cluster::start(2, "", args);
+        let [first, second] = &cluster.nodes[..] else { unreachable!() };
+        let path = format!("/v2/bench/secret/blobs/{}?ns={}", image.layers[0].digest, reg.addr());
+        timed_fetch(&format!("{}{path}", first.url()));
+        clyde_tests::wait_store_holds(&first.data_dir(), 1);
+        let seconds = timed_fetch(&format!("{}{path}", second.url()));
+        assert!(second.metric("clyde_peer_fetch_bytes_total") >= (size * MIB) as f64, "not from the peer");
+        size as f64 / seconds
+    };
+    for round in 1..=rounds {
+        let with_secret = ["--cluster-secret-file", secret.as_str()];
+        let (o, p) = if round % 2 == 1 {
+            let o = peer_rate(&format!("o{round}"), &[]);
+            (o, peer_rate(&format!("p{round}"), &with_secret))
+        } else {
+            let p = peer_rate(&format!("p{round}"), &with_secret);
+            (peer_rate(&format!("o{round}"), &[]), p)
+        };
+        println!("round {round}: from a peer without a secret {o:.0} MiB/s, with {p:.0} MiB/s ({:.3}x)", p / o);
+        open.push(o);
+        private.push(p);
+    }
+    let (o, p) = (percentile(&mut open, 0.5), percentile(&mut private, 0.5));
+    println!(
+        "one {size} MiB blob from a peer, medians: without a secret {o:.0} MiB/s, with {p:.0} MiB/s; with / without = {:.3}",
+        p / o
+    );
+}
+
+fn copies(args: &[String]) {
+    let (size, rounds) = (arg(args, 0, 64usize), arg(args, 1, 3usize).max(1));
+    let how = arg(args, 2, "kill".to_string());
+    let config = "[peers]\nlookup_timeout = \"1s\"\n[retention]\npinned = [\"/bench/pinned:\"]\nmin_copies = 2\ncopies_interval = \"10s\"\n";
+    let (mut again, mut transfer) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let mut reg = Registry::start();
+        let image = TestImage::single(&[size * MIB / 2, size * MIB / 2]);
+        image.push(&reg, "bench/pinned", "v1", ImageFormat::Oci);
+        let reference = TestImage::single(&[size * MIB / 2, size * MIB / 2]);
+        reference.push(&reg, "bench/reference", "v1", ImageFormat::Oci);
+        let mut cluster = Cluster::start(4, config, &[]);
+        let digests = clyde_tests::pull_image(&cluster.nodes[0].url(), &reg.addr(), "bench/pinned", "v1").digests;
+        clyde_tests::pull_image(&cluster.nodes[0].url(), &reg.addr(), "bench/reference", "v1");
+        let holds = |a: &clyde_tests::Agent| {
+            digests.iter().all(|d| a.data_dir().join("blobs/sha256").join(d.trim_start_matches("sha256:")).is_file())
+        };
+        clyde_tests::wait_for("a second copy", Duration::from_secs(60), || {
+            (cluster.nodes[1..].iter().filter(|n| holds(n)).count() >= 1).then_some(())
+        });
+        reg.stop();
+        // The reference: the same bytes from a peer, fetched by a client through node 4.
+        let fetcher = cluster.nodes.iter().skip(1).position(|n| !holds(n)).expect("a node without it") + 1;
+        let started = Instant::now();
+        clyde_tests::pull_image(&cluster.nodes[fetcher].url(), &reg.addr(), "bench/reference", "v1");
+        let t = started.elapsed().as_secs_f64();
+        let died = Instant::now();
+        if how == "stop" {
+            cluster.nodes[0].pause();
+        } else {
+            cluster.nodes[0].kill9();
+        }
+        clyde_tests::wait_for("two copies again", Duration::from_secs(120), || {
+            (cluster.nodes[1..].iter().filter(|n| holds(n)).count() >= 2).then_some(())
+        });
+        let a = died.elapsed().as_secs_f64();
+        if how == "stop" {
+            cluster.nodes[0].resume();
+        }
+        println!("round {round}: holder {how}: two copies again after {a:.2} s; a {size} MiB peer pull takes {t:.2} s");
+        again.push(a);
+        transfer.push(t);
+    }
+    let (a, t) = (percentile(&mut again, 0.5), percentile(&mut transfer, 0.5));
+    println!(
+        "{size} MiB pinned image, 4 agents, min_copies 2, copies_interval 10s, holder {how}: medians: K copies again after {a:.2} s, \
+         a peer pull of the same size {t:.2} s; K copies again minus the transfer = {:.2} s (target <= 30)",
+        a - t
     );
 }
 
@@ -582,6 +682,8 @@ fn main() {
         Some("lookup") => lookup(&args[1..]),
         Some("staggered") => staggered(&args[1..]),
         Some("blob") => blob(&args[1..]),
+        Some("secret") => secret(&args[1..]),
+        Some("copies") => copies(&args[1..]),
         Some("pull") => pull(&args[1..]),
         Some("herd") => herd(&args[1..]),
         Some("holders") => holders(&args[1..]),
@@ -589,7 +691,7 @@ fn main() {
         Some("chunked") => chunked(&args[1..]),
         _ => {
             eprintln!(
-                "usage: bench-swarm scale-out|lookup|staggered|herd|holders|pull|blob|lazy|chunked [ARGS] (see the source's header)"
+                "usage: bench-swarm scale-out|lookup|staggered|herd|holders|pull|blob|secret|copies|lazy|chunked [ARGS] (see the source's header)"
             );
             std::process::exit(2);
         }
