@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use clyde_tests::{Cluster, ImageFormat, Registry, TestImage, http, sha256, wait_for};
+use clyde_tests::{Agent, Cluster, ImageFormat, Registry, TestImage, http, pull_image, sha256, wait_for};
 
 const MIB: usize = 1024 * 1024;
 
@@ -130,4 +130,40 @@ fn a_scheduled_prune_removes_what_its_rule_selects_and_keeps_pinned_and_other_im
     assert!(log.contains("scheduled prune") && log.contains("kept_pinned"), "{log}");
     let metrics = agent.metrics();
     assert!(metrics.lines().any(|l| l.starts_with("clyde_pruned_images_total{") && !l.ends_with(" 0")), "{metrics}");
+}
+
+#[test]
+fn five_thousand_idle_connections_leave_a_pull_in_normal_time() {
+    const IDLE: usize = 5000;
+    // This process holds the idle connections: it needs the descriptors (the agent raises
+    // its own limit to the hard limit at start).
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    setrlimit(Resource::Nofile, limit).expect("raise the open-file limit");
+    let open = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    assert!(open > IDLE as u64 + 1000, "the hard open-file limit ({open}) is too low for this test");
+
+    let reg = Registry::start();
+    for repo in ["before", "during"] {
+        TestImage::single(&[4 * MIB, 2 * MIB, MIB]).push(&reg, repo, "v1", ImageFormat::Oci);
+    }
+    let agent = Agent::start("", &[]);
+    let timed_pull = |repo: &str| {
+        let started = std::time::Instant::now();
+        let pulled = pull_image(&agent.url(), &reg.addr(), repo, "v1");
+        assert_eq!(pulled.digests.len(), 5);
+        started.elapsed()
+    };
+    let normal = timed_pull("before");
+    let idle: Vec<std::net::TcpStream> =
+        (0..IDLE).map(|_| std::net::TcpStream::connect(agent.addr()).expect("connect")).collect();
+    let loaded = timed_pull("during");
+    assert!(
+        loaded < normal * 3 + Duration::from_secs(2),
+        "a pull took {loaded:?} beside {IDLE} idle connections, {normal:?} before"
+    );
+    assert_eq!(agent.readyz(), 200, "{}", agent.log());
+    drop(idle);
+    eprintln!("pull before {normal:?}, beside {IDLE} idle connections {loaded:?}");
 }

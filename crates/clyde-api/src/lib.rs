@@ -65,21 +65,49 @@ impl Api {
     }
 }
 
-/// Serves `api` on `listener`, over TLS when `tls` is given, until `shutdown` turns true;
-/// blob bodies within `uploads` when given (the peer server's limits); only to requests a
-/// cluster member signed when `members` is given (the peer server of a private cluster).
+/// How a listener serves, beyond its API.
+#[derive(Clone, Default)]
+pub struct ListenerOptions {
+    /// TLS, when configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Limits on blob bodies in flight (the peer server's).
+    pub uploads: Option<Arc<Uploads>>,
+    /// Only requests a cluster member signed (the peer server of a private cluster).
+    pub members: Option<Membership>,
+    /// Connections served at once; more wait in the kernel's accept queue (0: no bound).
+    pub max_connections: usize,
+}
+
+/// Serves `api` on `listener` as `options` say, until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     api: Api,
     resolver: Resolver,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    uploads: Option<Arc<Uploads>>,
-    members: Option<Membership>,
+    options: ListenerOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let ListenerOptions { tls, uploads, members, max_connections } = options;
     let connections = TaskTracker::new();
     let origins = Arc::new(origins::Origins::default());
+    let slots = Arc::new(tokio::sync::Semaphore::new(if max_connections == 0 {
+        tokio::sync::Semaphore::MAX_PERMITS
+    } else {
+        max_connections
+    }));
+    let mut warned = false;
     loop {
+        // At the bound, the next connection waits in the accept queue until one ends.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
+        if slots.available_permits() == 0 && !warned {
+            warned = true;
+            tracing::warn!(api = api.name(), max_connections, "at the connection bound; new connections wait");
+        }
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -102,6 +130,7 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         connections.spawn(async move {
+            let _slot = slot;
             let Some(tls) = tls else {
                 return serve_connection(TokioIo::new(stream), server, peer, shutdown).await;
             };

@@ -42,6 +42,9 @@ pub struct Config {
     pub cache_max_bytes: Option<u64>,
     /// Peer responses with a body in flight at once; more are answered `429` (64).
     pub max_uploads: usize,
+    /// Connections each of the mirror and peer ports serves at once; more wait in the
+    /// kernel's accept queue (8192; 0: no bound).
+    pub max_connections: usize,
     /// Bytes per second the peer server sends, all peers together; 0: no limit (500 MiB/s).
     pub upload_rate: u64,
     /// Evict when the data dir's disk is fuller than this fraction (0.9); 0 or 1 disables.
@@ -180,6 +183,7 @@ impl Default for Config {
             mirror_tls: None,
             peer_tls: None,
             retention: Retention::default(),
+            max_connections: 8192,
             cluster_secret_file: Vec::new(),
         }
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clyde_api::{Api, ServerTls};
+use clyde_api::{Api, ListenerOptions, ServerTls};
 use clyde_containerd::{Containerd, ContainerdConfig};
 use clyde_metrics::Metrics;
 use clyde_metrics::prometheus_client::registry::Registry;
@@ -25,6 +25,7 @@ async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let members = config.membership()?;
+    raise_descriptor_limit(config.max_connections);
     let kube_services =
         config.bootstrap_kubernetes.iter().map(|s| clyde_kube::ServiceRef::parse(s)).collect::<Result<Vec<_>, _>>()?;
     std::fs::create_dir_all(&config.data_dir)
@@ -121,8 +122,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let uploads = clyde_api::UploadLimits { max_uploads: config.max_uploads, upload_rate: config.upload_rate };
     let uploads = Some(std::sync::Arc::new(clyde_api::Uploads::new(&uploads)));
-    tasks.spawn(clyde_api::serve(mirror, Api::Mirror, resolver.clone(), mirror_tls, None, None, shutdown_rx.clone()));
-    tasks.spawn(clyde_api::serve(peer, Api::Peer, resolver.clone(), peer_tls, uploads, members, shutdown_rx.clone()));
+    let max_connections = config.max_connections;
+    let mirror_options = ListenerOptions { tls: mirror_tls, max_connections, ..Default::default() };
+    let peer_options = ListenerOptions { tls: peer_tls, uploads, members, max_connections };
+    tasks.spawn(clyde_api::serve(mirror, Api::Mirror, resolver.clone(), mirror_options, shutdown_rx.clone()));
+    tasks.spawn(clyde_api::serve(peer, Api::Peer, resolver.clone(), peer_options, shutdown_rx.clone()));
     let (admin, admin_path) = clyde_admin::server::bind(&config.data_dir)
         .with_context(|| format!("cannot create the admin socket in {}", config.data_dir.display()))?;
     tasks.spawn(clyde_admin::server::serve(admin, admin_path, store.clone(), resolver.clone(), shutdown_rx.clone()));
@@ -249,5 +253,27 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// Raises the open-file limit to its hard limit: every connection and every blob read holds
+/// a descriptor, and two listeners at their connection bound must leave room for the store.
+fn raise_descriptor_limit(max_connections: usize) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+        }
+    }
+    let current = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let wanted = 2 * max_connections as u64 + 1024;
+    if current < wanted {
+        tracing::warn!(
+            open_files = current,
+            max_connections,
+            "the open-file limit is low for two listeners at their connection bound; raise it (LimitNOFILE) or lower max_connections"
+        );
     }
 }
