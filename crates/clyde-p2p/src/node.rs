@@ -32,6 +32,8 @@ use crate::{Command, KAD_PROTOCOL, Network, P2p, P2pConfig, P2pError, Status};
 
 /// Identify's protocol version: nodes of another network do not join ours.
 const IDENTIFY_PROTOCOL: &str = "/clyde/id/1.0.0";
+/// How long a member walk leaves a departed peer alone.
+const DEPARTED_QUIET: Duration = Duration::from_secs(60);
 /// Longest a connection may take from TCP to a multiplexed, authenticated session.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keys this node may provide; the library's default (1024) is far below a node's content.
@@ -121,6 +123,10 @@ pub(crate) struct EventLoop {
     peers: HashMap<PeerId, PeerState>,
     lookups: HashMap<QueryId, Lookup>,
     member_lookups: HashMap<QueryId, MemberLookup>,
+    /// Peers whose last connection ended, and when: a member walk does not dial them for
+    /// [`DEPARTED_QUIET`] (a dead node's provider records outlive it, and a dial to a hung
+    /// one would hold the walk to its timeout). One that comes back dials us itself.
+    departed: HashMap<PeerId, Instant>,
     /// Provided keys, with the holders (bits of [`crate::Holder`]) that hold each.
     provided: HashMap<RecordKey, u8>,
     bootstrapped: bool,
@@ -209,6 +215,7 @@ impl EventLoop {
             peers: HashMap::new(),
             lookups: HashMap::new(),
             member_lookups: HashMap::new(),
+            departed: HashMap::new(),
             provided: HashMap::new(),
             bootstrapped: false,
             metrics,
@@ -236,6 +243,7 @@ impl EventLoop {
         self.lookups.retain(|_, l| l.reply.as_ref().is_some_and(|r| !r.is_closed()));
         self.member_lookups.retain(|_, l| l.done.as_ref().is_some_and(|d| !d.is_closed()));
         let now = Instant::now();
+        self.departed.retain(|_, at| now.duration_since(*at) < DEPARTED_QUIET);
         let silent: Vec<(PeerId, ConnectionId)> = self
             .peers
             .iter()
@@ -260,6 +268,7 @@ impl EventLoop {
         };
         if state.connections.remove(&connection).is_some() && state.connections.is_empty() {
             self.peers.remove(&peer_id);
+            self.departed.insert(peer_id, Instant::now());
             tracing::info!(%peer_id, why, "peer disconnected");
         }
     }
@@ -397,6 +406,7 @@ impl EventLoop {
                 if let Some(ip) = ip_of(remote) {
                     let connection = Connection { ip, alive_at: Instant::now() };
                     self.peers.entry(peer_id).or_default().connections.insert(connection_id, connection);
+                    self.departed.remove(&peer_id);
                 }
                 tracing::debug!(%peer_id, %remote, "peer connected");
                 if !self.bootstrapped {
@@ -526,6 +536,7 @@ impl EventLoop {
             for provider in providers.iter().filter(|p| **p != local) {
                 match self.peers.get(provider).and_then(PeerState::http) {
                     Some(http) => lookup.add(*provider, http),
+                    None if self.departed.contains_key(provider) => {}
                     None if lookup.waiting.insert(*provider) => {
                         let _ = self.swarm.dial(DialOpts::peer_id(*provider).build());
                     }

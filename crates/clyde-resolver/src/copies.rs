@@ -85,22 +85,29 @@ impl Resolver {
         peers.announce(ContentKey::Keeper);
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut known = BTreeMap::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
-            let round = self.copies_round(k).await;
+            let started = tokio::time::Instant::now();
+            let round = self.copies_round(k, &mut known).await;
+            let ms = started.elapsed().as_secs_f64() * 1e3;
             if !round.fetched.is_empty() || round.short > 0 {
-                tracing::info!(pinned = round.pinned, short = round.short, fetched = ?round.fetched, min_copies = k, "minimum copies round");
+                tracing::info!(pinned = round.pinned, short = round.short, fetched = ?round.fetched, min_copies = k, ms, "minimum copies round");
+            } else {
+                tracing::debug!(pinned = round.pinned, ms, "minimum copies round");
             }
         }
         peers.retract(ContentKey::Keeper);
         peers.retract(ContentKey::Pins);
     }
 
-    /// One round: see the module's documentation.
-    pub async fn copies_round(&self, k: usize) -> CopiesRound {
+    /// One round: see the module's documentation. `known` carries the pinned images seen in
+    /// earlier rounds: a holder that has just died, or one that has just fetched and not yet
+    /// advertised, lists nothing this round, and its image must still be counted.
+    pub async fn copies_round(&self, k: usize, known: &mut BTreeMap<Digest, String>) -> CopiesRound {
         let mut round = CopiesRound::default();
         let Some(peers) = self.inner.peers.clone() else { return round };
         let mine = self.pinned_images();
@@ -110,9 +117,11 @@ impl Resolver {
             peers.announce(ContentKey::Pins);
         }
         // Every pinned image in the cluster, by manifest digest.
-        let mut pinned: BTreeMap<Digest, String> = BTreeMap::new();
+        let mut pinned = std::mem::take(known);
         let from_members = self.inner.config.members.is_some();
-        for holder in peers.members(ContentKey::Pins, WALK).await {
+        let (listers, keepers) =
+            tokio::join!(peers.members(ContentKey::Pins, WALK), peers.members(ContentKey::Keeper, WALK));
+        for holder in listers {
             for image in peers.pins_of(holder.addr).await {
                 if from_members || self.inner.store.is_pinned_name(&image.reference) {
                     pinned.entry(image.digest).or_insert(image.reference);
@@ -120,17 +129,29 @@ impl Resolver {
             }
         }
         let held: HashSet<Digest> = mine.iter().map(|i| i.digest).collect();
+        for image in &mine {
+            known.insert(image.digest, image.reference.clone());
+        }
         round.pinned = pinned.len() + held.iter().filter(|d| !pinned.contains_key(d)).count();
         let me = peers.local_id();
-        let keepers = peers.members(ContentKey::Keeper, WALK).await;
         for (digest, reference) in pinned {
             if held.contains(&digest) {
                 continue;
             }
             let Ok(image) = ImageRef::parse(&reference) else { continue };
             let origin = Origin { registry: image.registry.clone(), repository: image.repository.clone() };
-            let Some(digests) = self.image_digests(&origin, digest).await else { continue };
+            let Some(digests) = self.image_digests(&origin, digest).await else {
+                tracing::debug!(image = %reference, "cannot read a pinned image's manifests from peers");
+                known.insert(digest, reference.clone());
+                continue;
+            };
             let (copies, holders) = self.copies(&digests).await;
+            tracing::debug!(image = %reference, copies, digests = digests.len(), "copies counted");
+            if copies == 0 {
+                // Nobody holds it any more: nothing to copy from, and nothing to remember.
+                continue;
+            }
+            known.insert(digest, reference.clone());
             if copies >= k {
                 continue;
             }
@@ -142,7 +163,11 @@ impl Resolver {
             }
             tracing::info!(image = %reference, %digest, copies, min_copies = k, "fewer copies than wanted; fetching");
             match self.fetch_pinned(&origin, &image, digest).await {
-                Ok(()) => round.fetched.push(digest),
+                Ok(()) => {
+                    // Listed at once: the others count this copy in their next round.
+                    peers.announce(ContentKey::Pins);
+                    round.fetched.push(digest);
+                }
                 Err(e) => {
                     tracing::warn!(image = %reference, error = %e, "could not fetch a pinned image for its copies")
                 }
@@ -183,20 +208,18 @@ impl Resolver {
         Some(out)
     }
 
-    /// How many live nodes hold every one of `digests`, and who they are.
+    /// How many live nodes hold every one of `digests`, and who they are. The walks run at
+    /// once: each may wait its whole bound on a provider that does not answer.
     async fn copies(&self, digests: &[Digest]) -> (usize, HashSet<Vec<u8>>) {
         let Some(peers) = self.inner.peers.as_ref() else { return (0, HashSet::new()) };
+        let walks = digests.iter().map(|d| peers.members(ContentKey::Digest(*d), WALK));
         let mut holders: Option<HashSet<Vec<u8>>> = None;
-        for d in digests {
-            let these: HashSet<Vec<u8>> =
-                peers.members(ContentKey::Digest(*d), WALK).await.into_iter().map(|m| m.id).collect();
+        for found in futures_util::future::join_all(walks).await {
+            let these: HashSet<Vec<u8>> = found.into_iter().map(|m| m.id).collect();
             holders = Some(match holders {
                 None => these,
                 Some(h) => h.intersection(&these).cloned().collect(),
             });
-            if holders.as_ref().is_some_and(HashSet::is_empty) {
-                break;
-            }
         }
         let holders = holders.unwrap_or_default();
         (holders.len(), holders)

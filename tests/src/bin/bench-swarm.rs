@@ -344,7 +344,9 @@ fn copies(args: &[String]) {
         image.push(&reg, "bench/pinned", "v1", ImageFormat::Oci);
         let reference = TestImage::single(&[size * MIB / 2, size * MIB / 2]);
         reference.push(&reg, "bench/reference", "v1", ImageFormat::Oci);
-        let mut cluster = Cluster::start(4, config, &[]);
+        // A secret: the reference pull resolves its tag through a member once the upstream stops.
+        let secret = clyde_tests::cluster::secret_file("bench-copies-0123456789abcdefghijklmnop");
+        let mut cluster = Cluster::start(4, config, &["--cluster-secret-file", &secret]);
         let digests = clyde_tests::pull_image(&cluster.nodes[0].url(), &reg.addr(), "bench/pinned", "v1").digests;
         clyde_tests::pull_image(&cluster.nodes[0].url(), &reg.addr(), "bench/reference", "v1");
         let holds = |a: &clyde_tests::Agent| {
@@ -371,6 +373,22 @@ fn copies(args: &[String]) {
         let a = died.elapsed().as_secs_f64();
         if how == "stop" {
             cluster.nodes[0].resume();
+        }
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            for (i, n) in cluster.nodes.iter().enumerate().skip(1) {
+                let log = n.log();
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| {
+                        l.contains("copies")
+                            || l.contains("walked")
+                            || l.contains("pinned image")
+                            || l.contains("disconnected")
+                            || l.contains("dead")
+                    })
+                    .collect();
+                eprintln!("node {i}:\n{}", lines.join("\n"));
+            }
         }
         println!("round {round}: holder {how}: two copies again after {a:.2} s; a {size} MiB peer pull takes {t:.2} s");
         again.push(a);
