@@ -238,6 +238,8 @@ async fn route(server: &Server, req: &Request<Incoming>) -> (Response<Body>, &'s
     {
         let mut answer = errors::answer(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, &e.to_string());
         answer.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(membership::AUTH_SCHEME));
+        // A non-member's connection does not keep a slot of the connection bound.
+        answer.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         tracing::debug!(error = %e, path = %req.uri().path(), "peer request refused");
         return (answer, "-");
     }

@@ -86,6 +86,8 @@ pub enum LoadError {
     NoPlatform { wanted: String, available: String },
     #[error("blob {digest}: {error}")]
     Blob { digest: Digest, error: String },
+    #[error("bad image reference: {0}")]
+    BadReference(String),
 }
 
 /// The descriptors (`digest`, `size`) under `field` of a manifest.

@@ -425,7 +425,7 @@ impl Peers {
             .hedged(candidates, &what, |peer| async move {
                 let (m, checked) = self.client.get_tag(peer, &origin.registry, &origin.repository, tag, accept).await?;
                 let now = unix_now();
-                if checked + ttl <= now || checked > now + clyde_types::membership::MAX_SKEW_SECS {
+                if checked.saturating_add(ttl) <= now || checked > now + clyde_types::membership::MAX_SKEW_SECS {
                     tracing::debug!(%peer, tag = what_ref, checked, "a peer's tag is stale");
                     return Err(UpstreamError::NotFound);
                 }

@@ -25,6 +25,11 @@ async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let members = config.membership()?;
+    if config.retention.min_copies.is_some() && members.is_none() {
+        anyhow::bail!(
+            "[retention] min_copies needs --cluster-secret-file: which images are pinned, and where, is taken from members only"
+        );
+    }
     raise_descriptor_limit(config.max_connections);
     let kube_services =
         config.bootstrap_kubernetes.iter().map(|s| clyde_kube::ServiceRef::parse(s)).collect::<Result<Vec<_>, _>>()?;
