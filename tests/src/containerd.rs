@@ -72,6 +72,16 @@ impl Containerd {
         self.dir.path().join("root/io.containerd.content.v1.content")
     }
 
+    /// `clyde serve` flags that share this containerd's content: read from its content
+    /// directory when `from_dir`, else over gRPC.
+    pub fn sharing_args(&self, from_dir: bool) -> Vec<String> {
+        let dir = if from_dir { self.content_dir().display().to_string() } else { String::new() };
+        let socket = self.socket().display().to_string();
+        let flags =
+            ["--containerd-socket", &socket, "--containerd-namespace", NAMESPACE, "--containerd-content-dir", &dir];
+        flags.iter().map(|f| f.to_string()).collect()
+    }
+
     /// A `ctr` command against this containerd, in the test namespace.
     pub fn ctr(&self, args: &[&str]) -> Command {
         let mut cmd = self.place.command("ctr");

@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant};
 
 use clyde_tests::cluster::{member_auth, secret_file};
-use clyde_tests::containerd::NAMESPACE;
 use clyde_tests::{Agent, Containerd, ImageFormat, Registry, TestImage, http, poll, wait_for};
 
 const MIB: usize = 1024 * 1024;
@@ -14,19 +13,10 @@ const PATIENT_LOOKUPS: &str = "[peers]\nlookup_timeout = \"1s\"\n";
 
 /// An agent sharing `ctrd`'s content: over gRPC, or from its content directory.
 fn agent_sharing(ctrd: &Containerd, grpc_only: bool) -> Agent {
-    let socket = ctrd.socket().display().to_string();
-    let dir = if grpc_only { String::new() } else { ctrd.content_dir().display().to_string() };
     let secret = secret_file(SECRET);
-    let args = [
-        "--containerd-socket",
-        &socket,
-        "--containerd-namespace",
-        NAMESPACE,
-        "--containerd-content-dir",
-        &dir,
-        "--cluster-secret-file",
-        &secret,
-    ];
+    let mut args = ctrd.sharing_args(!grpc_only);
+    args.extend(["--cluster-secret-file".to_string(), secret]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Agent::start_on("127.0.0.2", "", &args)
 }
 

@@ -166,13 +166,19 @@ async fn serve_connection<IO>(io: TokioIo<IO>, server: Server, peer: SocketAddr,
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // Peers are agents on the cluster network, quick to send a request: a connection that
+    // sends nothing for long only holds a slot.
+    let header_timeout = match server.api {
+        Api::Mirror => Duration::from_secs(30),
+        Api::Peer => Duration::from_secs(10),
+    };
     let service = hyper::service::service_fn(move |req| {
         let server = server.clone();
         async move { Ok::<_, Infallible>(handle(&server, req, peer).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(header_timeout)
         .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);

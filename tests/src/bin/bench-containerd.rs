@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use clyde_tests::containerd::NAMESPACE;
 use clyde_tests::{Agent, Containerd, ImageFormat, Registry, TestImage, sha256, timed_get, wait_for};
 
 fn main() {
@@ -24,25 +23,17 @@ fn main() {
     let ctrd = Containerd::start();
     let (ok, out) = ctrd.pull(&ctrd.hosts_dir(), &format!("{}/bench/ctrd:v1", reg.addr()), &["--plain-http"]);
     assert!(ok, "pull: {out}");
-    let socket = ctrd.socket().display().to_string();
-    let dir = ctrd.content_dir().display().to_string();
-    let sharing = |content_dir: &str| {
-        let args = [
-            "--containerd-socket",
-            &socket,
-            "--containerd-namespace",
-            NAMESPACE,
-            "--containerd-content-dir",
-            content_dir,
-        ];
+    let sharing = |from_dir: bool| {
+        let args = ctrd.sharing_args(from_dir);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let agent = Agent::start("", &args);
         wait_for("the agent to list containerd", Duration::from_secs(30), || {
             (agent.metric("clyde_advertised_keys") >= 3.0).then_some(())
         });
         agent
     };
-    let file = sharing(&dir);
-    let grpc = sharing("");
+    let file = sharing(true);
+    let grpc = sharing(false);
     let own = Agent::start("", &[]);
     let (_, _, body) = timed_get(&format!("{}/v2/bench/ctrd/blobs/{}?ns={}", own.url(), layer.digest, reg.addr()), &[]);
     assert_eq!(sha256(&body), layer.digest);
