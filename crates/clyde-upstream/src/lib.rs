@@ -264,25 +264,31 @@ fn range_header(r: &Range<u64>) -> String {
 }
 
 /// Reads a manifest answer, bounded in size; verifies it when `reference` is a digest.
-async fn read_manifest(
-    resp: reqwest::Response,
-    reference: &Reference,
-    source: &str,
-) -> Result<Manifest, UpstreamError> {
-    if resp.content_length().is_some_and(|l| l > media::MAX_MANIFEST_BYTES) {
-        return Err(UpstreamError::TooLarge(media::MAX_MANIFEST_BYTES));
+/// A whole answer body of at most `max` bytes (more is [`UpstreamError::TooLarge`]).
+async fn read_bounded(resp: reqwest::Response, max: u64, source: &str) -> Result<Vec<u8>, UpstreamError> {
+    if resp.content_length().is_some_and(|l| l > max) {
+        return Err(UpstreamError::TooLarge(max));
     }
-    let media_type = header_str(resp.headers(), "content-type").unwrap_or(media::OCI_MANIFEST).to_string();
     let mut body = resp.bytes_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = body.next().await {
         let chunk =
             chunk.map_err(|e| UpstreamError::Unreachable { registry: source.to_string(), reason: error_chain(&e) })?;
-        if (bytes.len() + chunk.len()) as u64 > media::MAX_MANIFEST_BYTES {
-            return Err(UpstreamError::TooLarge(media::MAX_MANIFEST_BYTES));
+        if (bytes.len() + chunk.len()) as u64 > max {
+            return Err(UpstreamError::TooLarge(max));
         }
         bytes.extend_from_slice(&chunk);
     }
+    Ok(bytes)
+}
+
+async fn read_manifest(
+    resp: reqwest::Response,
+    reference: &Reference,
+    source: &str,
+) -> Result<Manifest, UpstreamError> {
+    let media_type = header_str(resp.headers(), "content-type").unwrap_or(media::OCI_MANIFEST).to_string();
+    let bytes = read_bounded(resp, media::MAX_MANIFEST_BYTES, source).await?;
     let digest = Digest::of(&bytes);
     if let Reference::Digest(expected) = reference
         && *expected != digest

@@ -32,7 +32,7 @@ pub const TAG_CHECKED_HEADER: &str = "clyde-tag-checked";
 /// The peer server's path that lists the pinned images its node holds whole.
 pub const PINS_PATH: &str = "/clyde/v1/pins";
 /// Longest pins list read from a peer.
-const MAX_PINS_BYTES: usize = 4 << 20;
+const MAX_PINS_BYTES: u64 = 4 << 20;
 
 /// A pinned image a node holds whole, as its peer server lists it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -167,32 +167,29 @@ impl PeerClient {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<Manifest, UpstreamError> {
+        let resp = self.manifest_response(peer, registry, repository, reference, accept).await?;
+        read_manifest(resp, reference, &format!("peer {peer}")).await
+    }
+
+    /// A peer's answer to `GET /v2/<repository>/manifests/<reference>`.
+    async fn manifest_response(
+        &self,
+        peer: SocketAddr,
+        registry: &Registry,
+        repository: &Repository,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let req = self
             .request(reqwest::Method::GET, peer, registry, repository, &format!("manifests/{reference}"))
             .header(header::ACCEPT, media::upstream_accept(accept));
-        let resp = self.send(peer, req).await?;
-        read_manifest(resp, reference, &format!("peer {peer}")).await
+        self.send(peer, req).await
     }
 
     /// The pinned images a peer holds whole.
     pub async fn get_pins(&self, peer: SocketAddr) -> Result<Vec<PinnedImage>, UpstreamError> {
         let resp = self.send(peer, self.signed(reqwest::Method::GET, peer, PINS_PATH)).await?;
-        let too_big = || UpstreamError::Protocol(format!("peer {peer}: a pins list over {MAX_PINS_BYTES} bytes"));
-        if crate::content_length(resp.headers()).is_some_and(|n| n > MAX_PINS_BYTES as u64) {
-            return Err(too_big());
-        }
-        let mut body = Vec::new();
-        let mut resp = resp;
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| UpstreamError::Unreachable { registry: format!("peer {peer}"), reason: error_chain(&e) })?
-        {
-            if body.len() + chunk.len() > MAX_PINS_BYTES {
-                return Err(too_big());
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = crate::read_bounded(resp, MAX_PINS_BYTES, &format!("peer {peer}")).await?;
         serde_json::from_slice(&body).map_err(|e| UpstreamError::Protocol(format!("peer {peer}: bad pins list: {e}")))
     }
 
@@ -207,10 +204,7 @@ impl PeerClient {
         accept: Option<&str>,
     ) -> Result<(Manifest, u64), UpstreamError> {
         let reference = Reference::Tag(tag.to_string());
-        let req = self
-            .request(reqwest::Method::GET, peer, registry, repository, &format!("manifests/{tag}"))
-            .header(header::ACCEPT, media::upstream_accept(accept));
-        let resp = self.send(peer, req).await?;
+        let resp = self.manifest_response(peer, registry, repository, &reference, accept).await?;
         let checked = resp.headers().get(TAG_CHECKED_HEADER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let Some(checked) = checked else {
             return Err(UpstreamError::Protocol(format!("peer {peer}: a tag without {TAG_CHECKED_HEADER}")));
