@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use clyde_tests::{Agent, Cluster, ImageFormat, Registry, TestImage, http, pull_image, sha256, wait_for};
+use clyde_tests::{Agent, Cluster, Containerd, ImageFormat, Registry, TestImage, http, pull_image, sha256, wait_for};
 
 const MIB: usize = 1024 * 1024;
 
@@ -100,6 +100,14 @@ fn a_pinned_image_keeps_two_copies_when_its_holder_dies_without_the_upstream() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(holders(&survivors, &digests), 2, "more nodes than needed fetched the image");
     assert_eq!(holders(&survivors, &platform), 2, "more nodes than needed fetched the platform");
+    // A real containerd on the new holder's node pulls the image by tag, the upstream gone:
+    // the copy came with its tag (the first holder had resolved it within the tag TTL).
+    let ctrd = Containerd::start();
+    let reference = format!("{}/team/pinned:v1", reg.addr());
+    let hosts = ctrd.mirror_hosts_dir(&reg, &cluster.nodes[third]);
+    let (ok, out) = ctrd.pull(&hosts, &reference, &["--plain-http"]);
+    assert!(ok, "containerd pull through the new holder failed:\n{out}\n{}", cluster.nodes[third].log());
+    assert_eq!(ctrd.image_digest(&reference).as_deref(), Some(digests[0].as_str()));
     // Nothing came from the upstream after the first load (it is stopped; its log says so).
     let after: u64 = img.layers.iter().map(|l| reg.blob_bytes_served(&l.digest)).sum();
     assert_eq!(after, upstream_bytes);

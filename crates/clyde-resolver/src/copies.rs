@@ -17,8 +17,9 @@
 //! (`ping_timeout`, 5 s); the next round, within `copies_interval`, sees the image short and
 //! the first-ranked node fetches it. Images seen in earlier rounds are remembered, so the
 //! round right after a death still counts them. Eviction never removes a pinned image's
-//! blobs, so a holder's own eviction can never take a copy away. A copy is never written
-//! under a tag: a list names images, it does not say where a tag points.
+//! blobs, so a holder's own eviction can never take a copy away. A copy takes its tag only
+//! under the rule for tags from peers: the member resolved it from the upstream within the
+//! tag TTL, and says when.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -56,6 +57,16 @@ pub struct Keeping {
     listed: bool,
 }
 
+/// A pinned image as the holders' lists show it this round.
+#[derive(Default)]
+struct Listed {
+    reference: String,
+    /// The nodes that list it.
+    holders: HashSet<Vec<u8>>,
+    /// The latest time a holder resolved its tag from the upstream.
+    tag_checked_at: Option<u64>,
+}
+
 /// The keepers that lack an image and fetch it this round: the first `needed` by rank.
 pub fn fetchers<'a>(digest: &Digest, lacking: &'a [Member], needed: usize) -> Vec<&'a Member> {
     let mut ranked: Vec<(Digest, &Member)> = lacking.iter().map(|m| (rank(digest, &m.id), m)).collect();
@@ -81,7 +92,13 @@ impl Resolver {
             };
             for digest in manifests {
                 if self.holds_image(&digest) && !out.iter().any(|p: &PinnedImage| p.digest == digest) {
-                    out.push(PinnedImage { reference: entry.reference.clone(), digest });
+                    // Only a tag this node resolved from the upstream, with when (as the peer
+                    // server answers tags).
+                    let tag_checked_at = match store.tag(&entry.reference) {
+                        Ok(Some(t)) if entry.tagged && t.digest == digest && t.checked_at > 0 => Some(t.checked_at),
+                        _ => None,
+                    };
+                    out.push(PinnedImage { reference: entry.reference.clone(), digest, tag_checked_at });
                 }
             }
         }
@@ -147,12 +164,19 @@ impl Resolver {
             listers.iter().map(|h| async { (h.id.clone(), peers.pins_of(h.addr).await) }),
         )
         .await;
-        // Every pinned image in the cluster, by manifest digest, with the nodes that list it.
-        let mut images: BTreeMap<Digest, (String, HashSet<Vec<u8>>)> =
-            std::mem::take(&mut keeping.known).into_iter().map(|(d, r)| (d, (r, HashSet::new()))).collect();
+        // Every pinned image in the cluster, by manifest digest, with the nodes that list it
+        // and the latest time one of them checked its tag.
+        let mut images: BTreeMap<Digest, Listed> = std::mem::take(&mut keeping.known)
+            .into_iter()
+            .map(|(d, reference)| (d, Listed { reference, ..Listed::default() }))
+            .collect();
         for (id, list) in lists {
             for image in list.into_iter().take(MAX_LISTED) {
-                images.entry(image.digest).or_insert_with(|| (image.reference, HashSet::new())).1.insert(id.clone());
+                let entry = images
+                    .entry(image.digest)
+                    .or_insert_with(|| Listed { reference: image.reference, ..Listed::default() });
+                entry.holders.insert(id.clone());
+                entry.tag_checked_at = entry.tag_checked_at.max(image.tag_checked_at);
             }
         }
         for image in &mine {
@@ -160,7 +184,7 @@ impl Resolver {
         }
         round.pinned = images.len() + held.iter().filter(|d| !images.contains_key(d)).count();
         let me = peers.local_id();
-        for (digest, (reference, holders)) in images {
+        for (digest, Listed { reference, holders, tag_checked_at }) in images {
             if held.contains(&digest) {
                 continue;
             }
@@ -180,7 +204,7 @@ impl Resolver {
                 continue;
             }
             tracing::info!(image = %reference, %digest, copies, min_copies = k, "fewer copies than wanted; fetching");
-            match self.fetch_pinned(&reference, digest).await {
+            match self.fetch_pinned(&reference, digest, tag_checked_at).await {
                 Ok(()) => {
                     // Listed at once: the others count this copy in their next round.
                     self.list_pins(&peers, keeping, true);
@@ -203,14 +227,36 @@ impl Resolver {
         }
     }
 
-    /// Fetches the image manifest `digest` whole (peers first: every digest verifies) and pins it.
-    async fn fetch_pinned(&self, reference: &str, digest: Digest) -> Result<(), crate::LoadError> {
+    /// Fetches the image manifest `digest` whole (peers first: every digest verifies) and pins
+    /// it. Its tag comes along when a member resolved it from the upstream within the tag TTL
+    /// (the rule for tags from peers), kept with the member's time, so a pod on this node
+    /// still starts by tag while the upstream is gone.
+    async fn fetch_pinned(
+        &self,
+        reference: &str,
+        digest: Digest,
+        tag_checked_at: Option<u64>,
+    ) -> Result<(), crate::LoadError> {
         let image = ImageRef::parse(reference).map_err(|e| crate::LoadError::BadReference(e.to_string()))?;
-        let by_digest = ImageRef { reference: Reference::Digest(digest), ..image };
+        let by_digest = ImageRef { reference: Reference::Digest(digest), ..image.clone() };
         // Nobody follows the progress: a closed channel makes every report a no-op.
         let (events, _) = mpsc::channel(1);
         self.load_image(&by_digest, &[], &events).await?;
-        self.inner.store.pin(digest).await.map_err(crate::ResolveError::from)?;
+        let store = &self.inner.store;
+        store.pin(digest).await.map_err(crate::ResolveError::from)?;
+        let now = clyde_store::unix_now();
+        let ttl = self.inner.config.tag_ttl.as_secs();
+        if let (Reference::Tag(tag), Some(checked)) = (&image.reference, tag_checked_at)
+            && checked.saturating_add(ttl) > now
+            && checked <= now + clyde_types::membership::MAX_SKEW_SECS
+        {
+            let key = clyde_types::key::tag_name(image.registry.as_str(), image.repository.as_str(), tag);
+            if store.tag(&key).map_err(crate::ResolveError::from)?.is_none() {
+                let media_type = store.manifest(&digest).ok().flatten().map(|m| m.media_type).unwrap_or_default();
+                let record = clyde_store::TagRecord { digest, media_type, checked_at: checked };
+                store.put_tag(key, record).await.map_err(crate::ResolveError::from)?;
+            }
+        }
         Ok(())
     }
 }

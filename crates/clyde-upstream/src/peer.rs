@@ -39,8 +39,12 @@ const MAX_PINS_BYTES: u64 = 4 << 20;
 pub struct PinnedImage {
     /// `registry/repository:tag`, or `registry/repository@digest` when no tag names it.
     pub reference: String,
-    /// The manifest (or index) digest.
+    /// The image manifest's digest.
     pub digest: Digest,
+    /// When `reference` is a tag that names this manifest: when the holder last resolved the
+    /// tag from the upstream (Unix seconds).
+    #[serde(default)]
+    pub tag_checked_at: Option<u64>,
 }
 
 /// HTTP client for peer servers; cheap to clone.
