@@ -12,8 +12,10 @@ use crate::{Pki, Place, require, run, spawn_logged, wait_for};
 /// How a test registry protects itself.
 #[derive(Default)]
 pub struct RegistryOptions<'a> {
-    /// Basic auth (htpasswd) with this user and password.
+    /// Basic auth (htpasswd) with this user and password (the one that pushes).
     pub basic_auth: Option<(&'a str, &'a str)>,
+    /// With `basic_auth`: more users and their passwords.
+    pub more_users: &'a [(&'a str, &'a str)],
     /// Serve HTTPS with the PKI's server certificate.
     pub tls: Option<&'a Pki>,
     /// With `tls`: require client certificates signed by the PKI's CA.
@@ -65,8 +67,13 @@ impl Registry {
         }
         if let Some((user, password)) = options.basic_auth {
             let htpasswd = dir.path().join("htpasswd");
-            let line = run(Command::new(require("htpasswd", "apache2-utils")).args(["-nbB", user, password]));
-            std::fs::write(&htpasswd, line.trim()).expect("htpasswd");
+            let mut lines = String::new();
+            for (user, password) in std::iter::once((user, password)).chain(options.more_users.iter().copied()) {
+                let line = run(Command::new(require("htpasswd", "apache2-utils")).args(["-nbB", user, password]));
+                lines.push_str(line.trim());
+                lines.push('\n');
+            }
+            std::fs::write(&htpasswd, lines).expect("htpasswd");
             config.push_str(&format!("auth:\n  htpasswd:\n    realm: clyde-test\n    path: {}\n", htpasswd.display()));
             push_flags.push(format!("--dest-creds={user}:{password}"));
         }

@@ -16,6 +16,7 @@ pub enum ErrorCode {
     Unsupported,
     TooManyRequests,
     Unauthorized,
+    Denied,
     Unknown,
 }
 
@@ -31,6 +32,7 @@ impl ErrorCode {
             Self::RangeInvalid => "RANGE_INVALID",
             Self::TooManyRequests => "TOOMANYREQUESTS",
             Self::Unauthorized => "UNAUTHORIZED",
+            Self::Denied => "DENIED",
             Self::Unsupported => "UNSUPPORTED",
             Self::Unknown => "UNKNOWN",
         }

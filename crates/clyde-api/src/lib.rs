@@ -8,6 +8,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
 
+mod access;
 mod errors;
 mod health;
 mod origins;
@@ -89,6 +90,7 @@ pub async fn serve(
     let ListenerOptions { tls, uploads, members, max_connections } = options;
     let connections = TaskTracker::new();
     let origins = Arc::new(origins::Origins::default());
+    let access = Arc::new(access::Access::default());
     let slots = Arc::new(tokio::sync::Semaphore::new(if max_connections == 0 {
         tokio::sync::Semaphore::MAX_PERMITS
     } else {
@@ -126,6 +128,7 @@ pub async fn serve(
             uploads: uploads.clone(),
             origins: origins.clone(),
             members: members.clone(),
+            access: access.clone(),
         };
         let shutdown = shutdown.clone();
         let tls = tls.clone();
@@ -159,6 +162,8 @@ struct Server {
     origins: Arc<origins::Origins>,
     /// Who may read: members of the cluster only, when it has a secret.
     members: Option<Membership>,
+    /// Who may read private registries' content.
+    access: Arc<access::Access>,
 }
 
 /// Serves HTTP/1.1 requests on one connection until it ends or the server shuts down.
@@ -298,6 +303,9 @@ async fn route(server: &Server, req: &Request<Incoming>) -> (Response<Body>, &'s
         }
         ApiPath::Content { registry, repository, resource } => (Origin { registry, repository }, resource),
     };
+    if let Some(refused) = server.access.gate(resolver, api, server.members.is_some(), req, &origin, &resource).await {
+        return (refused, "-");
+    }
     match resource {
         Resource::Manifest(reference) => {
             let answer = manifest(resolver, api, req, &origin, &reference).await;

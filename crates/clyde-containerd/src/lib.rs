@@ -55,6 +55,9 @@ enum Error {
     Call(#[from] tonic::Status),
 }
 
+/// The label prefix containerd marks pulled content with, followed by the registry's name.
+const SOURCE_LABEL: &str = "containerd.io/distribution.source.";
+
 /// What containerd holds, as last listed.
 #[derive(Default)]
 struct Held {
@@ -62,6 +65,9 @@ struct Held {
     blobs: HashMap<Digest, u64>,
     /// Tags (`registry/repository:tag`) of images, with the target's digest and media type.
     tags: HashMap<String, LocalTag>,
+    /// The registries a blob was pulled from, as containerd labels it
+    /// (`containerd.io/distribution.source.<registry>`).
+    sources: HashMap<Digest, Vec<String>>,
 }
 
 struct Inner {
@@ -197,6 +203,7 @@ impl Containerd {
     async fn relist(&self, channel: &Channel) -> Result<(), Error> {
         let ns = &self.inner.config.namespace;
         let mut blobs = HashMap::new();
+        let mut sources = HashMap::new();
         let mut stream = ContentClient::new(channel.clone())
             .list(request(ns, ListContentRequest { filters: Vec::new() }))
             .await?
@@ -205,6 +212,11 @@ impl Containerd {
             for info in page.info {
                 if let (Ok(d), Ok(size)) = (info.digest.parse::<Digest>(), u64::try_from(info.size)) {
                     blobs.insert(d, size);
+                    let registries: Vec<String> =
+                        info.labels.keys().filter_map(|k| k.strip_prefix(SOURCE_LABEL)).map(str::to_string).collect();
+                    if !registries.is_empty() {
+                        sources.insert(d, registries);
+                    }
                 }
             }
         }
@@ -235,7 +247,7 @@ impl Containerd {
         }
         let mut held = self.inner.held.write().unwrap_or_else(|p| p.into_inner());
         let changes = diff(&held, &blobs, &tags);
-        *held = Held { blobs, tags };
+        *held = Held { blobs, tags, sources };
         drop(held);
         for event in changes {
             let _ = self.inner.events.send(event);
@@ -399,6 +411,10 @@ impl LocalContent for Containerd {
     fn tag(&self, tag: &str) -> Option<LocalTag> {
         self.held().tags.get(tag).cloned()
     }
+
+    fn sources(&self, digest: &Digest) -> Vec<String> {
+        self.held().sources.get(digest).cloned().unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
@@ -414,6 +430,7 @@ mod tests {
                 ("r/x:1".to_string(), LocalTag { digest: a, media_type: "m".to_string(), updated_at: 1 }),
                 ("r/x:2".to_string(), LocalTag { digest: b, media_type: "m".to_string(), updated_at: 1 }),
             ]),
+            sources: HashMap::new(),
         };
         let blobs = HashMap::from([(b, 1), (c, 1)]);
         let tags =

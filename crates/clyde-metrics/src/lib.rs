@@ -46,6 +46,17 @@ pub struct RegistryLabels {
     pub registry: String,
 }
 
+/// A check of a client's access to private content: `check` is `client` (credentials asked
+/// of a private registry) or `public` (content of a private registry asked for under another
+/// name, asked of that registry); `result` is `granted`, `denied` or `unavailable`; `cached`
+/// whether a remembered verdict answered.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccessLabels {
+    pub check: String,
+    pub result: String,
+    pub cached: String,
+}
+
 /// Every metric Clyde exports; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -64,6 +75,7 @@ struct Families {
     prune_runs: Family<PruneLabels, Counter>,
     pruned_images: Family<PruneLabels, Counter>,
     pruned_bytes: Family<PruneLabels, Counter>,
+    access_checks: Family<AccessLabels, Counter>,
 }
 
 /// A scheduled prune rule (its index in `[[retention.prune]]`) and whether it only reports.
@@ -93,6 +105,7 @@ impl Metrics {
             prune_runs: Family::default(),
             pruned_images: Family::default(),
             pruned_bytes: Family::default(),
+            access_checks: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("clyde");
         r.register("requests", "Requests answered, by API, kind and status", families.requests.clone());
@@ -130,6 +143,11 @@ impl Metrics {
             "Bytes scheduled prunes freed (or, dry runs, would have)",
             families.pruned_bytes.clone(),
         );
+        r.register(
+            "access_checks",
+            "Checks of clients' access to private registries' content, by check, result and whether a remembered verdict answered",
+            families.access_checks.clone(),
+        );
         Self { inner: Arc::new(families) }
     }
 
@@ -162,6 +180,12 @@ impl Metrics {
     /// Counts bytes received from an upstream registry.
     pub fn upstream_bytes(&self, registry: &str, bytes: u64) {
         self.inner.upstream_bytes.get_or_create(&RegistryLabels { registry: registry.into() }).inc_by(bytes);
+    }
+
+    /// Counts one check of a client's access to private content.
+    pub fn access_check(&self, check: &str, result: &str, cached: bool) {
+        let labels = AccessLabels { check: check.into(), result: result.into(), cached: cached.to_string() };
+        self.inner.access_checks.get_or_create(&labels).inc();
     }
 
     /// Counts bytes received from peers.

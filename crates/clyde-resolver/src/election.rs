@@ -182,6 +182,9 @@ pub(crate) async fn follow_elected(
             Err(UpstreamError::NotFound | UpstreamError::Status { status: 429, .. }) => follow.next(Instant::now()),
             // Past the end: the upstream's answer says so.
             Err(UpstreamError::Status { status: 416, .. }) => return None,
+            // It holds a private registry's content and serves it under that name only:
+            // not a fault.
+            Err(UpstreamError::Status { status: 403, .. }) => Step::PassOver,
             Err(e) => {
                 peers.penalize(winner.addr, &format!("elected fetcher failed: {e}"));
                 Step::PassOver

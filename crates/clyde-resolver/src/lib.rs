@@ -15,6 +15,7 @@ pub mod load;
 pub mod local;
 mod manifest;
 pub mod peers;
+mod private;
 pub mod schedule;
 pub mod transfer;
 
@@ -198,6 +199,7 @@ struct Inner {
     config: ResolverConfig,
     transfers: transfer::Transfers,
     metrics: Metrics,
+    private: private::PrivateContent,
 }
 
 impl Resolver {
@@ -217,7 +219,8 @@ impl Resolver {
         };
         let transfers =
             transfer::Transfers::new(store.clone(), upstream.clone(), peers.clone(), config.clone(), metrics.clone());
-        Ok(Self { inner: Arc::new(Inner { store, upstream, peers, local, config, transfers, metrics }) })
+        let private = private::PrivateContent::new(upstream.private_registries(), &store);
+        Ok(Self { inner: Arc::new(Inner { store, upstream, peers, local, config, transfers, metrics, private }) })
     }
 
     /// The metrics handle.
@@ -297,6 +300,8 @@ impl Resolver {
         if let Some(blob) = self.local_blob(digest).await {
             return Ok(blob);
         }
+        // Fetched for a private registry's client: its content from now on.
+        self.inner.private.note(origin.registry.as_str(), [*digest]);
         self.inner.transfers.join(origin, digest, want).await
     }
 

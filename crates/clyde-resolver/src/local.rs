@@ -31,6 +31,10 @@ pub trait LocalContent: Send + Sync {
     fn open_blob(&self, digest: Digest) -> BoxFuture<Option<LocalBlob>>;
     /// Where a tag (`registry/repository:tag`) points.
     fn tag(&self, tag: &str) -> Option<LocalTag>;
+    /// The registries the holder says a blob came from (none known: empty).
+    fn sources(&self, _digest: &Digest) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// A tag another holder on this node knows.

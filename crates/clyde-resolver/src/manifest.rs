@@ -298,6 +298,8 @@ impl Resolver {
             "peer" => self.inner.metrics.peer_bytes(m.bytes.len() as u64),
             _ => self.inner.metrics.upstream_bytes(origin.registry.as_str(), m.bytes.len() as u64),
         }
+        let references = references(&m.bytes);
+        self.inner.private.note(origin.registry.as_str(), std::iter::once(m.digest).chain(references.iter().copied()));
         store.put_blob(m.digest, m.bytes.clone()).await?;
         let now = unix_now();
         let existing = store.manifest(&m.digest)?;
@@ -308,7 +310,7 @@ impl Resolver {
             repository: origin.repository.to_string(),
             created: existing.as_ref().map_or(now, |e| e.created),
             last_pulled: now,
-            references: references(&m.bytes),
+            references,
             // A pin stays through later pulls of the same manifest.
             pinned: existing.as_ref().is_some_and(|e| e.pinned),
         };

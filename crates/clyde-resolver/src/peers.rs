@@ -247,6 +247,11 @@ impl Peers {
                 Err(UpstreamError::Status { status: 416, .. }) => {
                     tracing::debug!(%peer, what, "peer cannot serve that range");
                 }
+                // Not under the name asked for (a private registry's content asked for under
+                // another name): neither a fault nor a sign it does not hold the digest.
+                Err(UpstreamError::Status { status: 403, .. }) => {
+                    tracing::debug!(%peer, what, "peer does not serve it under this name");
+                }
                 // At its upload limit: another holder, or later; not a fault.
                 Err(UpstreamError::Status { status: 429, .. }) => {
                     tracing::debug!(%peer, what, "peer is busy");
@@ -520,6 +525,16 @@ mod tests {
         assert_eq!(got.await.map(|(_, v)| v), Some(2));
         assert!(!p.penalized(&addr(1)), "a peer at its upload limit was penalized");
         // Nor is it remembered as not holding the content.
+        assert_eq!(p.hedged(&[addr(1)], "x", |peer| answer(peer.port(), 0, None)).await.map(|(_, v)| v), Some(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_serving_private_content_under_its_name_only_is_neither_penalized_nor_a_miss() {
+        let p = peers();
+        let other_name = || Some(UpstreamError::Status { status: 403, url: "peer".into() });
+        assert!(p.hedged(&[addr(1)], "x", |peer| answer(peer.port(), 0, other_name())).await.is_none());
+        assert!(!p.penalized(&addr(1)));
+        // Asked again for the same digest (under its own name), it is asked.
         assert_eq!(p.hedged(&[addr(1)], "x", |peer| answer(peer.port(), 0, None)).await.map(|(_, v)| v), Some(1));
     }
 

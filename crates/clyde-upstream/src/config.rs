@@ -24,6 +24,10 @@ pub struct RegistryConfig {
     pub auth: Option<AuthConfig>,
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Cached content is served only to clients whose credentials the upstream accepts for
+    /// the object they ask for (checked upstream, remembered briefly).
+    #[serde(default)]
+    pub private: bool,
 }
 
 /// Basic credentials, also used to obtain bearer tokens.
@@ -111,7 +115,42 @@ pub(crate) fn build_client(
     };
     let endpoint = rc.and_then(|r| r.endpoint.as_deref()).unwrap_or_else(|| default_endpoint(name));
     Registry::parse(endpoint).map_err(|e| bad(e.to_string()))?;
+    let http = http_client(config, name, rc, true)?;
+    // Checks of a client's credentials look at the registry's own answer, never a
+    // redirect's (a blob `HEAD` may be sent on to storage that wants other credentials).
+    let check = match rc.is_some_and(|r| r.private) {
+        true => Some(http_client(config, name, rc, false)?),
+        false => None,
+    };
+    let auth = match rc.and_then(|r| r.auth.as_ref()) {
+        None => None,
+        Some(a) => {
+            let password = match (&a.password, &a.password_file) {
+                (Some(p), None) => p.clone(),
+                (None, Some(f)) => {
+                    let raw = read(name, "password_file", f)?;
+                    String::from_utf8_lossy(&raw).lines().next().unwrap_or("").to_string()
+                }
+                _ => {
+                    return Err(bad("auth needs exactly one of password or password_file".into()));
+                }
+            };
+            Some((a.username.clone(), password))
+        }
+    };
+    Ok(RegistryClient { registry: registry.clone(), base: format!("{scheme}://{endpoint}"), http, check, auth })
+}
+
+/// An HTTP client with the registry's TLS settings, following redirects or not.
+fn http_client(
+    config: &UpstreamConfig,
+    name: &str,
+    rc: Option<&RegistryConfig>,
+    redirects: bool,
+) -> Result<reqwest::Client, UpstreamError> {
+    let bad = |msg: String| UpstreamError::Config(name.to_string(), msg);
     let mut builder = reqwest::Client::builder()
+        .redirect(if redirects { reqwest::redirect::Policy::default() } else { reqwest::redirect::Policy::none() })
         .connect_timeout(config.connect_timeout)
         .read_timeout(config.read_timeout)
         .pool_idle_timeout(std::time::Duration::from_secs(90))
@@ -139,24 +178,7 @@ pub(crate) fn build_client(
             builder = builder.danger_accept_invalid_certs(true);
         }
     }
-    let auth = match rc.and_then(|r| r.auth.as_ref()) {
-        None => None,
-        Some(a) => {
-            let password = match (&a.password, &a.password_file) {
-                (Some(p), None) => p.clone(),
-                (None, Some(f)) => {
-                    let raw = read(name, "password_file", f)?;
-                    String::from_utf8_lossy(&raw).lines().next().unwrap_or("").to_string()
-                }
-                _ => {
-                    return Err(bad("auth needs exactly one of password or password_file".into()));
-                }
-            };
-            Some((a.username.clone(), password))
-        }
-    };
-    let http = builder.build().map_err(|e| bad(e.to_string()))?;
-    Ok(RegistryClient { registry: registry.clone(), base: format!("{scheme}://{endpoint}"), http, auth })
+    builder.build().map_err(|e| bad(e.to_string()))
 }
 
 #[cfg(test)]

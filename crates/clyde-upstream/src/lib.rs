@@ -7,6 +7,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::single_range_in_vec_init))]
 
+mod access;
 mod auth;
 mod config;
 pub mod peer;
@@ -22,6 +23,7 @@ use clyde_types::{Digest, Reference, Registry, Repository, media};
 use futures_util::{Stream, StreamExt};
 use reqwest::{Method, StatusCode, header};
 
+pub use access::{ClientCheck, Object};
 pub use config::{AuthConfig, RegistryConfig, TlsConfig, UpstreamConfig};
 pub use peer::{BLOB_STATE_HEADER, PINS_PATH, PeerClient, PeerTls, PinnedImage, TAG_CHECKED_HEADER};
 
@@ -93,6 +95,8 @@ struct RegistryClient {
     registry: Registry,
     base: String,
     http: reqwest::Client,
+    /// For a private registry: checks of clients' credentials (no redirects).
+    check: Option<reqwest::Client>,
     auth: Option<(String, String)>,
 }
 

@@ -30,6 +30,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "[retention] min_copies needs --cluster-secret-file: which images are pinned, and where, is taken from members only"
         );
     }
+    if let Some(r) = config.registries.iter().find(|r| r.private)
+        && members.is_none()
+    {
+        anyhow::bail!(
+            "registry {}: private = true needs --cluster-secret-file: without it, anyone who reaches the peer port reads what this node holds",
+            r.name
+        );
+    }
     raise_descriptor_limit(config.max_connections);
     let kube_services =
         config.bootstrap_kubernetes.iter().map(|s| clyde_kube::ServiceRef::parse(s)).collect::<Result<Vec<_>, _>>()?;
