@@ -12,6 +12,7 @@
 //! - [`Pki`]: a CA, a server and a client certificate made with `openssl`.
 //! - [`SlowProxy`]: a rate-limited TCP relay, for faults a real part cannot make on demand.
 //! - [`TokenGate`]: a bearer-token front for a registry (Debian ships no token server).
+//! - [`LyingPeer`]: a member's peer port that claims other sizes than its blobs have.
 //!
 //! A missing binary fails the test with what to install; nothing is skipped.
 
@@ -20,6 +21,7 @@ pub mod cluster;
 pub mod containerd;
 pub mod image;
 pub mod lab;
+pub mod liar;
 pub mod pki;
 pub mod proxy;
 pub mod registry;
@@ -34,6 +36,7 @@ pub use cluster::{Cluster, Pulled, pull_image, wait_log};
 pub use containerd::Containerd;
 pub use image::{ImageFormat, TestImage};
 pub use lab::{Lab, LabCluster, LabNode, Place};
+pub use liar::LyingPeer;
 pub use pki::Pki;
 pub use proxy::SlowProxy;
 pub use registry::{Registry, RegistryOptions};

@@ -245,16 +245,25 @@ impl Resolver {
         if let Some(job) = self.inner.transfers.running(digest) {
             return Ok(job.size());
         }
+        // Then the upstream's word; a peer's only when the upstream cannot be asked.
+        let upstream = match self.inner.config.air_gapped {
+            false => match self.inner.upstream.head_blob(&origin.registry, &origin.repository, digest).await {
+                Ok(size) => return Ok(size),
+                Err(UpstreamError::NotFound) => return Err(UpstreamError::NotFound.into()),
+                Err(e) => Some(e),
+            },
+            true => None,
+        };
         if let Some(peers) = &self.inner.peers {
-            let candidates = peers.find(ContentKey::Digest(*digest), self.inner.config.first_lookup()).await;
+            let candidates = peers.find(ContentKey::Digest(*digest), peers::Lookup::Patient).await;
             if let Some(size) = peers.blob_size(&candidates, origin, digest).await {
                 return Ok(size);
             }
         }
-        if self.inner.config.air_gapped {
-            return Err(ResolveError::AirGapped);
-        }
-        Ok(self.inner.upstream.head_blob(&origin.registry, &origin.repository, digest).await?)
+        Err(match upstream {
+            Some(e) => e.into(),
+            None => ResolveError::AirGapped,
+        })
     }
 
     /// A blob this node holds, complete or arriving, for the peer server: never fetched

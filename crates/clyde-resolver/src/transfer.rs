@@ -525,8 +525,16 @@ impl Transfers {
         } else {
             (Some(want.start..want.end), Attempt::Demand)
         };
-        // A peer's claim of the size is checked against a verified manifest's descriptor.
-        let expected = self.store.known_size(digest);
+        // A peer's claim of the size is checked against a trusted size: a verified manifest's
+        // descriptor, else the upstream's (a blob asked for by digest alone). Only when
+        // neither can be had does a peer's claim stand, and its bytes still verify.
+        let expected = match self.store.known_size(digest) {
+            Some(size) => Some(size),
+            None if self.shared.peers.is_some() && !self.shared.config.air_gapped => {
+                self.shared.upstream.head_blob(registry, repository, digest).await.ok()
+            }
+            None => None,
+        };
         let (body, source) = match self.shared.open(origin, digest, wanted, attempt, expected).await {
             // Past the end: answer 416 without downloading anything.
             Err(ResolveError::Upstream(UpstreamError::Status { status: 416, .. })) if first_byte > 0 => {

@@ -24,6 +24,9 @@ pub struct Config {
     pub mirror_addr: String,
     /// The HTTP port peers fetch from (`0.0.0.0:30022`).
     pub peer_addr: String,
+    /// The port other nodes reach the peer server at, when it is not `peer_addr`'s (a
+    /// `hostPort` or NAT mapping); none: `peer_addr`'s.
+    pub peer_advertise_port: Option<u16>,
     /// libp2p listen multiaddrs (`/ip4/0.0.0.0/tcp/30023`).
     pub p2p_addr: Vec<String>,
     /// `/metrics`, `/healthz`, `/readyz` (`0.0.0.0:30024`).
@@ -153,6 +156,7 @@ impl Default for Config {
             log_format: "text".into(),
             mirror_addr: "127.0.0.1:30021".into(),
             peer_addr: "0.0.0.0:30022".into(),
+            peer_advertise_port: None,
             p2p_addr: vec!["/ip4/0.0.0.0/tcp/30023".into()],
             metrics_addr: "0.0.0.0:30024".into(),
             bootstrap: Vec::new(),
@@ -251,6 +255,9 @@ impl Config {
     /// What parsing cannot tell: settings this version does not carry out, bad patterns.
     fn check(&self) -> anyhow::Result<()> {
         let r = &self.retention;
+        if self.peer_advertise_port == Some(0) {
+            anyhow::bail!("peer_advertise_port must be a port (1-65535), or absent: peer_addr's");
+        }
         if r.min_copies == Some(0) {
             anyhow::bail!("[retention] min_copies must be 1 or more (or absent: no minimum)");
         }

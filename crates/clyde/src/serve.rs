@@ -75,7 +75,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         bootstrap: parse_multiaddrs(&config.bootstrap)?,
         bootstrap_dns: config.bootstrap_dns.clone(),
         kubernetes: !config.bootstrap_kubernetes.is_empty(),
-        peer_port: peer.local_addr()?.port(),
+        peer_port: match config.peer_advertise_port {
+            Some(port) => port,
+            None => peer.local_addr()?.port(),
+        },
         psks: members.iter().flat_map(|m| m.secrets().iter().map(|s| s.psk())).collect(),
     };
     let p2p = P2p::start(
