@@ -10,6 +10,10 @@ use tokio::time::Instant;
 
 use crate::UpstreamError;
 
+/// Bound on cached tokens (one per registry and repository): past it, expired ones go, then
+/// all (they are fetched again when needed).
+const MAX_TOKENS: usize = 16_384;
+
 /// `Authorization` values per (registry, scope), each until it expires.
 #[derive(Default)]
 pub(crate) struct TokenCache {
@@ -68,7 +72,15 @@ impl TokenCache {
     }
 
     fn store(&self, registry: &str, scope: &str, value: String, ttl: Duration) {
-        self.lock().insert((registry.to_string(), scope.to_string()), (value, Instant::now() + ttl));
+        let mut tokens = self.lock();
+        if tokens.len() >= MAX_TOKENS {
+            let now = Instant::now();
+            tokens.retain(|_, (_, until)| *until > now);
+            if tokens.len() >= MAX_TOKENS {
+                tokens.clear();
+            }
+        }
+        tokens.insert((registry.to_string(), scope.to_string()), (value, Instant::now() + ttl));
     }
 
     /// Answers a `WWW-Authenticate` challenge, caching the resulting `Authorization`.

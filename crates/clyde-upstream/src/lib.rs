@@ -84,11 +84,24 @@ pub struct BlobBody {
     pub stream: ByteStream,
 }
 
+/// Bound on clients of registries without a `[[registries]]` entry (any `?ns=` a client
+/// names makes one); past it, the one made longest ago goes (its connections close once
+/// its transfers end).
+const MAX_UNCONFIGURED_CLIENTS: usize = 256;
+
 /// Clients for every upstream registry.
 pub struct Upstream {
     config: UpstreamConfig,
-    clients: std::sync::Mutex<HashMap<String, Arc<RegistryClient>>>,
+    clients: std::sync::Mutex<Clients>,
     tokens: auth::TokenCache,
+}
+
+/// The clients made so far: configured registries' for good, others up to a bound.
+#[derive(Default)]
+struct Clients {
+    by_name: HashMap<String, Arc<RegistryClient>>,
+    /// Unconfigured registries' names, oldest first.
+    unconfigured: std::collections::VecDeque<String>,
 }
 
 struct RegistryClient {
@@ -114,12 +127,21 @@ impl Upstream {
 
     fn client(&self, registry: &Registry) -> Result<Arc<RegistryClient>, UpstreamError> {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = clients.get(registry.as_str()) {
+        if let Some(c) = clients.by_name.get(registry.as_str()) {
             return Ok(c.clone());
         }
         let rc = self.config.registries.iter().find(|r| r.name.eq_ignore_ascii_case(registry.as_str()));
         let client = Arc::new(config::build_client(&self.config, registry, rc)?);
-        clients.insert(registry.as_str().to_string(), client.clone());
+        let name = registry.as_str().to_string();
+        if rc.is_none() {
+            if clients.unconfigured.len() >= MAX_UNCONFIGURED_CLIENTS
+                && let Some(oldest) = clients.unconfigured.pop_front()
+            {
+                clients.by_name.remove(&oldest);
+            }
+            clients.unconfigured.push_back(name.clone());
+        }
+        clients.by_name.insert(name, client.clone());
         Ok(client)
     }
 
@@ -387,6 +409,20 @@ fn skip_bytes(stream: ByteStream, skip: u64) -> ByteStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_of_unconfigured_registries_are_bounded_and_configured_ones_kept() {
+        let configured = RegistryConfig { name: "kept.example".into(), ..Default::default() };
+        let upstream = Upstream::new(UpstreamConfig { registries: vec![configured], ..Default::default() }).unwrap();
+        for i in 0..MAX_UNCONFIGURED_CLIENTS + 50 {
+            upstream.client(&Registry::parse(&format!("r{i}.example")).unwrap()).unwrap();
+        }
+        let clients = upstream.clients.lock().unwrap();
+        assert_eq!(clients.by_name.len(), MAX_UNCONFIGURED_CLIENTS + 1);
+        assert!(clients.by_name.contains_key("kept.example"));
+        assert!(!clients.by_name.contains_key("r0.example"));
+        assert!(clients.by_name.contains_key(&format!("r{}.example", MAX_UNCONFIGURED_CLIENTS + 49)));
+    }
 
     #[test]
     fn content_range_parsing() {
