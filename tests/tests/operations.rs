@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use clyde_tests::{Agent, Cluster, ImageFormat, Registry, TestImage, http, pull_image, sha256, wait_for};
+use clyde_tests::{Agent, Cluster, ImageFormat, Registry, SlowProxy, TestImage, http, pull_image, sha256, wait_for};
 
 const MIB: usize = 1024 * 1024;
 
@@ -166,4 +166,39 @@ fn five_thousand_idle_connections_leave_a_pull_in_normal_time() {
     assert_eq!(agent.readyz(), 200, "{}", agent.log());
     drop(idle);
     eprintln!("pull before {normal:?}, beside {IDLE} idle connections {loaded:?}");
+}
+
+#[test]
+fn transfers_past_max_transfers_wait_their_turn_and_all_complete() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[4 * 1024 * 1024, 4 * 1024 * 1024, 4 * 1024 * 1024]);
+    img.push(&reg, "team/queue", "v1", ImageFormat::Oci);
+    // 8 MiB/s: each layer takes about half a second, so the three overlap.
+    let proxy = SlowProxy::start(&reg.addr(), 8 * 1024 * 1024);
+    let config =
+        format!("max_transfers = 1\n\n[[registries]]\nname = \"{}\"\nendpoint = \"{}\"\n", reg.addr(), proxy.addr());
+    let agent = Agent::start(&config, &[]);
+    let fetches: Vec<_> = img
+        .layers
+        .iter()
+        .map(|layer| {
+            let url = format!("{}/v2/team/queue/blobs/{}?ns={}", agent.url(), layer.digest, reg.addr());
+            let digest = layer.digest.clone();
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let body = http().get(&url).send().expect("GET").bytes().expect("body");
+                assert_eq!(sha256(&body), digest, "wrong bytes");
+                started.elapsed()
+            })
+        })
+        .collect();
+    let mut took: Vec<_> = fetches.into_iter().map(|f| f.join().expect("fetch")).collect();
+    took.sort();
+    // One at a time: the last waited for the two before it.
+    assert!(agent.log().contains("at the bound on running transfers"), "{}", agent.log());
+    assert!(took[2] >= took[0] * 2, "transfers ran side by side: {took:?}");
+    // Never more than one upstream transfer at once: the registry served each layer once.
+    for layer in &img.layers {
+        assert_eq!(reg.blob_bytes_served(&layer.digest), layer.size);
+    }
 }

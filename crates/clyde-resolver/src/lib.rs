@@ -57,6 +57,10 @@ pub struct ResolverConfig {
     pub fill: FillPolicy,
     /// Attempts to resume a blob transfer that broke mid-body (default 4).
     pub transfer_attempts: u32,
+    /// Blob transfers running at once (default 512; 0: no bound). A request that would start
+    /// one more waits for a running one to end (queued, never refused); a request for a blob
+    /// already in transfer joins it at once.
+    pub max_transfers: usize,
     /// Peer lookups and transfers (`[peers]` in the config file).
     pub peers: PeerTimeouts,
     /// Mutual TLS to peers (`[peer_tls]` in the config file); none: plain HTTP.
@@ -86,6 +90,7 @@ impl Default for ResolverConfig {
             steal_distance: 1024 * 1024,
             fill: FillPolicy::Off,
             transfer_attempts: 4,
+            max_transfers: 512,
             peers: PeerTimeouts::default(),
             peer_tls: None,
             members: None,

@@ -217,6 +217,8 @@ struct Shared {
     metrics: Metrics,
     tasks: TaskTracker,
     shutdown: watch::Sender<bool>,
+    /// One permit per running transfer (`max_transfers`).
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where a stream of blob bytes comes from.
@@ -396,7 +398,11 @@ impl Transfers {
         metrics: Metrics,
     ) -> Self {
         let (shutdown, _) = watch::channel(false);
-        let shared = Arc::new(Shared { upstream, peers, config, metrics, tasks: TaskTracker::new(), shutdown });
+        let slots = Arc::new(tokio::sync::Semaphore::new(match config.max_transfers {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => n,
+        }));
+        let shared = Arc::new(Shared { upstream, peers, config, metrics, tasks: TaskTracker::new(), shutdown, slots });
         Self { store, shared, jobs: Arc::new(Mutex::new(HashMap::new())) }
     }
 
@@ -418,8 +424,9 @@ impl Transfers {
         for _ in 0..3 {
             let cell = lock(&self.jobs).entry(*digest).or_default().clone();
             let init = async {
+                let slot = self.slot(digest).await?;
                 let job = self.start(origin, digest, want).await?;
-                self.watch(*digest, cell.clone(), job.clone());
+                self.watch(*digest, cell.clone(), job.clone(), slot);
                 Ok(job)
             };
             let result = cell.get_or_init(|| init).await.clone();
@@ -452,10 +459,21 @@ impl Transfers {
         Err(ResolveError::Transfer(format!("the transfer of {digest} keeps failing")))
     }
 
+    /// A running-transfer slot: at once when one is free, else once a running transfer ends.
+    async fn slot(&self, digest: &Digest) -> Result<tokio::sync::OwnedSemaphorePermit, ResolveError> {
+        let slots = &self.shared.slots;
+        if let Ok(slot) = slots.clone().try_acquire_owned() {
+            return Ok(slot);
+        }
+        tracing::info!(%digest, max_transfers = self.shared.config.max_transfers, "at the bound on running transfers; this one waits its turn");
+        slots.clone().acquire_owned().await.map_err(|_| ResolveError::Transfer("shutting down".into()))
+    }
+
     /// Removes the job from the map once its blob is committed or discarded, so finished
     /// jobs do not keep their files open; closes a job nobody reads or fetches for
-    /// [`JOB_IDLE`] (its written bytes stay on disk for the next reader).
-    fn watch(&self, digest: Digest, cell: JobCell, job: Arc<Job>) {
+    /// [`JOB_IDLE`] (its written bytes stay on disk for the next reader). The job's
+    /// running-transfer `slot` is given back then.
+    fn watch(&self, digest: Digest, cell: JobCell, job: Arc<Job>, slot: tokio::sync::OwnedSemaphorePermit) {
         let jobs = self.jobs.clone();
         let shared = self.shared.clone();
         self.shared.tasks.spawn(async move {
@@ -501,6 +519,7 @@ impl Transfers {
                 }
             }
             forget(&jobs, &digest, &cell);
+            drop(slot);
         });
     }
 

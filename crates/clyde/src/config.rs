@@ -48,6 +48,8 @@ pub struct Config {
     /// Connections each of the mirror and peer ports serves at once; more wait in the
     /// kernel's accept queue (8192; 0: no bound).
     pub max_connections: usize,
+    /// Blob transfers running at once; more wait for one to end (512; 0: no bound).
+    pub max_transfers: usize,
     /// Bytes per second the peer server sends, all peers together; 0: no limit (500 MiB/s).
     pub upload_rate: u64,
     /// Evict when the data dir's disk is fuller than this fraction (0.9); 0 or 1 disables.
@@ -188,6 +190,7 @@ impl Default for Config {
             peer_tls: None,
             retention: Retention::default(),
             max_connections: 8192,
+            max_transfers: 512,
             cluster_secret_file: Vec::new(),
         }
     }
@@ -233,6 +236,7 @@ impl Config {
             fill: self.fill,
             peers: self.peers.clone(),
             peer_tls: self.peer_tls.clone(),
+            max_transfers: self.max_transfers,
             ..Default::default()
         }
     }
