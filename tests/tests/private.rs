@@ -198,7 +198,10 @@ fn a_token_registrys_challenge_and_tokens_pass_through_the_check() {
     let challenge = challenge.expect("a challenge");
     assert_eq!(
         challenge,
-        format!("Bearer realm=\"http://{}/token\",service=\"clyde-test\",scope=\"repository:tok/app:pull\"", gate.addr())
+        format!(
+            "Bearer realm=\"http://{}/token\",service=\"clyde-test\",scope=\"repository:tok/app:pull\"",
+            gate.addr()
+        )
     );
     // The client gets a token from the realm, as containerd does, and is served.
     let token_url = format!("http://{}/token?service=clyde-test&scope=repository:tok/app:pull", gate.addr());

@@ -49,4 +49,18 @@ mod tests {
         assert!(param(Some("ns=%zz"), "ns").is_err());
         assert!(param(Some("ns=%4"), "ns").is_err());
     }
+
+    proptest::proptest! {
+        /// Any query a client sends: never a panic, and an encoded value comes back as it was.
+        #[test]
+        fn any_query_parses_without_panic_and_values_round_trip(query in ".{0,200}", value in "[a-z0-9.:-]{0,40}") {
+            let _ = param(Some(&query), "ns");
+            let encoded: String = value.bytes().map(|b| format!("%{b:02X}")).collect();
+            let with = format!("{query}&ns={encoded}");
+            let first = param(Some(&with), "ns");
+            if !query.split('&').any(|p| p.split_once('=').unwrap_or((p, "")).0 == "ns") {
+                proptest::prop_assert_eq!(first, Ok(Some(value)));
+            }
+        }
+    }
 }

@@ -251,8 +251,16 @@ impl Resolver {
             && checked <= now + clyde_types::membership::MAX_SKEW_SECS
         {
             let key = clyde_types::key::tag_name(image.registry.as_str(), image.repository.as_str(), tag);
-            if store.tag(&key).map_err(crate::ResolveError::from)?.is_none() {
-                let media_type = store.manifest(&digest).ok().flatten().map(|m| m.media_type).unwrap_or_default();
+            let k = key.clone();
+            let untagged =
+                store.blocking(move |s| Ok(s.tag(&k)?.is_none())).await.map_err(crate::ResolveError::from)?;
+            if untagged {
+                let media_type = store
+                    .blocking(move |s| Ok(s.manifest(&digest)?.map(|m| m.media_type)))
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
                 let record = clyde_store::TagRecord { digest, media_type, checked_at: checked };
                 store.put_tag(key, record).await.map_err(crate::ResolveError::from)?;
             }

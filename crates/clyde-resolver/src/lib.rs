@@ -241,7 +241,8 @@ impl Resolver {
     /// The size of a blob: cached, arriving, or by asking the upstream.
     pub async fn blob_size(&self, origin: &Origin, digest: &Digest) -> Result<u64, ResolveError> {
         // Held, or given by a verified manifest: before any peer's word.
-        if let Some(size) = self.inner.store.known_size(digest) {
+        let d = *digest;
+        if let Some(size) = self.inner.store.blocking(move |s| Ok(s.known_size(&d))).await? {
             return Ok(size);
         }
         if let Some(size) = self.inner.local.as_ref().and_then(|l| l.blob_size(digest)) {
@@ -274,7 +275,7 @@ impl Resolver {
     /// A blob this node holds, complete or arriving, for the peer server: never fetched
     /// on a peer's behalf.
     pub async fn held_blob(&self, digest: &Digest) -> Result<BlobSource, ResolveError> {
-        if let Some(file) = self.inner.store.open_blob(digest)? {
+        if let Some(file) = self.open_stored(digest).await? {
             // A peer's read keeps the blob as recently used as a client's.
             self.inner.store.touch(digest);
             return Ok(BlobSource::Local(file));
@@ -307,8 +308,14 @@ impl Resolver {
         source
     }
 
+    /// A complete blob of the store, opened off the async workers.
+    async fn open_stored(&self, digest: &Digest) -> Result<Option<clyde_store::BlobFile>, ResolveError> {
+        let d = *digest;
+        Ok(self.inner.store.blocking(move |s| s.open_blob(&d)).await?)
+    }
+
     async fn blob_source(&self, origin: &Origin, digest: &Digest, want: Want) -> Result<BlobSource, ResolveError> {
-        if let Some(file) = self.inner.store.open_blob(digest)? {
+        if let Some(file) = self.open_stored(digest).await? {
             return Ok(BlobSource::Local(file));
         }
         if let Some(blob) = self.local_blob(digest).await {

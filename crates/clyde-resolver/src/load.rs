@@ -176,7 +176,7 @@ impl Resolver {
     ) -> Result<(), LoadError> {
         let blob_error = |error: String| LoadError::Blob { digest, error };
         // Into Clyde's own store: a copy containerd holds does not count (it may discard it).
-        let source = match self.inner.store.open_blob(&digest).map_err(ResolveError::from)? {
+        let source = match self.inner.store.blocking(move |s| s.open_blob(&digest)).await.map_err(ResolveError::from)? {
             Some(file) => BlobSource::Local(file),
             None => self.inner.transfers.join(origin, &digest, Want::whole()).await?,
         };

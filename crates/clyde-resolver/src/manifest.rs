@@ -93,7 +93,8 @@ impl Resolver {
 
     async fn cached_manifest(&self, digest: &Digest) -> Result<Option<ServedManifest>, ResolveError> {
         let store = &self.inner.store;
-        let Some(record) = store.manifest(digest)? else {
+        let d = *digest;
+        let Some(record) = store.blocking(move |s| s.manifest(&d)).await? else {
             return Ok(None);
         };
         let Some(bytes) = store.read_blob(digest).await? else {
@@ -182,7 +183,9 @@ impl Resolver {
         // The tag's answer when this client accepts its type; else, for a client with a
         // narrower `Accept`, what the upstream answered clients of that kind (never the other
         // way round: a narrow client's answer is kept apart, so nobody else sees it).
-        let mut record = self.inner.store.tag(&key)?;
+        let store = &self.inner.store;
+        let k = key.clone();
+        let mut record = store.blocking(move |s| s.tag(&k)).await?;
         let mut cached = match &record {
             Some(r) => self.cached_manifest(&r.digest).await?.filter(|m| media::accepts(accept, &m.media_type)),
             None => None,
@@ -190,7 +193,8 @@ impl Resolver {
         if cached.is_none()
             && let Some(kind) = media::accept_kind(accept)
         {
-            record = self.inner.store.tag_variant(&key, &kind)?;
+            let k = key.clone();
+            record = store.blocking(move |s| s.tag_variant(&k, &kind)).await?;
             cached = match &record {
                 Some(r) => self.cached_manifest(&r.digest).await?.filter(|m| media::accepts(accept, &m.media_type)),
                 None => None,
@@ -302,7 +306,8 @@ impl Resolver {
         self.inner.private.note(origin.registry.as_str(), std::iter::once(m.digest).chain(references.iter().copied()));
         store.put_blob(m.digest, m.bytes.clone()).await?;
         let now = unix_now();
-        let existing = store.manifest(&m.digest)?;
+        let d = m.digest;
+        let existing = store.blocking(move |s| s.manifest(&d)).await?;
         let record = ManifestRecord {
             media_type: m.media_type.clone(),
             size: m.bytes.len() as u64,
@@ -339,7 +344,15 @@ impl Resolver {
         let local = self.inner.local.as_ref();
         let (digest, local_type, checked_at) = match reference {
             Reference::Digest(d) => (*d, None, None),
-            Reference::Tag(tag) => match self.inner.store.tag(&tag_key(origin, tag))? {
+            Reference::Tag(tag) => match self
+                .inner
+                .store
+                .blocking({
+                    let k = tag_key(origin, tag);
+                    move |s| s.tag(&k)
+                })
+                .await?
+            {
                 Some(record) if record.checked_at > 0 => (record.digest, None, Some(record.checked_at)),
                 _ => match local.and_then(|l| l.tag(&tag_key(origin, tag))) {
                     Some(t) => (t.digest, Some(t.media_type), Some(t.updated_at)),

@@ -246,6 +246,19 @@ impl Shared {
     ) -> Option<(BlobBody, SocketAddr)> {
         let peers = self.peers.as_ref()?;
         let candidates = peers.find(ContentKey::Digest(*digest), lookup).await;
+        if candidates.is_empty() {
+            return None;
+        }
+        // No verified manifest sized it (asked for by digest alone): the upstream's word
+        // before any peer's. Only when the upstream cannot answer does a peer's claim stand
+        // (its bytes still verify).
+        let expected = match expected {
+            None if !self.config.air_gapped => {
+                let head = self.upstream.head_blob(&origin.registry, &origin.repository, digest);
+                tokio::time::timeout(self.config.tag_check_timeout, head).await.ok().and_then(Result::ok)
+            }
+            known => known,
+        };
         peers.open_blob(&candidates, origin, digest, range, expected).await.map(|(peer, body)| (body, peer))
     }
 
@@ -442,7 +455,8 @@ impl Transfers {
                 }
                 Ok(_) => {
                     forget(&self.jobs, digest, &cell);
-                    if let Some(file) = self.store.open_blob(digest)? {
+                    let d = *digest;
+                    if let Some(file) = self.store.blocking(move |s| s.open_blob(&d)).await? {
                         return Ok(BlobSource::Local(file));
                     }
                 }
@@ -544,16 +558,10 @@ impl Transfers {
         } else {
             (Some(want.start..want.end), Attempt::Demand)
         };
-        // A peer's claim of the size is checked against a trusted size: a verified manifest's
-        // descriptor, else the upstream's (a blob asked for by digest alone). Only when
-        // neither can be had does a peer's claim stand, and its bytes still verify.
-        let expected = match self.store.known_size(digest) {
-            Some(size) => Some(size),
-            None if self.shared.peers.is_some() && !self.shared.config.air_gapped => {
-                self.shared.upstream.head_blob(registry, repository, digest).await.ok()
-            }
-            None => None,
-        };
+        // A peer's claim of the size is checked against a verified manifest's descriptor (or,
+        // without one, the upstream's answer: see `Shared::open_from_peers`).
+        let d = *digest;
+        let expected = self.store.blocking(move |s| Ok(s.known_size(&d))).await?;
         let (body, source) = match self.shared.open(origin, digest, wanted, attempt, expected).await {
             // Past the end: answer 416 without downloading anything.
             Err(ResolveError::Upstream(UpstreamError::Status { status: 416, .. })) if first_byte > 0 => {
@@ -607,7 +615,8 @@ impl Transfers {
             return Ok(None);
         }
         let first = first_byte..first_byte.saturating_add(schedule::STRIPE);
-        let expected = self.store.known_size(digest);
+        let d = *digest;
+        let expected = self.store.blocking(move |s| Ok(s.known_size(&d))).await?;
         let Some((peer, body)) = peers.open_blob(&holders, origin, digest, Some(first), expected).await else {
             return Ok(None);
         };

@@ -23,7 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use clyde_types::{ContentKey, Digest, IntervalSet, PieceLayout};
-use tokio::sync::{Mutex, broadcast, watch};
+use tokio::sync::{broadcast, watch};
 use tokio_util::task::TaskTracker;
 
 pub use catalog::{ImageEntry, ManifestKind, PrunePlan, PruneSelection};
@@ -128,7 +128,10 @@ struct Inner {
     _lock: lock::DataDirLock,
     meta: meta::Meta,
     piece_size: u64,
-    partials: Mutex<HashMap<Digest, Arc<PartialBlob>>>,
+    /// Partial blobs being written. Locked only on the blocking pool around file and
+    /// metadata I/O (creating, adopting, discarding a partial), never on an async worker
+    /// across I/O.
+    partials: std::sync::Mutex<HashMap<Digest, Arc<PartialBlob>>>,
     tasks: TaskTracker,
     shutdown: watch::Sender<bool>,
     /// Reads not yet written to the metadata: digest -> unix seconds.
@@ -179,6 +182,17 @@ pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 impl Store {
+    /// Runs `read` (the store's synchronous reads: file opens and metadata, redb lookups) on
+    /// the blocking pool, so async workers never wait on the disk.
+    pub async fn blocking<T, F>(&self, read: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || read(&store)).await.map_err(StoreError::join)?
+    }
+
     /// Opens (creating if needed) the store in `root`.
     pub fn open(root: &Path, piece_size: u64) -> Result<Self, StoreError> {
         for dir in ["blobs/sha256", "partial/sha256", "tmp"] {
@@ -213,7 +227,7 @@ impl Store {
                 _lock: lock,
                 meta,
                 piece_size: piece_size.max(64 * 1024),
-                partials: Mutex::new(HashMap::new()),
+                partials: std::sync::Mutex::new(HashMap::new()),
                 tasks: TaskTracker::new(),
                 shutdown,
                 accesses: Default::default(),
@@ -370,10 +384,17 @@ impl Store {
         let _ = self.inner.events.send(event);
     }
 
+    fn partials(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<PartialBlob>>> {
+        self.inner.partials.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Everything the store can serve now: complete blobs, blobs arriving, cached tags.
     pub async fn held_keys(&self) -> Result<Vec<ContentKey>, StoreError> {
-        let mut keys: Vec<ContentKey> =
-            self.inner.partials.lock().await.keys().map(|d| ContentKey::Digest(*d)).collect();
+        self.blocking(|s| s.held_keys_blocking()).await
+    }
+
+    fn held_keys_blocking(&self) -> Result<Vec<ContentKey>, StoreError> {
+        let mut keys: Vec<ContentKey> = self.partials().keys().map(|d| ContentKey::Digest(*d)).collect();
         for entry in std::fs::read_dir(self.inner.root.join("blobs/sha256"))? {
             let name = entry?.file_name();
             if let Some(d) = name.to_str().and_then(|hex| format!("sha256:{hex}").parse().ok()) {
@@ -388,7 +409,12 @@ impl Store {
 
     /// The blob still arriving with this digest, if any (also one a previous run left).
     pub async fn existing_partial(&self, digest: &Digest) -> Result<Option<Arc<PartialBlob>>, StoreError> {
-        let mut partials = self.inner.partials.lock().await;
+        let d = *digest;
+        self.blocking(move |s| s.existing_partial_blocking(&d)).await
+    }
+
+    fn existing_partial_blocking(&self, digest: &Digest) -> Result<Option<Arc<PartialBlob>>, StoreError> {
+        let mut partials = self.partials();
         if let Some(p) = partials.get(digest) {
             return Ok(Some(p.clone()));
         }
@@ -425,13 +451,18 @@ impl Store {
 
     /// The partial blob for `digest`: the one already arriving, one to resume, or a new one.
     pub async fn partial(&self, digest: &Digest, size: u64) -> Result<Arc<PartialBlob>, StoreError> {
-        if let Some(p) = self.existing_partial(digest).await? {
+        let d = *digest;
+        self.blocking(move |s| s.partial_blocking(&d, size)).await
+    }
+
+    fn partial_blocking(&self, digest: &Digest, size: u64) -> Result<Arc<PartialBlob>, StoreError> {
+        if let Some(p) = self.existing_partial_blocking(digest)? {
             if p.size() != size {
                 return Err(StoreError::SizeConflict { digest: *digest, existing: p.size(), requested: size });
             }
             return Ok(p);
         }
-        let mut partials = self.inner.partials.lock().await;
+        let mut partials = self.partials();
         if let Some(p) = partials.get(digest) {
             return Ok(p.clone());
         }
@@ -466,7 +497,7 @@ impl Store {
     }
 
     async fn forget_partial(&self, blob: &PartialBlob) {
-        let mut partials = self.inner.partials.lock().await;
+        let mut partials = self.partials();
         if partials.get(&blob.digest()).is_some_and(|p| std::ptr::eq(p.as_ref(), blob)) {
             partials.remove(&blob.digest());
         }
@@ -477,21 +508,32 @@ impl Store {
     /// fresh file deleted by this cleanup.
     async fn discard_partial(&self, blob: &PartialBlob) -> Result<(), StoreError> {
         let digest = blob.digest();
-        let mut partials = self.inner.partials.lock().await;
-        if !partials.get(&digest).is_some_and(|p| std::ptr::eq(p.as_ref(), blob)) {
-            return Ok(());
-        }
-        partials.remove(&digest);
+        let path = blob.path().to_path_buf();
+        // The blob's identity, compared (never dereferenced) on the blocking pool.
+        let this = std::ptr::from_ref(blob) as usize;
         let aside = self.inner.root.join("tmp").join(format!("{}.discarded", digest.hex()));
-        match std::fs::rename(blob.path(), &aside) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
+        let moved = aside.clone();
+        let discarded = self
+            .blocking(move |s| {
+                let mut partials = s.partials();
+                // Only this blob: a new download of the same digest keeps its fresh file.
+                if partials.get(&digest).is_none_or(|p| Arc::as_ptr(p) as usize != this) {
+                    return Ok(false);
+                }
+                partials.remove(&digest);
+                match std::fs::rename(&path, &moved) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+                s.inner.meta.remove_partial(&digest)?;
+                Ok(true)
+            })
+            .await?;
+        if discarded {
+            self.emit(StoreEvent::Dropped(ContentKey::Digest(digest)));
+            let _ = tokio::fs::remove_file(aside).await;
         }
-        self.inner.meta.remove_partial(&digest)?;
-        drop(partials);
-        self.emit(StoreEvent::Dropped(ContentKey::Digest(digest)));
-        let _ = tokio::fs::remove_file(aside).await;
         Ok(())
     }
 
@@ -679,7 +721,7 @@ impl Store {
     fn remove_idle_partial_blocking(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         use std::os::unix::fs::MetadataExt;
         // Held while removing: a transfer adopting this partial waits, then finds no record.
-        let partials = self.inner.partials.blocking_lock();
+        let partials = self.partials();
         if partials.contains_key(digest) {
             return Ok(None);
         }
@@ -792,7 +834,7 @@ impl Store {
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
         // Partial blobs hold the store; dropping them lets the database close.
-        self.inner.partials.lock().await.clear();
+        self.partials().clear();
     }
 }
 

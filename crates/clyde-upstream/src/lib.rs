@@ -432,6 +432,24 @@ mod tests {
         assert_eq!(parse_content_range("bytes */100"), None);
     }
 
+    proptest::proptest! {
+        /// A peer's or registry's `Content-Range`: never a panic; a parsed one lies inside the
+        /// size it claims.
+        #[test]
+        fn any_content_range_parses_without_panic_into_a_range_inside_its_size(value in ".{0,60}") {
+            if let Some((size, r)) = parse_content_range(&value) {
+                proptest::prop_assert!(r.start < r.end && r.end <= size);
+            }
+        }
+
+        #[test]
+        fn well_formed_content_ranges_round_trip(first in 0u64..1 << 40, len in 1u64..1 << 30, extra in 0u64..1 << 30) {
+            let size = first + len + extra;
+            let value = format!("bytes {first}-{}/{size}", first + len - 1);
+            proptest::prop_assert_eq!(parse_content_range(&value), Some((size, first..first + len)));
+        }
+    }
+
     #[tokio::test]
     async fn skipping_ignored_range_prefix() {
         let chunks: Vec<Result<Bytes, UpstreamError>> =
