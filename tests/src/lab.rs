@@ -161,6 +161,9 @@ pub struct LabCluster {
     pub lab: Lab,
 }
 
+/// The secret a [`LabCluster`]'s agents share.
+pub const LAB_SECRET: &str = "lab-cluster-secret-0123456789abcdefghijklmn";
+
 impl LabCluster {
     /// Starts it; `rate` limits the upstream's egress (`tc tbf`), `config` is prepended to
     /// every agent's config file (which then names the upstream as a plain-HTTP registry).
@@ -173,11 +176,16 @@ impl LabCluster {
             lab.limit_egress(&up, rate);
         }
         let config = format!("{config}[[registries]]\nname = \"{}\"\nscheme = \"http\"\n", upstream.addr());
+        // The members of one cluster, as the deploy artifacts make them: one shared secret.
+        let secret = crate::cluster::secret_file(LAB_SECRET);
         let mut nodes: Vec<LabNode> = Vec::new();
         for i in 0..n {
             let place = lab.host(&format!("n{i}"));
             let boot = nodes.first().map(|first| first.agent.p2p_addr());
-            let args: Vec<&str> = boot.as_deref().map(|b| vec!["--bootstrap", b]).unwrap_or_default();
+            let mut args: Vec<&str> = vec!["--cluster-secret-file", secret.as_str()];
+            if let Some(b) = boot.as_deref() {
+                args.extend(["--bootstrap", b]);
+            }
             let agent = crate::Agent::start_in(&place, &config, &args);
             nodes.push(LabNode { ctrd: crate::Containerd::start_in(&place), agent });
         }

@@ -108,7 +108,9 @@ fn only_members_read_advertise_or_share_tags() {
     reg.stop();
     let through_peers = pull_image(&m2.url(), &registry, "team/app", "v1");
     assert_eq!(through_peers.digests, first.digests);
-    assert!(m2.log().contains("tag resolved through a peer"), "{}", m2.log());
+    let tag_from_peer =
+        |l: &&str| l.contains("path=/v2/team/app/manifests/v1 status=200") && l.contains("source=\"peer\"");
+    assert!(m2.log().lines().any(|l| tag_from_peer(&l)), "{}", m2.log());
     assert!(m2.metric("clyde_peer_fetch_bytes_total") >= shared.layer_bytes() as f64);
     assert!(peer_served(&m1) > served_before);
     // What only the outsider holds is nowhere for a member.
@@ -164,4 +166,39 @@ fn a_rogue_agent_never_chooses_what_a_node_runs() {
     // With a secret, the member that cached the real tag serves it.
     let (status, digest) = manifest_digest(&m2.url(), &registry, "team/app", "v1");
     assert_eq!((status, digest), (200, real_digest), "{}", m2.log());
+}
+
+/// Manifest requests (`GET` and `HEAD`) agents sent the registry, from its log.
+fn manifest_requests(reg: &Registry) -> usize {
+    reg.requests().iter().filter(|(_, uri, _, ua)| uri.contains("/manifests/") && ua.starts_with("clyde")).count()
+}
+
+#[test]
+fn members_resolve_a_tag_another_member_checked_within_the_ttl_without_asking_the_upstream() {
+    let reg = Registry::start();
+    let img = TestImage::single(&[MIB]);
+    img.push(&reg, "team/shared", "v1", ImageFormat::Oci);
+    let config = format!("tag_ttl = \"3s\"\n{CONFIG}");
+    let a = start("127.0.0.2", Some(SECRET), None, &config);
+    let b = start("127.0.0.3", Some(SECRET), Some(&a), &config);
+    b.wait_ready();
+
+    // The first member asks the upstream; the second takes the tag from it.
+    let (status, first) = manifest_digest(&a.url(), &reg.addr(), "team/shared", "v1");
+    assert_eq!(status, 200);
+    let asked = manifest_requests(&reg);
+    assert_eq!(asked, 1);
+    wait_advertised(&a, 2.0);
+    let (status, second) = manifest_digest(&b.url(), &reg.addr(), "team/shared", "v1");
+    assert_eq!((status, &second), (200, &first));
+    assert_eq!(manifest_requests(&reg), asked, "the second member asked the upstream for a tag a member had checked");
+
+    // Past the TTL, the first member checks it again (one request); the second, due too,
+    // takes that newer check instead of asking the upstream.
+    std::thread::sleep(Duration::from_millis(3200));
+    assert_eq!(manifest_digest(&a.url(), &reg.addr(), "team/shared", "v1"), (200, first.clone()));
+    let asked = manifest_requests(&reg);
+    assert_eq!(asked, 2, "the first member's check of a stale tag");
+    assert_eq!(manifest_digest(&b.url(), &reg.addr(), "team/shared", "v1"), (200, first));
+    assert_eq!(manifest_requests(&reg), asked, "the second member checked a tag a member had just checked");
 }

@@ -131,13 +131,19 @@ fn a_peer_serving_corrupt_bytes_never_poisons_another_store() {
     assert_eq!(c.upstream.blob_bytes_served(&layer.digest), 2 * layer.size, "the retry should come from the upstream");
 }
 
-/// Blob bytes the upstream sent for every `GET` of a blob (layers and config), and its
-/// manifest `GET`s, from its log.
-fn upstream_totals(c: &LabCluster) -> (u64, usize) {
+/// Blob bytes the upstream sent for every `GET` of a blob (layers and config), its manifest
+/// requests (`GET` and `HEAD`), and the most requests any one manifest got, from its log.
+fn upstream_totals(c: &LabCluster) -> (u64, usize, usize) {
     let requests = c.upstream.requests();
     let blobs = requests.iter().filter(|(m, uri, _, _)| m == "GET" && uri.contains("/blobs/")).map(|r| r.2).sum();
-    let manifests = requests.iter().filter(|(m, uri, _, _)| m == "GET" && uri.contains("/manifests/")).count();
-    (blobs, manifests)
+    let mut per_manifest: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    // Pulls only (the push that made the image is skopeo's).
+    for (_, uri, _, _) in
+        requests.iter().filter(|(_, uri, _, ua)| uri.contains("/manifests/") && !ua.starts_with("skopeo"))
+    {
+        *per_manifest.entry(uri.as_str()).or_default() += 1;
+    }
+    (blobs, per_manifest.values().sum(), per_manifest.values().copied().max().unwrap_or(0))
 }
 
 #[test]
@@ -163,7 +169,7 @@ fn a_herd_of_nodes_starting_at_one_instant_fetches_each_blob_from_the_upstream_o
         wait_store_holds(&node.agent.data_dir(), c.image.layers.len() + 1);
     }
     std::thread::sleep(Duration::from_millis(500));
-    let (blob_bytes, manifests) = upstream_totals(&c);
+    let (blob_bytes, manifests, most) = upstream_totals(&c);
     let ratio = c.upstream_layer_bytes() as f64 / c.image.layer_bytes() as f64;
     let elected: usize =
         c.nodes.iter().map(|n| n.agent.log().matches("elected to fetch from the upstream").count()).sum();
@@ -177,6 +183,14 @@ fn a_herd_of_nodes_starting_at_one_instant_fetches_each_blob_from_the_upstream_o
         c.nodes.iter().map(|n| n.agent.log()).collect::<Vec<_>>().join("\n----\n")
     );
     assert!(elected > c.image.layers.len(), "the fetchers were not elected");
+    // The tag and the manifest it names were asked of the upstream once for the cluster.
+    let logs: Vec<String> = c.nodes.iter().map(|n| n.agent.log()).collect();
+    assert_eq!(
+        most,
+        1,
+        "a manifest was asked of the upstream more than once ({manifests} requests):\n{}",
+        logs.join("\n----\n")
+    );
 }
 
 #[test]
@@ -281,14 +295,17 @@ fn a_node_serving_three_peers_stays_under_its_upload_cap() {
     c.fetch_blob(0, "team/app", &layer.digest);
     wait_store_holds(&c.nodes[0].agent.data_dir(), 1);
     let node = &c.nodes[0].agent;
-    let url = format!("http://{}/v2/team/app/blobs/{}?ns={}", node.peer_addr(), layer.digest, c.upstream.addr());
+    let path = format!("/v2/team/app/blobs/{}?ns={}", layer.digest, c.upstream.addr());
+    let url = format!("http://{}{path}", node.peer_addr());
+    let auth = clyde_tests::cluster::member_auth(clyde_tests::lab::LAB_SECRET, &path);
     let sent_before = node.place().tx_bytes();
     let started = Instant::now();
     std::thread::scope(|s| {
         let peers: Vec<_> = (0..3)
             .map(|_| {
                 s.spawn(|| {
-                    let body = clyde_tests::http().get(&url).send().expect("GET").bytes().expect("body");
+                    let get = clyde_tests::http().get(&url).header("authorization", &auth).send().expect("GET");
+                    let body = get.bytes().expect("body");
                     assert_eq!(clyde_tests::sha256(&body), layer.digest, "a peer got wrong bytes");
                 })
             })

@@ -58,7 +58,9 @@ fn peers_serve_every_node_after_the_first_also_with_the_upstream_gone() {
             assert!(pulled.digests.contains(&layer.digest));
         }
         let log = node.log();
-        assert!(log.contains("tag resolved through a peer"), "{log}");
+        let tag_from_peer =
+            |l: &str| l.contains("path=/v2/team/app/manifests/v1 status=200") && l.contains("source=\"peer\"");
+        assert!(log.lines().any(tag_from_peer), "{log}");
         assert!(log.contains("source=\"peer\""), "{log}");
     }
     for node in &cluster.nodes {

@@ -138,6 +138,27 @@ pub(crate) async fn follow_elected(
     range: Option<Range<u64>>,
     expected: Option<u64>,
 ) -> Option<(BlobBody, SocketAddr)> {
+    follow_elected_for(peers, timeouts, digest, |winner| {
+        peers.open_blob_from(winner, origin, digest, range.clone(), expected)
+    })
+    .await
+}
+
+/// The election of [`follow_elected`] for anything fetched once for the cluster under the
+/// election key `key` (a blob's or manifest's digest; for a tag, the digest of its name):
+/// `ask` asks the elected node for it, and answers `404` (`NotFound`) while that node has
+/// not got it yet.
+pub(crate) async fn follow_elected_for<T, F, Fut>(
+    peers: &Arc<Peers>,
+    timeouts: &PeerTimeouts,
+    key: &Digest,
+    ask: F,
+) -> Option<(T, SocketAddr)>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+{
+    let digest = key;
     if !peers.has_company().await {
         return None;
     }
@@ -176,8 +197,8 @@ pub(crate) async fn follow_elected(
             follow.restart(Instant::now());
             following = Some(winner.id.clone());
         }
-        let step = match peers.open_blob_from(winner.addr, origin, digest, range.clone(), expected).await {
-            Ok(body) => return Some((body, winner.addr)),
+        let step = match ask(winner.addr).await {
+            Ok(answer) => return Some((answer, winner.addr)),
             // Not started yet (its upstream has not answered), or at its upload limit.
             Err(UpstreamError::NotFound | UpstreamError::Status { status: 429, .. }) => follow.next(Instant::now()),
             // Past the end: the upstream's answer says so.

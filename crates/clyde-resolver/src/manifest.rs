@@ -6,7 +6,7 @@ use clyde_types::{ContentKey, Digest, Reference, media};
 use clyde_upstream::{Manifest, UpstreamError};
 
 use crate::peers::Lookup;
-use crate::{Origin, ResolveError, Resolver};
+use crate::{Origin, ResolveError, Resolver, election};
 
 /// A manifest ready to serve, byte-for-byte as the upstream sent it.
 #[derive(Clone, Debug)]
@@ -120,13 +120,57 @@ impl Resolver {
         }
         let reference = Reference::Digest(*digest);
         // A manifest by digest verifies, so peers come before the upstream.
-        if let Some(m) = self.manifest_from_peers(origin, &reference, accept, self.inner.config.first_lookup()).await? {
+        let lookup = self.inner.config.first_lookup();
+        if let Some(m) = self.manifest_from_peers(origin, &reference, accept, lookup, 0).await? {
             return Ok(m);
         }
         if self.inner.config.air_gapped {
             return Err(self.never_upstream());
         }
+        // Nobody holds it yet: one node of those asking at once fetches it for the cluster.
+        if let Some(m) = self.manifest_from_elected(origin, &reference, accept, digest, 0).await? {
+            return Ok(m);
+        }
         self.fetch_manifest(origin, &reference, accept).await
+    }
+
+    /// Takes part in the election of the node that asks the upstream for a manifest (by
+    /// digest, or a tag: elected under the digest of its name), as for a cold blob
+    /// ([`crate::election`]): the manifest from the elected node once it has it, or `None`
+    /// when this node is elected (or nobody served in time). A tag is taken from the
+    /// elected member once it resolved it after `newer_than`.
+    async fn manifest_from_elected(
+        &self,
+        origin: &Origin,
+        reference: &Reference,
+        accept: Option<&str>,
+        key: &Digest,
+        newer_than: u64,
+    ) -> Result<Option<ServedManifest>, ResolveError> {
+        let Some(peers) = &self.inner.peers else { return Ok(None) };
+        let timeouts = &self.inner.config.peers;
+        let answer = match reference {
+            Reference::Digest(_) => election::follow_elected_for(peers, timeouts, key, |winner| async move {
+                Ok((peers.manifest_from(winner, origin, reference, accept).await?, 0))
+            })
+            .await
+            .map(|(answer, _)| answer),
+            Reference::Tag(tag) => {
+                if self.inner.config.members.is_none() {
+                    return Ok(None);
+                }
+                election::follow_elected_for(peers, timeouts, key, |winner| {
+                    peers.tag_from(winner, origin, tag, accept, newer_than)
+                })
+                .await
+                .map(|(answer, _)| answer)
+            }
+        };
+        let Some((m, checked_at)) = answer else { return Ok(None) };
+        if !media::accepts(accept, &m.media_type) {
+            return Ok(None);
+        }
+        Ok(Some(self.keep_manifest(origin, reference, accept, m, "peer", checked_at).await?))
     }
 
     fn never_upstream(&self) -> ResolveError {
@@ -134,15 +178,16 @@ impl Resolver {
     }
 
     /// The manifest from the first peer that holds it, stored like one from the upstream. A
-    /// tag is taken from members only, resolved from the upstream within the tag TTL, and
-    /// kept with the time the member checked it (so it is due for a check when the member's
-    /// would have been).
+    /// tag is taken from members only, resolved from the upstream within the tag TTL (and
+    /// after `newer_than`), and kept with the time the member checked it (so it is due for a
+    /// check when the member's would have been).
     async fn manifest_from_peers(
         &self,
         origin: &Origin,
         reference: &Reference,
         accept: Option<&str>,
         lookup: Lookup,
+        newer_than: u64,
     ) -> Result<Option<ServedManifest>, ResolveError> {
         let Some(peers) = &self.inner.peers else {
             return Ok(None);
@@ -160,7 +205,7 @@ impl Resolver {
                     return Ok(None);
                 }
                 let candidates = peers.find(ContentKey::Tag(tag_key(origin, t)), lookup).await;
-                match peers.get_tag(&candidates, origin, t, accept).await {
+                match peers.get_tag(&candidates, origin, t, accept, newer_than).await {
                     Some(answer) => answer,
                     None => return Ok(None),
                 }
@@ -204,7 +249,8 @@ impl Resolver {
         if config.air_gapped {
             return match (cached, record) {
                 (Some(m), _) => Ok(m),
-                (None, record) => match self.manifest_from_peers(origin, &reference, accept, Lookup::Patient).await? {
+                (None, record) => match self.manifest_from_peers(origin, &reference, accept, Lookup::Patient, 0).await?
+                {
                     Some(m) => Ok(m),
                     None => match record {
                         Some(r) => Err(ResolveError::NotAcceptable(r.media_type)),
@@ -214,10 +260,20 @@ impl Resolver {
             };
         }
         let Some(cached) = cached else {
+            // Resolved by a member within the TTL: no upstream request. Else, when others ask
+            // at the same instant, one elected member asks the upstream for all.
+            let lookup = config.first_lookup();
+            if let Some(m) = self.manifest_from_peers(origin, &reference, accept, lookup, 0).await? {
+                return Ok(m);
+            }
+            let election_key = Digest::of(key.as_bytes());
+            if let Some(m) = self.manifest_from_elected(origin, &reference, accept, &election_key, 0).await? {
+                return Ok(m);
+            }
             return match self.fetch_manifest(origin, &reference, accept).await {
                 Err(ResolveError::Upstream(e)) if !matches!(e, UpstreamError::NotFound) => {
                     // Disconnected: a peer may have the tag cached.
-                    match self.manifest_from_peers(origin, &reference, accept, Lookup::Patient).await? {
+                    match self.manifest_from_peers(origin, &reference, accept, Lookup::Patient, 0).await? {
                         Some(m) => {
                             tracing::info!(tag = %key, error = %e, "upstream unavailable; tag resolved through a peer");
                             Ok(m)
@@ -232,6 +288,14 @@ impl Resolver {
         let fresh = record.as_ref().is_some_and(|r| r.checked_at + config.tag_ttl.as_secs() > unix_now());
         if fresh && !recheck_always {
             return Ok(cached);
+        }
+        // Due for a check: a member that checked it since (within the TTL) answers for the
+        // upstream.
+        if !recheck_always
+            && let Some(ours) = record.as_ref().map(|r| r.checked_at)
+            && let Some(m) = self.manifest_from_peers(origin, &reference, accept, config.first_lookup(), ours).await?
+        {
+            return Ok(m);
         }
         let head = self
             .inner

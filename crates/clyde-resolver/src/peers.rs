@@ -413,31 +413,73 @@ impl Peers {
     }
 
     /// Where a member's cache says a tag points, when the member resolved it from the
-    /// upstream within the tag TTL, with that time. Only with a cluster secret: a tag does
-    /// not verify, so it is taken from members only.
+    /// upstream within the tag TTL (and after `newer_than`, Unix seconds), with that time.
+    /// Only with a cluster secret: a tag does not verify, so it is taken from members only.
     pub(crate) async fn get_tag(
         &self,
         candidates: &[SocketAddr],
         origin: &Origin,
         tag: &str,
         accept: Option<&str>,
+        newer_than: u64,
     ) -> Option<(Manifest, u64)> {
         self.config.members.as_ref()?;
         let what = format!("{}/{}:{tag}", origin.registry, origin.repository);
-        let ttl = self.config.tag_ttl.as_secs();
-        let what_ref = what.as_str();
-        let found = self
-            .hedged(candidates, &what, |peer| async move {
-                let (m, checked) = self.client.get_tag(peer, &origin.registry, &origin.repository, tag, accept).await?;
-                let now = unix_now();
-                if checked.saturating_add(ttl) <= now || checked > now + clyde_types::membership::MAX_SKEW_SECS {
-                    tracing::debug!(%peer, tag = what_ref, checked, "a peer's tag is stale");
-                    return Err(UpstreamError::NotFound);
-                }
-                Ok((m, checked))
-            })
-            .await;
+        let found = self.hedged(candidates, &what, |peer| self.tag_from(peer, origin, tag, accept, newer_than)).await;
         found.map(|(_, answer)| answer)
+    }
+
+    /// A member's answer for a tag, as [`Peers::get_tag`] takes it: one resolved from the
+    /// upstream within the tag TTL and after `newer_than`; anything older is `NotFound`
+    /// (for an elected node: not checked yet).
+    pub(crate) async fn tag_from(
+        &self,
+        peer: SocketAddr,
+        origin: &Origin,
+        tag: &str,
+        accept: Option<&str>,
+        newer_than: u64,
+    ) -> Result<(Manifest, u64), UpstreamError> {
+        if self.config.members.is_none() {
+            return Err(UpstreamError::NotFound);
+        }
+        let ask = self.client.get_tag(peer, &origin.registry, &origin.repository, tag, accept);
+        let (m, checked) = match tokio::time::timeout(self.config.peers.first_byte_timeout, ask).await {
+            Ok(answer) => answer?,
+            Err(_) => {
+                return Err(UpstreamError::Unreachable {
+                    registry: peer.to_string(),
+                    reason: "no answer in time".into(),
+                });
+            }
+        };
+        let now = unix_now();
+        let ttl = self.config.tag_ttl.as_secs();
+        if checked.saturating_add(ttl) <= now
+            || checked > now + clyde_types::membership::MAX_SKEW_SECS
+            || checked <= newer_than
+        {
+            tracing::debug!(%peer, %tag, checked, "a peer's tag is not fresh enough");
+            return Err(UpstreamError::NotFound);
+        }
+        Ok((m, checked))
+    }
+
+    /// A manifest from one given peer (the elected fetcher), within the first-byte timeout.
+    pub(crate) async fn manifest_from(
+        &self,
+        peer: SocketAddr,
+        origin: &Origin,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<Manifest, UpstreamError> {
+        let ask = self.client.get_manifest(peer, &origin.registry, &origin.repository, reference, accept);
+        match tokio::time::timeout(self.config.peers.first_byte_timeout, ask).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                Err(UpstreamError::Unreachable { registry: peer.to_string(), reason: "no answer in time".into() })
+            }
+        }
     }
 }
 
