@@ -446,7 +446,13 @@ fn herd(args: &[String]) {
                     barrier.wait();
                     let started = Instant::now();
                     let (ok, out) = c.try_pull(i);
-                    assert!(ok, "pull on node {} failed:\n{out}", i + 1);
+                    if !ok {
+                        let log = c.nodes[i].agent.log();
+                        let notable: Vec<&str> =
+                            log.lines().filter(|l| l.contains(" WARN ") || l.contains("status=404")).collect();
+                        let last = out.lines().last().unwrap_or("");
+                        panic!("pull on node {} failed: {last}\nits agent's warnings and misses:\n{}", i + 1, notable.join("\n"));
+                    }
                     started.elapsed().as_secs_f64()
                 })
             })
