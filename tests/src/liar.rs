@@ -40,18 +40,9 @@ impl LyingPeer {
             lies: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
-        let s = shared.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if s.stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let Ok(conn) = conn else { continue };
-                let s = s.clone();
-                std::thread::spawn(move || {
-                    let _ = handle(&s, conn);
-                });
-            }
+        let stop = |s: &Shared| s.stop.load(Ordering::Relaxed);
+        crate::serve_threads(listener, shared.clone(), stop, |s, conn| {
+            let _ = handle(s, conn);
         });
         Self { ip: ip.to_string(), port, shared }
     }

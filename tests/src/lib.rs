@@ -43,6 +43,26 @@ pub use registry::{Registry, RegistryOptions};
 pub use token_gate::TokenGate;
 
 /// A free TCP port on 127.0.0.1 (bound and released).
+/// Serves each connection `listener` accepts on a thread of its own with `handle`, until
+/// `stop` says so (the owner then connects once more to wake the loop).
+pub(crate) fn serve_threads<S: Send + Sync + 'static>(
+    listener: std::net::TcpListener,
+    shared: std::sync::Arc<S>,
+    stop: fn(&S) -> bool,
+    handle: impl Fn(&S, std::net::TcpStream) + Send + Sync + Copy + 'static,
+) {
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop(&shared) {
+                return;
+            }
+            let Ok(conn) = conn else { continue };
+            let shared = shared.clone();
+            std::thread::spawn(move || handle(&shared, conn));
+        }
+    });
+}
+
 pub fn free_port() -> u16 {
     agent::free_port_on("127.0.0.1")
 }

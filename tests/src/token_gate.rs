@@ -43,17 +43,8 @@ impl TokenGate {
             refused: AtomicU64::new(0),
             stop: AtomicBool::new(false),
         });
-        let s = shared.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if s.stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let Ok(conn) = conn else { continue };
-                let s = s.clone();
-                std::thread::spawn(move || handle(&s, port, conn));
-            }
-        });
+        let stop = |s: &Shared| s.stop.load(Ordering::Relaxed);
+        crate::serve_threads(listener, shared.clone(), stop, move |s, conn| handle(s, port, conn));
         Self { port, shared }
     }
 

@@ -451,7 +451,11 @@ fn herd(args: &[String]) {
                         let notable: Vec<&str> =
                             log.lines().filter(|l| l.contains(" WARN ") || l.contains("status=404")).collect();
                         let last = out.lines().last().unwrap_or("");
-                        panic!("pull on node {} failed: {last}\nits agent's warnings and misses:\n{}", i + 1, notable.join("\n"));
+                        panic!(
+                            "pull on node {} failed: {last}\nits agent's warnings and misses:\n{}",
+                            i + 1,
+                            notable.join("\n")
+                        );
                     }
                     started.elapsed().as_secs_f64()
                 })
