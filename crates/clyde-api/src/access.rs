@@ -8,7 +8,8 @@
 //!   credentials, or falls back to the registry by itself.
 //! - Content of a private registry asked for under another registry's name (a digest
 //!   someone learned) is served only when that registry, asked with the mirror's own
-//!   credentials, holds it too: then it is public there.
+//!   credentials, sends the same bytes (fetched and hashed once, remembered a day): then it
+//!   is public there. A `HEAD` would not do: any server can answer yes.
 //! - The peer port serves a private registry's content to cluster members only (the agent
 //!   refuses `private = true` without a cluster secret); a member asks only for its clients
 //!   that passed the check above. Asked for under another name, it answers `403` (not
@@ -35,12 +36,13 @@ const GRANTED_FOR: Duration = Duration::from_secs(60);
 /// How long a registry's "no" to a client is remembered (a client retrying a refused
 /// login sends up to 6 requests; they cost one check).
 const DENIED_FOR: Duration = Duration::from_secs(15);
-/// How long "this registry holds that content too" is remembered.
-const PUBLIC_FOR: Duration = Duration::from_secs(600);
+/// How long "this registry sent that content too" is remembered (the proof costs a
+/// download of it).
+const PUBLIC_FOR: Duration = Duration::from_secs(24 * 3600);
 /// Bound on remembered verdicts; past it, expired ones go, then all.
 const MAX_VERDICTS: usize = 65_536;
-/// Bound on asking a registry whether it holds content under its name.
-const PUBLIC_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bound on fetching a registry's copy of content, to prove it holds it under its name.
+const PUBLIC_CHECK_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// What a check concluded.
 #[derive(Clone, Debug)]
@@ -107,12 +109,19 @@ impl Access {
         if resolver.private_registries_of(digest).is_empty() {
             return None;
         }
-        let refused = self.public(resolver, origin, object).await;
-        // A peer is told apart from "not held": the digest may still be asked for under
-        // its own registry's name.
         match api {
-            Api::Peer => refused.map(|_| denied(StatusCode::FORBIDDEN, "not served under this name")),
-            Api::Mirror => refused,
+            Api::Mirror => self.public(resolver, origin, object, digest).await,
+            // A peer's request does not wait for a proof (a download): only one this node
+            // already has counts. The asking node then gets the bytes from that registry
+            // itself. `403`, not `404`: the digest may still be asked for under its own
+            // registry's name.
+            Api::Peer => {
+                let key = verdict_key("public", origin, object, b"");
+                match self.remembered(&key) {
+                    Some(Verdict::Granted) => None,
+                    _ => Some(denied(StatusCode::FORBIDDEN, "not served under this name")),
+                }
+            }
         }
     }
 
@@ -132,7 +141,7 @@ impl Access {
                 let check =
                     resolver.upstream().check_client(&origin.registry, &origin.repository, object, authorization);
                 match check.await {
-                    Ok(check) if check.granted() => {
+                    Ok(check) if check.granted(object) => {
                         self.remember(key, Verdict::Granted, GRANTED_FOR);
                         (Verdict::Granted, false)
                     }
@@ -164,8 +173,16 @@ impl Access {
         }
     }
 
-    /// Whether the (not private) registry a request names holds this private content too.
-    async fn public(&self, resolver: &Resolver, origin: &Origin, object: Object<'_>) -> Option<Response<Body>> {
+    /// Whether the (not private) registry a request names holds this private content too,
+    /// proven by its bytes: the registry's copy is fetched and must hash to `digest` (a
+    /// `HEAD`, or any status, could come from a server that says yes to everything).
+    async fn public(
+        &self,
+        resolver: &Resolver,
+        origin: &Origin,
+        object: Object<'_>,
+        digest: &Digest,
+    ) -> Option<Response<Body>> {
         let metrics = resolver.metrics();
         let key = verdict_key("public", origin, object, b"");
         if let Some(v) = self.remembered(&key) {
@@ -177,7 +194,8 @@ impl Access {
             metrics.access_check("public", "unavailable", false);
             return Some(unknown(object, "not found"));
         }
-        let has = resolver.upstream().has_object(&origin.registry, &origin.repository, object, PUBLIC_CHECK_TIMEOUT);
+        let upstream = resolver.upstream();
+        let has = upstream.sends_content(&origin.registry, &origin.repository, object, digest, PUBLIC_CHECK_TIMEOUT);
         match has.await {
             Ok(true) => {
                 self.remember(key, Verdict::Granted, PUBLIC_FOR);

@@ -29,10 +29,29 @@ impl KeyFeed for Store {
     }
 }
 
-pub(crate) async fn run(feed: impl KeyFeed, holder: Holder, node: P2p, mut shutdown: watch::Receiver<bool>) {
-    // Subscribe before listing, so nothing that happens in between is missed.
-    let mut events = feed.subscribe();
+/// A holder listed once, and followed from then on by [`follow`].
+pub(crate) struct Listed<F> {
+    feed: F,
+    holder: Holder,
+    node: P2p,
+    events: broadcast::Receiver<StoreEvent>,
+}
+
+/// Subscribes to `feed`'s changes, then tells the node everything it holds now (subscribed
+/// first, so nothing that happens in between is missed).
+pub(crate) async fn list<F: KeyFeed>(feed: F, holder: Holder, node: P2p) -> Listed<F> {
+    let events = feed.subscribe();
     provide_all(&feed, holder, &node).await;
+    Listed { feed, holder, node, events }
+}
+
+pub(crate) async fn run(feed: impl KeyFeed, holder: Holder, node: P2p, shutdown: watch::Receiver<bool>) {
+    follow(list(feed, holder, node).await, shutdown).await;
+}
+
+/// Keeps the node told of a listed holder's changes until `shutdown`.
+pub(crate) async fn follow<F: KeyFeed>(listed: Listed<F>, mut shutdown: watch::Receiver<bool>) {
+    let Listed { feed, holder, node, mut events } = listed;
     loop {
         let event = tokio::select! {
             e = events.recv() => e,

@@ -204,7 +204,10 @@ impl P2p {
                 shutdown.clone(),
             ));
         }
-        handle.advertise(store, Holder::Store, tasks, shutdown);
+        // The store's keys are told before the node is handed out: a caller's own
+        // `provide`s then come after that first list, never before it.
+        let listed = advertise::list(store, Holder::Store, handle.clone()).await;
+        tasks.spawn(advertise::follow(listed, shutdown));
         Ok(handle)
     }
 

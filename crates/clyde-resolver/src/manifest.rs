@@ -259,16 +259,19 @@ impl Resolver {
                 },
             };
         }
+        let recheck_always = config.always_pull_latest && tag == "latest";
         let Some(cached) = cached else {
             // Resolved by a member within the TTL: no upstream request. Else, when others ask
             // at the same instant, one elected member asks the upstream for all.
-            let lookup = config.first_lookup();
-            if let Some(m) = self.manifest_from_peers(origin, &reference, accept, lookup, 0).await? {
-                return Ok(m);
-            }
-            let election_key = Digest::of(key.as_bytes());
-            if let Some(m) = self.manifest_from_elected(origin, &reference, accept, &election_key, 0).await? {
-                return Ok(m);
+            if !recheck_always {
+                let lookup = config.first_lookup();
+                if let Some(m) = self.manifest_from_peers(origin, &reference, accept, lookup, 0).await? {
+                    return Ok(m);
+                }
+                let election_key = Digest::of(key.as_bytes());
+                if let Some(m) = self.manifest_from_elected(origin, &reference, accept, &election_key, 0).await? {
+                    return Ok(m);
+                }
             }
             return match self.fetch_manifest(origin, &reference, accept).await {
                 Err(ResolveError::Upstream(e)) if !matches!(e, UpstreamError::NotFound) => {
@@ -284,7 +287,6 @@ impl Resolver {
                 other => other,
             };
         };
-        let recheck_always = config.always_pull_latest && tag == "latest";
         let fresh = record.as_ref().is_some_and(|r| r.checked_at + config.tag_ttl.as_secs() > unix_now());
         if fresh && !recheck_always {
             return Ok(cached);
@@ -310,9 +312,15 @@ impl Resolver {
                 Ok(cached)
             }
             Ok(h) => {
+                // A digest the upstream's `HEAD` names is only its word: content of a private
+                // registry is not taken from the cache on another registry's word (fetched
+                // instead, its bytes then come from this registry).
+                let usable = |d: &Digest| self.is_private(&origin.registry) || self.private_registries_of(d).is_empty();
                 if let Some(m) = match h.digest {
-                    Some(d) => self.cached_manifest(&d).await?.filter(|m| media::accepts(accept, &m.media_type)),
-                    None => None,
+                    Some(d) if usable(&d) => {
+                        self.cached_manifest(&d).await?.filter(|m| media::accepts(accept, &m.media_type))
+                    }
+                    _ => None,
                 } {
                     let record =
                         TagRecord { digest: m.digest, media_type: m.media_type.clone(), checked_at: unix_now() };

@@ -249,17 +249,21 @@ impl Shared {
         if candidates.is_empty() {
             return None;
         }
-        // No verified manifest sized it (asked for by digest alone): the upstream's word
-        // before any peer's. Only when the upstream cannot answer does a peer's claim stand
-        // (its bytes still verify).
-        let expected = match expected {
+        let expected = self.trusted_size(origin, digest, expected).await;
+        peers.open_blob(&candidates, origin, digest, range, expected).await.map(|(peer, body)| (body, peer))
+    }
+
+    /// The size a peer must claim: `known` (a verified manifest's descriptor, or the
+    /// complete blob), else the upstream's answer (a blob asked for by digest alone). Only
+    /// when neither can be had does a peer's claim stand; its bytes still verify.
+    async fn trusted_size(&self, origin: &Origin, digest: &Digest, known: Option<u64>) -> Option<u64> {
+        match known {
             None if !self.config.air_gapped => {
                 let head = self.upstream.head_blob(&origin.registry, &origin.repository, digest);
                 tokio::time::timeout(self.config.tag_check_timeout, head).await.ok().and_then(Result::ok)
             }
             known => known,
-        };
-        peers.open_blob(&candidates, origin, digest, range, expected).await.map(|(peer, body)| (body, peer))
+        }
     }
 
     /// Opens `range` of a blob (`None`: all of it): from a peer that serves it in time,
@@ -291,10 +295,15 @@ impl Shared {
         }
         if let Some(peers) = &self.peers
             && attempt != Attempt::Demand
-            && let Some((body, peer)) =
-                election::follow_elected(peers, &self.config.peers, origin, digest, range.clone(), expected).await
+            && peers.has_company().await
         {
-            return Ok((body, Source::Peer(peer)));
+            let expected = self.trusted_size(origin, digest, expected).await;
+            let timeouts = &self.config.peers;
+            if let Some((body, peer)) =
+                election::follow_elected(peers, timeouts, origin, digest, range.clone(), expected).await
+            {
+                return Ok((body, Source::Peer(peer)));
+            }
         }
         let error = match self.upstream.get_blob(&origin.registry, &origin.repository, digest, range.clone()).await {
             Ok(body) => return Ok((body, Source::Upstream)),
@@ -616,7 +625,8 @@ impl Transfers {
         }
         let first = first_byte..first_byte.saturating_add(schedule::STRIPE);
         let d = *digest;
-        let expected = self.store.blocking(move |s| Ok(s.known_size(&d))).await?;
+        let known = self.store.blocking(move |s| Ok(s.known_size(&d))).await?;
+        let expected = self.shared.trusted_size(origin, digest, known).await;
         let Some((peer, body)) = peers.open_blob(&holders, origin, digest, Some(first), expected).await else {
             return Ok(None);
         };

@@ -497,10 +497,17 @@ impl Store {
     }
 
     async fn forget_partial(&self, blob: &PartialBlob) {
-        let mut partials = self.partials();
-        if partials.get(&blob.digest()).is_some_and(|p| std::ptr::eq(p.as_ref(), blob)) {
-            partials.remove(&blob.digest());
-        }
+        // On the blocking pool: the map's lock may be held there across file I/O.
+        let (digest, id) = (blob.digest(), blob.id());
+        let _ = self
+            .blocking(move |s| {
+                let mut partials = s.partials();
+                if partials.get(&digest).is_some_and(|p| p.id() == id) {
+                    partials.remove(&digest);
+                }
+                Ok(())
+            })
+            .await;
     }
 
     /// Forgets a failed partial blob and deletes its file and record. The file is renamed
@@ -509,15 +516,14 @@ impl Store {
     async fn discard_partial(&self, blob: &PartialBlob) -> Result<(), StoreError> {
         let digest = blob.digest();
         let path = blob.path().to_path_buf();
-        // The blob's identity, compared (never dereferenced) on the blocking pool.
-        let this = std::ptr::from_ref(blob) as usize;
+        let id = blob.id();
         let aside = self.inner.root.join("tmp").join(format!("{}.discarded", digest.hex()));
         let moved = aside.clone();
         let discarded = self
             .blocking(move |s| {
                 let mut partials = s.partials();
                 // Only this blob: a new download of the same digest keeps its fresh file.
-                if partials.get(&digest).is_none_or(|p| Arc::as_ptr(p) as usize != this) {
+                if partials.get(&digest).is_none_or(|p| p.id() != id) {
                     return Ok(false);
                 }
                 partials.remove(&digest);

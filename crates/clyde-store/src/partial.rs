@@ -56,6 +56,8 @@ struct State {
 
 /// A blob being downloaded into the store; readers may stream it while it arrives.
 pub struct PartialBlob {
+    /// Unique in this process: tells this partial from a later one of the same digest.
+    id: u64,
     digest: Digest,
     layout: PieceLayout,
     file: Arc<File>,
@@ -91,7 +93,9 @@ impl PartialBlob {
     ) -> Self {
         let written = durable.clone();
         let (changed, _) = watch::channel(0);
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Self {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             digest,
             layout,
             file: Arc::new(file),
@@ -102,6 +106,11 @@ impl PartialBlob {
             store,
             corrupt: Default::default(),
         }
+    }
+
+    /// Unique in this process (a later partial of the same digest has another).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

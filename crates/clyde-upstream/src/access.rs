@@ -35,9 +35,13 @@ pub struct ClientCheck {
 }
 
 impl ClientCheck {
-    /// Whether the credentials may read the object (a redirect to storage counts as yes).
-    pub fn granted(&self) -> bool {
-        (200..400).contains(&self.status)
+    /// Whether the credentials may read the object: a `2xx`; for a blob also a `3xx` (the
+    /// registry checked the credentials, then sends the bytes' reader on to its storage).
+    pub fn granted(&self, object: Object<'_>) -> bool {
+        match object {
+            Object::Manifest(_) => (200..300).contains(&self.status),
+            Object::Blob(_) => (200..400).contains(&self.status),
+        }
     }
 }
 
@@ -91,34 +95,60 @@ impl Upstream {
         })
     }
 
-    /// Whether the registry holds `object` in `repository`, asked with the mirror's own
-    /// credentials (a refusal counts as no).
-    pub async fn has_object(
+    /// Whether the registry holds the content `digest` names in `repository`, proven by its
+    /// bytes: the object is fetched with the mirror's own credentials (a manifest by its
+    /// digest, a blob whole) and hashed as it streams, and only a match counts; a `HEAD`, or
+    /// any status, could be answered by any server. `timeout` bounds the whole transfer.
+    pub async fn sends_content(
         &self,
         registry: &Registry,
         repository: &Repository,
         object: Object<'_>,
+        digest: &Digest,
         timeout: Duration,
     ) -> Result<bool, UpstreamError> {
-        let answer = match object {
-            Object::Manifest(r) => self.head_manifest(registry, repository, r, None, timeout).await.map(|_| ()),
-            Object::Blob(d) => {
-                let head = self.head_blob(registry, repository, d);
-                match tokio::time::timeout(timeout, head).await {
-                    Ok(r) => r.map(|_| ()),
-                    Err(_) => {
-                        return Err(UpstreamError::Unreachable {
-                            registry: registry.to_string(),
-                            reason: "HEAD timed out".into(),
-                        });
+        let fetch = async {
+            let mut verifier = clyde_types::DigestVerifier::new(*digest);
+            match object {
+                Object::Manifest(reference) => {
+                    let m = self.get_manifest(registry, repository, reference, None).await?;
+                    verifier.update(&m.bytes);
+                }
+                Object::Blob(d) => {
+                    let mut body = self.get_blob(registry, repository, d, None).await?;
+                    while let Some(chunk) = futures_util::StreamExt::next(&mut body.stream).await {
+                        verifier.update(&chunk?);
                     }
                 }
             }
+            Ok::<bool, UpstreamError>(verifier.finish().1)
         };
-        match answer {
-            Ok(()) => Ok(true),
-            Err(UpstreamError::NotFound | UpstreamError::Unauthorized(_)) => Ok(false),
-            Err(e) => Err(e),
+        match tokio::time::timeout(timeout, fetch).await {
+            Ok(Ok(same)) => Ok(same),
+            Ok(Err(UpstreamError::NotFound | UpstreamError::Unauthorized(_))) => Ok(false),
+            Ok(Err(UpstreamError::Protocol(_))) => Ok(false),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(UpstreamError::Unreachable {
+                registry: registry.to_string(),
+                reason: "its copy did not arrive in time".into(),
+            }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_redirect_grants_a_blob_only() {
+        let (tag, digest) = (Reference::Tag("v1".into()), Digest::of(b"layer"));
+        let redirect = ClientCheck { status: 307, challenge: None };
+        assert!(redirect.granted(Object::Blob(&digest)));
+        assert!(!redirect.granted(Object::Manifest(&tag)), "a login redirect must not pass a manifest");
+        let ok = ClientCheck { status: 200, challenge: None };
+        assert!(ok.granted(Object::Manifest(&tag)) && ok.granted(Object::Blob(&digest)));
+        let refused = ClientCheck { status: 401, challenge: Some("Basic realm=\"r\"".into()) };
+        assert!(!refused.granted(Object::Blob(&digest)));
     }
 }
