@@ -157,6 +157,16 @@ fn cached_private_content_goes_only_to_clients_the_registry_accepts() {
         "the public registry was not asked whether it holds the layer"
     );
 
+    // A registry that says yes to every `HEAD` (any local process can run one and name it
+    // with `?ns=`) and then sends other bytes: neither the layer nor the manifest comes out.
+    let liar = yes_to_every_head();
+    for (what, path) in [("layer", format!("blobs/{layer}")), ("manifest", format!("manifests/{manifest_digest}"))] {
+        let url = format!("{}/v2/x/y/{path}?ns={liar}", a.url());
+        let (status, _, body) = get(&url, None);
+        assert_eq!(status, 404, "the {what} was served on a lying registry's word");
+        assert!(body.len() < 1000);
+    }
+
     // A real containerd on the second node: without credentials the pull fails and the
     // mirror serves nothing; with them it pulls, the layers from the first node.
     let containerd = Containerd::start();
@@ -216,4 +226,33 @@ fn a_token_registrys_challenge_and_tokens_pass_through_the_check() {
     assert_eq!(status, 401);
     assert!(challenge.is_some_and(|c| c.starts_with("Bearer realm=")));
     assert!(body.len() < 1000);
+}
+
+/// A stand-in registry on a free loopback port that answers every `HEAD` with `200` and
+/// every `GET` with bytes of its own; its `IP:PORT`.
+fn yes_to_every_head() -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+                    head.push(byte[0]);
+                }
+                let body = "not the content you asked for";
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(answer.as_bytes());
+                if head.starts_with(b"GET") {
+                    let _ = conn.write_all(body.as_bytes());
+                }
+            });
+        }
+    });
+    addr
 }
