@@ -337,12 +337,7 @@ impl Peers {
         expected: Option<u64>,
     ) -> Result<BlobBody, UpstreamError> {
         let ask = self.client.get_blob(peer, &origin.registry, &origin.repository, digest, range);
-        match tokio::time::timeout(self.config.peers.first_byte_timeout, ask).await {
-            Ok(answer) => answer.and_then(|body| sized(body, expected)),
-            Err(_) => {
-                Err(UpstreamError::Unreachable { registry: peer.to_string(), reason: "no answer in time".into() })
-            }
-        }
+        self.in_time(peer, ask).await.and_then(|body| sized(body, expected))
     }
 
     /// Whether any of `candidates` is not serving a penalty.
@@ -444,15 +439,7 @@ impl Peers {
             return Err(UpstreamError::NotFound);
         }
         let ask = self.client.get_tag(peer, &origin.registry, &origin.repository, tag, accept);
-        let (m, checked) = match tokio::time::timeout(self.config.peers.first_byte_timeout, ask).await {
-            Ok(answer) => answer?,
-            Err(_) => {
-                return Err(UpstreamError::Unreachable {
-                    registry: peer.to_string(),
-                    reason: "no answer in time".into(),
-                });
-            }
-        };
+        let (m, checked) = self.in_time(peer, ask).await?;
         let now = unix_now();
         let ttl = self.config.tag_ttl.as_secs();
         if checked.saturating_add(ttl) <= now
@@ -473,7 +460,16 @@ impl Peers {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<Manifest, UpstreamError> {
-        let ask = self.client.get_manifest(peer, &origin.registry, &origin.repository, reference, accept);
+        self.in_time(peer, self.client.get_manifest(peer, &origin.registry, &origin.repository, reference, accept))
+            .await
+    }
+
+    /// One peer's answer, within the first-byte timeout (past it: unreachable).
+    async fn in_time<T>(
+        &self,
+        peer: SocketAddr,
+        ask: impl Future<Output = Result<T, UpstreamError>>,
+    ) -> Result<T, UpstreamError> {
         match tokio::time::timeout(self.config.peers.first_byte_timeout, ask).await {
             Ok(answer) => answer,
             Err(_) => {

@@ -75,6 +75,10 @@ impl Resolver {
     /// The private registries whose content `digest` is, as far as this node knows (empty:
     /// none, or no registry is private).
     pub fn private_registries_of(&self, digest: &Digest) -> Vec<String> {
+        // Asked for every request by digest: nothing to look up when no registry is private.
+        if self.inner.private.registries.is_empty() {
+            return Vec::new();
+        }
         let sources = self.inner.local.as_ref().map(|l| l.sources(digest)).unwrap_or_default();
         self.inner.private.registries_of(digest, sources)
     }
