@@ -106,29 +106,57 @@ fn a_hung_peer_is_forgotten_within_seconds_and_pulls_go_on() {
 }
 
 #[test]
-fn a_peer_serving_corrupt_bytes_never_poisons_another_store() {
-    let c = cluster(2, &[8 * MIB], None);
+fn a_holder_whose_copy_rotted_is_the_only_one_penalized_and_every_reader_gets_right_bytes_first_time() {
+    // 12 MiB: three 4 MiB pieces, each with a rotten byte on node 1's disk.
+    let mut c = cluster(4, &[12 * MIB], None);
+    let layer = c.image.layers[0].clone();
     let digest = pull(&c, 0);
-    let layer = &c.image.layers[0];
     wait_store_holds(&c.nodes[0].agent.data_dir(), 3);
-    // Bit rot on node 1's disk: it keeps serving the layer, one byte wrong.
+    assert_eq!(pull(&c, 1), digest);
+    wait_store_holds(&c.nodes[1].agent.data_dir(), 3);
     let path = c.nodes[0].agent.data_dir().join("blobs").join(layer.digest.replace(':', "/"));
-    let mut bytes = std::fs::read(&path).expect("node 1's layer");
-    bytes[4 * MIB] ^= 0x55;
-    std::fs::write(&path, &bytes).expect("rot");
-    // containerd on node 2 sees the layer's response aborted; pulled again (as the kubelet
-    // retries), the layer comes from the upstream, node 1 being penalized.
-    let node = &c.nodes[1];
-    let hosts = node.ctrd.mirror_hosts_dir(&c.upstream, &node.agent);
-    let (ok, out) = node.ctrd.pull(&hosts, &c.reference, &["--plain-http"]);
-    if !ok {
-        eprintln!("first pull on node 2 failed, as it should when its bytes do not verify:\n{out}");
-        assert_eq!(pull(&c, 1), digest);
+    let right = std::fs::read(&path).expect("node 1's layer");
+    let mut rotten = right.clone();
+    for piece in 0..3 {
+        rotten[piece * 4 * MIB + 1000] ^= 0x55;
     }
-    assert_eq!(node.ctrd.image_digest(&c.reference).as_deref(), Some(digest.as_str()));
-    wait_store_holds(&node.agent.data_dir(), 3);
-    assert!(node.agent.log().contains("did not verify"), "{}", node.agent.log());
-    assert_eq!(c.upstream.blob_bytes_served(&layer.digest), 2 * layer.size, "the retry should come from the upstream");
+    std::fs::write(&path, &rotten).expect("rot");
+    let sent_before = c.upstream.blob_bytes_served(&layer.digest);
+    let (bad, good) = (c.nodes[0].agent.peer_addr(), c.nodes[1].agent.peer_addr());
+    let penalized = |log: &str| -> Vec<String> {
+        log.lines().filter(|l| l.contains("peer penalized")).map(str::to_string).collect()
+    };
+
+    // containerd on node 3 pulls from both holders at once: its first attempt succeeds, the
+    // rotten pieces are fetched again from the other holder, and only node 1 is penalized.
+    let (ok, out) = c.try_pull(2);
+    let log = c.nodes[2].agent.log();
+    assert!(ok, "the pull failed on its first attempt:\n{out}\n{log}");
+    assert_eq!(c.nodes[2].ctrd.image_digest(&c.reference).as_deref(), Some(digest.as_str()));
+    assert!(log.contains("does not match its hash"), "no piece was checked against its hash:\n{log}");
+    let lines = penalized(&log);
+    assert!(!lines.is_empty() && lines.iter().all(|l| l.contains(&bad)), "{lines:#?}");
+    assert!(!lines.iter().any(|l| l.contains(&good)), "the honest holder was penalized: {lines:#?}");
+    assert_eq!(c.upstream.blob_bytes_served(&layer.digest), sent_before, "a rotten piece came from the upstream");
+    wait_store_holds(&c.nodes[2].agent.data_dir(), 3);
+
+    // A lazy puller's Range over rotten bytes, on node 4, with node 1 the only holder left.
+    c.nodes[1].agent.kill9();
+    c.nodes[2].agent.kill9();
+    let node = &c.nodes[3].agent;
+    let range = (4 * MIB + 900)..(5 * MIB + 900);
+    let url = format!("http://{}/v2/team/app/blobs/{}?ns={}", node.addr(), layer.digest, c.upstream.addr());
+    let out = tempfile::NamedTempFile::new().expect("temp file");
+    let mut curl = node.place().command(clyde_tests::require("curl", "curl"));
+    curl.args(["-s", "-o"]).arg(out.path());
+    curl.args(["-w", "%{http_code}", "-H", &format!("Range: bytes={}-{}", range.start, range.end - 1), &url]);
+    let status = curl.output().expect("curl");
+    assert_eq!(String::from_utf8_lossy(&status.stdout), "206", "{}", node.log());
+    let body = std::fs::read(out.path()).expect("range body");
+    assert!(body == right[range.clone()], "the range came back with wrong bytes:\n{}", node.log());
+    let log = node.log();
+    assert!(log.contains("does not match its hash"), "node 1 was never asked:\n{log}");
+    assert!(penalized(&log).iter().any(|l| l.contains(&bad)), "{log}");
 }
 
 /// Blob bytes the upstream sent for every `GET` of a blob (layers and config), its manifest

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clyde_resolver::{Origin, ResolveError, Resolver, Want};
 use clyde_types::{
-    ApiPath, BlobState, ByteRange, Membership, PathError, RangeError, RangeRequest, Reference, Resource, membership,
+    ApiPath, BlobState, ByteRange, Digest, Membership, PathError, RangeError, RangeRequest, Reference, Resource,
+    membership,
 };
 use futures_util::{StreamExt, TryStreamExt};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -270,6 +271,11 @@ async fn route(server: &Server, req: &Request<Incoming>) -> (Response<Body>, &'s
     if api == Api::Peer && req.uri().path() == clyde_upstream::PINS_PATH {
         return (pins(resolver).await, "local");
     }
+    if api == Api::Peer
+        && let Some(digest) = req.uri().path().strip_prefix(clyde_upstream::PIECES_PATH)
+    {
+        return (pieces(resolver, server.members.is_some(), digest).await, "local");
+    }
     let ns = match query::param(req.uri().query(), "ns") {
         Ok(ns) => ns,
         Err(msg) => {
@@ -330,6 +336,33 @@ async fn pins(resolver: &Resolver) -> Response<Body> {
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     r
+}
+
+/// The piece hashes this node vouches for a blob, for a member checking pieces on arrival.
+/// Only in a cluster with a secret: without one, nobody would trust the list.
+async fn pieces(resolver: &Resolver, members: bool, digest: &str) -> Response<Body> {
+    if !members {
+        return errors::answer(StatusCode::NOT_FOUND, ErrorCode::Unsupported, "piece lists are served to members only");
+    }
+    let digest: Digest = match digest.parse() {
+        Ok(d) => d,
+        Err(e) => return errors::answer(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, &e.to_string()),
+    };
+    match resolver.piece_hashes(&digest).await {
+        Ok(Some(list)) => {
+            let bytes = list.encode();
+            let len = bytes.len();
+            let mut r = Response::new(full(bytes));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            r.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            r
+        }
+        Ok(None) => errors::answer(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, "blob not held here"),
+        Err(e) => {
+            tracing::warn!(%digest, error = %e, "could not list piece hashes");
+            errors::answer(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown, "could not list piece hashes")
+        }
+    }
 }
 
 /// Whether a cluster member signed this request.

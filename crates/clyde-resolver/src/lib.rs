@@ -289,6 +289,20 @@ impl Resolver {
         }
     }
 
+    /// The piece hashes this node vouches for, for a member's peer server request: a
+    /// complete blob's, as recorded when it verified, or those of a blob still arriving.
+    /// `None`: the store holds no such blob (containerd's copies vouch for nothing).
+    pub async fn piece_hashes(&self, digest: &Digest) -> Result<Option<clyde_types::PieceHashes>, ResolveError> {
+        let d = *digest;
+        if let Some(list) = self.inner.store.blocking(move |s| s.piece_hashes(&d)).await? {
+            return Ok(Some(list));
+        }
+        match self.inner.transfers.running(digest) {
+            Some(job) => Ok(Some(job.partial().vouched_hashes().await?)),
+            None => Ok(None),
+        }
+    }
+
     /// A blob containerd holds, opened.
     async fn local_blob(&self, digest: &Digest) -> Option<BlobSource> {
         let local = self.inner.local.as_ref()?;

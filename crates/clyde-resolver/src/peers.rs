@@ -340,6 +340,26 @@ impl Peers {
         self.in_time(peer, ask).await.and_then(|body| sized(body, expected))
     }
 
+    /// The piece hashes the first of `peers` that answers vouches for, for a blob of
+    /// `layout` (the size from a trusted source; a list for another layout is refused).
+    /// Only members serve lists, so only a cluster with a secret asks.
+    pub(crate) async fn piece_hashes(
+        &self,
+        peers: &[SocketAddr],
+        digest: &Digest,
+        layout: clyde_types::PieceLayout,
+    ) -> Option<clyde_types::PieceHashes> {
+        for &peer in peers {
+            let answer = self.in_time(peer, self.client.get_pieces(peer, digest)).await;
+            match answer.map(|bytes| clyde_types::PieceHashes::decode(&bytes, layout)) {
+                Ok(Ok(list)) => return Some(list),
+                Ok(Err(e)) => tracing::info!(%peer, %digest, error = %e, "piece list refused"),
+                Err(e) => tracing::debug!(%peer, %digest, error = %e, "no piece list"),
+            }
+        }
+        None
+    }
+
     /// Whether any of `candidates` is not serving a penalty.
     pub(crate) fn any_usable(&self, candidates: &[SocketAddr]) -> bool {
         candidates.iter().any(|p| !self.penalized(p))

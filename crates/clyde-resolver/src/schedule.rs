@@ -60,15 +60,28 @@ pub const MIN_SPLIT: u64 = 1024 * 1024;
 /// most bytes still to come gives up its second half to a new request (to another holder),
 /// so the last stripes do not leave holders idle while one slow request finishes. Returns
 /// the claim's index and where it now ends; `None` when no claim has `min` bytes or more
-/// left past the bytes being written.
-pub fn plan_split(claims: &[ClaimView], min: u64) -> Option<(usize, u64)> {
+/// left past the bytes being written. The cut falls on a multiple of `align` (a piece
+/// boundary, so each piece comes from one holder and a bad one is pinned on it) when one
+/// lies inside the rest; else in the middle.
+pub fn plan_split(claims: &[ClaimView], min: u64, align: u64) -> Option<(usize, u64)> {
     let (index, from, end) = claims
         .iter()
         .enumerate()
         .map(|(i, c)| (i, c.cursor.max(c.reserved), c.end))
         .max_by_key(|(_, from, end)| end.saturating_sub(*from))?;
     let left = end.saturating_sub(from);
-    (left >= min.max(2)).then(|| (index, from + left / 2))
+    if left < min.max(2) {
+        return None;
+    }
+    let (mid, align) = (from + left / 2, align.max(1));
+    let (up, down) = (mid.div_ceil(align) * align, mid / align * align);
+    let at = match (up < end, down > from) {
+        (true, true) if up - mid <= mid - down => up,
+        (_, true) => down,
+        (true, false) => up,
+        (false, false) => mid,
+    };
+    Some((index, at))
 }
 
 /// `holders` ordered for the next request: fewest requests of this blob in flight first;
@@ -109,11 +122,14 @@ mod tests {
             ClaimView { cursor: 100, reserved: 100, end: 150, ..Default::default() },
         ];
         // 60 bytes left past the reservation of the second: it ends at 70 now.
-        assert_eq!(plan_split(&claims, 8), Some((1, 70)));
+        assert_eq!(plan_split(&claims, 8, 1), Some((1, 70)));
         // Nothing worth splitting.
-        assert_eq!(plan_split(&claims, 100), None);
-        assert_eq!(plan_split(&[], 8), None);
-        assert_eq!(plan_split(&[ClaimView { cursor: 5, reserved: 10, end: 10, ..Default::default() }], 1), None);
+        assert_eq!(plan_split(&claims, 100, 1), None);
+        assert_eq!(plan_split(&[], 8, 1), None);
+        assert_eq!(plan_split(&[ClaimView { cursor: 5, reserved: 10, end: 10, ..Default::default() }], 1, 1), None);
+        // On a piece boundary when one lies inside the rest, the nearest to the middle.
+        assert_eq!(plan_split(&claims, 8, 16), Some((1, 64)));
+        assert_eq!(plan_split(&claims, 8, 1000), Some((1, 70)));
     }
 
     #[test]

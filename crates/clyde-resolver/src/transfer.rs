@@ -208,6 +208,8 @@ impl Claim {
 enum PumpError {
     Upstream(UpstreamError),
     Store(StoreError),
+    /// The peer streaming sent a piece that does not match its hash (already penalized).
+    BadPiece,
 }
 
 struct Shared {
@@ -233,6 +235,13 @@ impl Shared {
     async fn stopped(&self) {
         let mut rx = self.shutdown.subscribe();
         let _ = rx.wait_for(|stop| *stop).await;
+    }
+
+    /// Whether bytes from peers are checked piece by piece as they arrive: members vouch
+    /// for pieces only in a cluster with a secret. Else only the whole blob's digest
+    /// vouches for them.
+    fn checks_pieces(&self) -> bool {
+        self.config.members.is_some() && self.peers.is_some()
     }
 
     /// `range` of a blob from the first peer that holds it and answers in time.
@@ -269,8 +278,9 @@ impl Shared {
     /// Opens `range` of a blob (`None`: all of it): from a peer that serves it in time,
     /// else from the fetcher the cluster elects for it (see [`crate::election`]), else the
     /// upstream, else (the upstream failing) peers found by a patient lookup. A reader's
-    /// range of a blob nobody reads whole ([`Attempt::Demand`]) goes to the upstream first:
-    /// a peer's bytes could reach that reader only once the whole blob verified.
+    /// range of a blob nobody reads whole ([`Attempt::Demand`]) goes to the upstream first
+    /// unless members vouch for pieces: without them, a peer's bytes could reach that
+    /// reader only once the whole blob verified.
     async fn open(
         &self,
         origin: &Origin,
@@ -281,7 +291,7 @@ impl Shared {
     ) -> Result<(BlobBody, Source), ResolveError> {
         let never_upstream = self.config.air_gapped;
         let offered = match attempt {
-            Attempt::Demand if !never_upstream => None,
+            Attempt::Demand if !never_upstream && !self.checks_pieces() => None,
             Attempt::Resume if !never_upstream => {
                 self.open_from_complete_holders(origin, digest, range.clone(), expected).await
             }
@@ -388,6 +398,9 @@ pub struct Job {
     holders: Vec<SocketAddr>,
     /// This blob's requests in flight per peer.
     peer_load: Mutex<HashMap<SocketAddr, usize>>,
+    /// The peers whose pending bytes are in each piece not checked yet: a piece that does
+    /// not match its hash is pinned on them, and nobody else.
+    piece_peers: Mutex<HashMap<u64, HashSet<SocketAddr>>>,
 }
 
 type JobCell = Arc<OnceCell<Result<Arc<Job>, ResolveError>>>;
@@ -664,6 +677,7 @@ impl Job {
             last_active: Mutex::new(Instant::now()),
             holders,
             peer_load: Mutex::new(HashMap::new()),
+            piece_peers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -689,7 +703,12 @@ impl Job {
     /// Whether this node holds `range` or will (a whole job), for a peer's ranged read: a
     /// peer asking for bytes a range-read blob lacks is told so at once.
     pub fn serves(&self, range: Range<u64>) -> bool {
-        self.is_whole() || self.partial.written().covers(range)
+        self.is_whole() || self.partial.held().covers(range)
+    }
+
+    /// Whether bytes from peers are checked piece by piece as they arrive.
+    fn checks_pieces(&self) -> bool {
+        self.shared.checks_pieces()
     }
 
     /// Counts a reader waiting for bytes until the guard drops.
@@ -760,7 +779,7 @@ impl Job {
             if !whole && !background {
                 return;
             }
-            let (written, views) = (self.partial.written(), Self::views(&claims));
+            let (written, views) = (self.partial.held(), Self::views(&claims));
             let gaps = if self.holders.is_empty() {
                 plan_fill(self.size(), &written, &views)
             } else {
@@ -769,7 +788,8 @@ impl Job {
                 if gaps.is_empty() && slots > 0 {
                     // The end game: everything is claimed; a holder is free to take half of
                     // the slowest request's rest. The split never cuts below a reservation.
-                    if let Some((index, at)) = schedule::plan_split(&views, schedule::MIN_SPLIT) {
+                    let align = if self.checks_pieces() { self.partial.layout().piece_size() } else { 1 };
+                    if let Some((index, at)) = schedule::plan_split(&views, schedule::MIN_SPLIT, align) {
                         let old_end = claims[index].end.swap(at, Ordering::AcqRel);
                         gaps.push(at..old_end);
                     }
@@ -808,7 +828,7 @@ impl Job {
             let steal_distance = self.shared.config.steal_distance;
             // A job not read whole fetches a reader's bytes and no more.
             let cap = |end: u64| if whole { end } else { end.min(reader_end) };
-            let range = match plan_demand(offset, self.size(), &self.partial.written(), &views, steal_distance) {
+            let range = match plan_demand(offset, self.size(), &self.partial.held(), &views, steal_distance) {
                 Demand::Wait => None,
                 Demand::Steal { index, at } => {
                     let old_end = claims[index].end.load(Ordering::Acquire);
@@ -829,6 +849,109 @@ impl Job {
         if let Some((claim, range)) = added {
             tracing::debug!(digest = %self.partial.digest(), ?range, whole, "reader ahead of transfers: new range");
             self.spawn(claim, None);
+        }
+        // A reader at bytes waiting for their piece's check: the rest of that piece is
+        // fetched too (the check needs it whole), even past what the reader asked for.
+        if self.partial.is_pending(offset) {
+            self.claim_gaps(self.partial.layout().bounds(self.partial.layout().piece_of(offset)));
+        }
+    }
+
+    /// Claims and starts fetching whatever of `within` nobody holds or fetches: the rest of
+    /// a piece a reader waits on, or a piece dropped because it did not match its hash.
+    fn claim_gaps(self: &Arc<Self>, within: Range<u64>) {
+        if self.partial.outcome() != Outcome::Pending || *self.shared.shutdown.borrow() {
+            return;
+        }
+        let added: Vec<Arc<Claim>> = {
+            let mut claims = self.claims();
+            let views = Self::views(&claims);
+            let gaps = plan_fill(self.size(), &self.partial.held(), &views);
+            gaps.iter()
+                .filter_map(|g| {
+                    let r = g.start.max(within.start)..g.end.min(within.end);
+                    (r.start < r.end).then_some(r)
+                })
+                .map(|r| self.add_claim(&mut claims, &r, u64::MAX, false))
+                .collect()
+        };
+        for claim in added {
+            self.spawn(claim, None);
+        }
+    }
+
+    /// Checks the pieces whose pending bytes are all on disk. A piece that does not match
+    /// is dropped and fetched again, and the peers that sent it are penalized (an error when
+    /// `source`, the stream that just wrote, is one of them). Hashes nobody gave yet are
+    /// asked of the peers that sent the piece; pieces no member vouches for are left to the
+    /// whole blob's digest.
+    async fn settle_pieces(self: &Arc<Self>, source: Option<SocketAddr>) -> Result<(), PumpError> {
+        let digest = self.partial.digest();
+        let mut asked = false;
+        loop {
+            let settled = self.partial.settle().await.map_err(PumpError::Store)?;
+            let mut guilty = false;
+            {
+                let mut piece_peers = lock(&self.piece_peers);
+                for p in &settled.verified {
+                    piece_peers.remove(p);
+                }
+                for p in &settled.corrupt {
+                    let senders = piece_peers.remove(p).unwrap_or_default();
+                    tracing::warn!(%digest, piece = p, ?senders, "a piece from a peer does not match its hash; fetching it again elsewhere");
+                    // Pinned on its sender. A piece two peers sent parts of (a stream split
+                    // inside it) pins nobody yet: it is fetched again whole from one source,
+                    // which settles who sent the bad bytes.
+                    if let [peer] = senders.iter().copied().collect::<Vec<_>>()[..] {
+                        guilty |= Some(peer) == source;
+                        if let Some(peers) = &self.shared.peers {
+                            peers.penalize(peer, &format!("sent piece {p} of {digest}, which does not match its hash"));
+                        }
+                    }
+                }
+            }
+            // Dropped pieces are fetched again; a piece a stream began or ended inside (a
+            // reader's range, a resume) gets the rest of its bytes claimed, or it could never
+            // be checked and its reader would wait forever.
+            for p in settled.corrupt.iter().chain(&settled.incomplete) {
+                self.claim_gaps(self.partial.layout().bounds(*p));
+            }
+            if guilty {
+                return Err(PumpError::BadPiece);
+            }
+            if settled.unknown.is_empty() {
+                return Ok(());
+            }
+            let senders: Vec<SocketAddr> = {
+                let piece_peers = lock(&self.piece_peers);
+                let mut senders: Vec<SocketAddr> = source.into_iter().collect();
+                for peer in settled.unknown.iter().filter_map(|p| piece_peers.get(p)).flatten() {
+                    if !senders.contains(peer) {
+                        senders.push(*peer);
+                    }
+                }
+                senders
+            };
+            let list = match (&self.shared.peers, asked) {
+                (Some(peers), false) => peers.piece_hashes(&senders, &digest, self.partial.layout()).await,
+                _ => None,
+            };
+            asked = true;
+            match list {
+                Some(list) => self.partial.expect(&list),
+                None => {
+                    // Nobody vouches for these pieces: only the whole blob's digest will.
+                    tracing::info!(%digest, pieces = ?settled.unknown, "no member vouches for these pieces; they wait for the whole blob's digest");
+                    let mut piece_peers = lock(&self.piece_peers);
+                    for p in &settled.unknown {
+                        piece_peers.remove(p);
+                    }
+                    drop(piece_peers);
+                    self.partial.trust_later(&settled.unknown);
+                    self.go_whole();
+                    return Ok(());
+                }
+            }
         }
     }
 
@@ -868,8 +991,11 @@ impl Job {
             if let Source::Peer(peer) = source {
                 lock(&self.peers_used).insert(peer);
                 *lock(&self.peer_load).entry(peer).or_default() += 1;
-                // A peer's bytes reach clients only once the whole blob verified.
-                self.go_whole();
+                // A peer's bytes reach clients only verified: piece by piece when members
+                // vouch for pieces, else once the whole blob verified.
+                if !self.checks_pieces() {
+                    self.go_whole();
+                }
             }
             let pumped = self.pump(claim, body, source).await;
             if let Source::Peer(peer) = source
@@ -885,6 +1011,9 @@ impl Job {
                     return;
                 }
                 Err(PumpError::Upstream(e)) => e,
+                // Penalized already; the next attempt resumes at the cursor elsewhere, and
+                // the dropped piece has a claim of its own.
+                Err(PumpError::BadPiece) => continue,
             };
             // A peer that broke mid-body sits out a penalty; the next attempt resumes at the
             // cursor from another peer or the upstream, so it costs no attempt.
@@ -981,7 +1110,7 @@ impl Job {
 
     /// Writes a stream into the claim until the claim's end; `Ok` when the end was reached
     /// (or its readers left: see [`Job::may_read_on`]).
-    async fn pump(&self, claim: &Claim, mut body: ByteStream, source: Source) -> Result<(), PumpError> {
+    async fn pump(self: &Arc<Self>, claim: &Claim, mut body: ByteStream, source: Source) -> Result<(), PumpError> {
         loop {
             if !self.may_read_on(claim).await {
                 return Ok(());
@@ -1020,8 +1149,9 @@ impl Job {
                 (cursor, take)
             };
             let chunks = clip(chunks, take);
+            let checked = self.checks_pieces();
             // Recorded before the write, so no reader sees these bytes without knowing.
-            if matches!(source, Source::Peer(_)) && take > 0 {
+            if matches!(source, Source::Peer(_)) && take > 0 && !checked {
                 self.partial.mark_untrusted(cursor..cursor + take);
             }
             if take > 0 {
@@ -1029,9 +1159,30 @@ impl Job {
                     Source::Peer(_) => self.shared.metrics.peer_bytes(take),
                     Source::Upstream => self.shared.metrics.upstream_bytes(self.origin.registry.as_str(), take),
                 }
-                self.partial.write_chunks_at(cursor, chunks).await.map_err(PumpError::Store)?;
+                match source {
+                    Source::Peer(peer) if checked => {
+                        let layout = self.partial.layout();
+                        {
+                            let mut piece_peers = lock(&self.piece_peers);
+                            for p in layout.piece_of(cursor)..=layout.piece_of(cursor + take - 1) {
+                                piece_peers.entry(p).or_default().insert(peer);
+                            }
+                        }
+                        self.partial.write_pending_at(cursor, chunks).await.map_err(PumpError::Store)?;
+                    }
+                    _ => self.partial.write_chunks_at(cursor, chunks).await.map_err(PumpError::Store)?,
+                }
                 claim.cursor.store(cursor + take, Ordering::Release);
                 *lock(&self.last_active) = Instant::now();
+                // Pieces this write made whole are checked now (also after an upstream
+                // write that completed a piece a peer's bytes began).
+                if checked {
+                    let from = match source {
+                        Source::Peer(peer) => Some(peer),
+                        Source::Upstream => None,
+                    };
+                    self.settle_pieces(from).await?;
+                }
             }
             if cursor + take >= claim.end.load(Ordering::Acquire) {
                 return Ok(());

@@ -22,13 +22,13 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use clyde_types::{ContentKey, Digest, IntervalSet, PieceLayout};
+use clyde_types::{ContentKey, Digest, IntervalSet, PieceHashes, PieceLayout};
 use tokio::sync::{broadcast, watch};
 use tokio_util::task::TaskTracker;
 
 pub use catalog::{ImageEntry, ManifestKind, PrunePlan, PruneSelection};
 pub use meta::{BlobRecord, ManifestRecord, PartialRecord, TagRecord};
-pub use partial::{Outcome, PartialBlob};
+pub use partial::{Outcome, PartialBlob, Settled};
 
 /// Errors of the store. All are internal from a client's point of view.
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +289,41 @@ impl Store {
         }
     }
 
+    /// The piece hashes of a complete blob, as recorded when it was verified. A blob stored
+    /// without them (small content, a store of an earlier version) is read back once and
+    /// hashed whole: only if it still matches its digest are its piece hashes recorded and
+    /// returned, so a copy that rotted on disk never vouches for itself. Blocking.
+    pub fn piece_hashes(&self, digest: &Digest) -> Result<Option<PieceHashes>, StoreError> {
+        let Some(file) = self.open_blob(digest)? else { return Ok(None) };
+        let layout = PieceLayout::new(file.size(), self.inner.piece_size);
+        if let Some(bytes) = self.inner.meta.pieces(digest)?
+            && let Ok(list) = PieceHashes::decode(&bytes, layout)
+        {
+            return Ok(Some(list));
+        }
+        let mut whole = clyde_types::DigestVerifier::new(*digest);
+        let mut pieces = clyde_types::PieceHasher::new(layout);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        while pos < file.size() {
+            let n = (file.size() - pos).min(buf.len() as u64) as usize;
+            file.read_exact_at(pos, &mut buf[..n])?;
+            whole.update(&buf[..n]);
+            pieces.update(&buf[..n]);
+            pos += n as u64;
+        }
+        let (got, ok) = whole.finish();
+        if !ok {
+            tracing::warn!(%digest, %got, "a stored blob no longer matches its digest: its pieces are vouched for by nobody");
+            return Ok(None);
+        }
+        let list = PieceHashes::complete(layout, pieces.done().to_vec());
+        if let Some(list) = &list {
+            self.inner.meta.put_pieces(digest, &list.encode())?;
+        }
+        Ok(list)
+    }
+
     /// Reads a whole complete blob (for manifests, which are small).
     pub async fn read_blob(&self, digest: &Digest) -> Result<Option<Bytes>, StoreError> {
         let path = self.blob_path(digest);
@@ -323,6 +358,7 @@ impl Store {
             store.inner.meta.complete_blob(
                 &digest,
                 &BlobRecord { size: bytes.len() as u64, created: unix_now(), last_access: unix_now() },
+                None,
             )?;
             store.emit(StoreEvent::Holding(ContentKey::Digest(digest)));
             Ok(())

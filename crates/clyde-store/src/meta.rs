@@ -28,6 +28,9 @@ const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("blobs");
 /// Sizes of blobs as verified manifests' descriptors give them: digest -> size.
 const SIZES: TableDefinition<&str, u64> = TableDefinition::new("sizes");
 const PARTIALS: TableDefinition<&str, &[u8]> = TableDefinition::new("partials");
+/// Complete blobs' piece hashes, computed from verified bytes ([`clyde_types::PieceHashes`]'s
+/// wire form): never recomputed from a disk that may have rotted since.
+const PIECES: TableDefinition<&str, &[u8]> = TableDefinition::new("pieces");
 
 /// Where a tag pointed when it was last checked.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,7 +116,7 @@ impl Meta {
     pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path).map_err(db_err)?;
         let txn = db.begin_write().map_err(db_err)?;
-        for table in [TAGS, MANIFESTS, BLOBS, PARTIALS] {
+        for table in [TAGS, MANIFESTS, BLOBS, PARTIALS, PIECES] {
             txn.open_table(table).map_err(db_err)?;
         }
         txn.open_table(SIZES).map_err(db_err)?;
@@ -254,8 +257,29 @@ impl Meta {
         self.all(BLOBS)
     }
 
+    /// Forgets a blob and its piece hashes, in one transaction.
     pub(crate) fn remove_blob(&self, digest: &Digest) -> Result<(), StoreError> {
-        self.remove(BLOBS, &digest.to_string())
+        let key = digest.to_string();
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            txn.open_table(BLOBS).map_err(db_err)?.remove(key.as_str()).map_err(db_err)?;
+            txn.open_table(PIECES).map_err(db_err)?.remove(key.as_str()).map_err(db_err)?;
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    /// A complete blob's piece hashes (wire form), if recorded.
+    pub(crate) fn pieces(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(PIECES).map_err(db_err)?;
+        Ok(table.get(digest.to_string().as_str()).map_err(db_err)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Records a complete blob's piece hashes (wire form).
+    pub(crate) fn put_pieces(&self, digest: &Digest, list: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        txn.open_table(PIECES).map_err(db_err)?.insert(digest.to_string().as_str(), list).map_err(db_err)?;
+        txn.commit().map_err(db_err)
     }
 
     pub(crate) fn remove_manifest(&self, digest: &Digest) -> Result<(), StoreError> {
@@ -292,14 +316,23 @@ impl Meta {
         self.get(BLOBS, &digest.to_string())
     }
 
-    /// Records a blob as complete and forgets its partial state, in one transaction.
-    pub(crate) fn complete_blob(&self, digest: &Digest, record: &BlobRecord) -> Result<(), StoreError> {
+    /// Records a blob as complete (with its piece hashes, when known) and forgets its partial
+    /// state, in one transaction.
+    pub(crate) fn complete_blob(
+        &self,
+        digest: &Digest,
+        record: &BlobRecord,
+        pieces: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
         let key = digest.to_string();
         let bytes = serde_json::to_vec(record).map_err(db_err)?;
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             txn.open_table(PARTIALS).map_err(db_err)?.remove(key.as_str()).map_err(db_err)?;
             txn.open_table(BLOBS).map_err(db_err)?.insert(key.as_str(), bytes.as_slice()).map_err(db_err)?;
+            if let Some(list) = pieces {
+                txn.open_table(PIECES).map_err(db_err)?.insert(key.as_str(), list).map_err(db_err)?;
+            }
         }
         txn.commit().map_err(db_err)
     }

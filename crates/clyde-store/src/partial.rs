@@ -11,15 +11,24 @@
 //! either commits the blob (verified, renamed into place) or discards it. The intervals whose
 //! bytes came from peers are recorded too ([`PartialBlob::mark_untrusted`]): only the whole
 //! blob's digest vouches for them, so no ranged reader gets them before it verified.
+//!
+//! Bytes from a member that vouches for pieces take another way: they are written as
+//! *pending* ([`PartialBlob::write_pending_at`]), neither readable nor hashed, until their
+//! piece is whole on disk and hashes to what a member's list says
+//! ([`PartialBlob::settle`]); then they join the written bytes at once. A piece that does
+//! not match is dropped, to be fetched again elsewhere. The hashed prefix also yields every
+//! piece's hash, recorded with the blob when it commits ([`clyde_types::PieceHashes`]).
 
+use std::collections::HashSet;
 use std::fs::File;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use clyde_types::{Digest, DigestVerifier, IntervalSet, PieceLayout};
+use clyde_types::{Digest, DigestVerifier, IntervalSet, PieceHasher, PieceHashes, PieceLayout, hash_piece};
 use tokio::sync::watch;
 
 use crate::meta::{BlobRecord, PartialRecord};
@@ -49,6 +58,16 @@ struct State {
     durable: IntervalSet,
     /// Bytes that came from peers (or from a run that did not record where they came from).
     untrusted: IntervalSet,
+    /// Bytes from peers on disk, waiting for their piece's check: not readable, not hashed,
+    /// not recorded (a restart forgets them).
+    pending: IntervalSet,
+    /// Pieces being checked now.
+    checking: HashSet<u64>,
+    /// What each piece must hash to, from a member's list (the digest itself for a blob of
+    /// one piece).
+    expected: PieceHashes,
+    /// Hashes of pieces held and trusted that the hashed prefix has not reached.
+    vouched: PieceHashes,
     /// The sha256 matched; readers may have the last byte while the commit is made durable.
     verified: bool,
     outcome: Outcome,
@@ -64,10 +83,44 @@ pub struct PartialBlob {
     path: PathBuf,
     state: Mutex<State>,
     changed: watch::Sender<u64>,
-    verifier: Arc<Mutex<DigestVerifier>>,
+    verifier: Arc<Mutex<Prefix>>,
     store: Store,
     /// The bytes did not hash to the digest (as opposed to failing for another reason).
     corrupt: std::sync::atomic::AtomicBool,
+}
+
+/// The hashes of the written prefix: the whole blob's, and each piece's.
+struct Prefix {
+    whole: DigestVerifier,
+    pieces: PieceHasher,
+}
+
+impl Prefix {
+    fn new(digest: Digest, layout: PieceLayout) -> Self {
+        Self { whole: DigestVerifier::new(digest), pieces: PieceHasher::new(layout) }
+    }
+
+    fn len(&self) -> u64 {
+        self.whole.len()
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        self.whole.update(bytes);
+        self.pieces.update(bytes);
+    }
+}
+
+/// What [`PartialBlob::settle`] found about pieces whose pending bytes are all on disk.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Matched their hash: their bytes are readable now.
+    pub verified: Vec<u64>,
+    /// Did not match: their pending bytes were dropped, to be fetched again.
+    pub corrupt: Vec<u64>,
+    /// No hash known yet: see [`PartialBlob::expect`] and [`PartialBlob::trust_later`].
+    pub unknown: Vec<u64>,
+    /// Hold pending bytes but lack others: their check waits for the rest of the piece.
+    pub incomplete: Vec<u64>,
 }
 
 const HASH_CHUNK: u64 = 1024 * 1024;
@@ -93,6 +146,10 @@ impl PartialBlob {
     ) -> Self {
         let written = durable.clone();
         let (changed, _) = watch::channel(0);
+        let mut expected = PieceHashes::new(layout);
+        if layout.count() == 1 {
+            expected.set(0, *digest.as_bytes());
+        }
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Self {
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -100,9 +157,19 @@ impl PartialBlob {
             layout,
             file: Arc::new(file),
             path,
-            state: Mutex::new(State { written, durable, untrusted, verified: false, outcome: Outcome::Pending }),
+            state: Mutex::new(State {
+                written,
+                durable,
+                untrusted,
+                pending: IntervalSet::new(),
+                checking: HashSet::new(),
+                expected,
+                vouched: PieceHashes::new(layout),
+                verified: false,
+                outcome: Outcome::Pending,
+            }),
             changed,
-            verifier: Arc::new(Mutex::new(DigestVerifier::new(digest))),
+            verifier: Arc::new(Mutex::new(Prefix::new(digest, layout))),
             store,
             corrupt: Default::default(),
         }
@@ -153,13 +220,199 @@ impl PartialBlob {
 
     /// Notes that `range` is about to be written with bytes from a peer: call it before the
     /// write, so no reader sees those bytes without knowing.
-    pub fn mark_untrusted(&self, range: std::ops::Range<u64>) {
+    pub fn mark_untrusted(&self, range: Range<u64>) {
         self.state().untrusted.insert(range);
     }
 
     /// Whether any of `range` came from a peer (only the blob's digest vouches for it).
-    pub fn is_untrusted(&self, range: std::ops::Range<u64>) -> bool {
+    pub fn is_untrusted(&self, range: Range<u64>) -> bool {
         self.state().untrusted.intersects(range)
+    }
+
+    /// Bytes on disk or pending their piece's check: what no transfer needs to fetch again.
+    pub fn held(&self) -> IntervalSet {
+        let state = self.state();
+        let mut held = state.written.clone();
+        for span in state.pending.spans() {
+            held.insert(span.clone());
+        }
+        held
+    }
+
+    /// Whether byte `offset` is on disk waiting for its piece's check.
+    pub fn is_pending(&self, offset: u64) -> bool {
+        self.state().pending.contains(offset)
+    }
+
+    /// Writes bytes from a peer at `offset` as pending: nobody reads them, and they are not
+    /// hashed, until [`PartialBlob::settle`] found their piece whole and matching. Bytes
+    /// already written are skipped: what a reader may have had is never overwritten.
+    pub async fn write_pending_at(&self, offset: u64, chunks: Vec<Bytes>) -> Result<(), StoreError> {
+        let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+        let end = offset.checked_add(len).ok_or(StoreError::OutOfBounds)?;
+        if end > self.size() {
+            return Err(StoreError::OutOfBounds);
+        }
+        let gaps = {
+            let state = self.state();
+            if state.outcome != Outcome::Pending || state.verified {
+                return Err(StoreError::Finished);
+            }
+            state.written.gaps(offset..end)
+        };
+        let file = self.file.clone();
+        let spans = gaps.clone();
+        file_io(len, move || {
+            for gap in spans {
+                let mut at = offset;
+                for chunk in &chunks {
+                    let (from, to) = (at.max(gap.start), (at + chunk.len() as u64).min(gap.end));
+                    if from < to {
+                        file.write_all_at(&chunk[(from - at) as usize..(to - at) as usize], from)?;
+                    }
+                    at += chunk.len() as u64;
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        let mut state = self.state();
+        for gap in gaps {
+            state.pending.insert(gap);
+        }
+        Ok(())
+    }
+
+    /// Records the hashes of a member's list that are not known yet (a known one is kept).
+    pub fn expect(&self, list: &PieceHashes) {
+        self.state().expected.fill_from(list);
+    }
+
+    /// Checks every piece whose pending bytes are now all on disk (with whatever else of the
+    /// piece is written) against its expected hash: a match makes them readable, a mismatch
+    /// drops them. Pieces without a known hash are left pending and reported.
+    pub async fn settle(&self) -> Result<Settled, StoreError> {
+        let mut settled = Settled::default();
+        let candidates: Vec<(u64, [u8; 32])> = {
+            let mut state = self.state();
+            let mut pieces: Vec<u64> = Vec::new();
+            for span in state.pending.spans() {
+                let first = self.layout.piece_of(span.start);
+                let last = self.layout.piece_of(span.end - 1);
+                for p in first..=last {
+                    if pieces.last() != Some(&p) {
+                        pieces.push(p);
+                    }
+                }
+            }
+            let mut candidates = Vec::new();
+            for p in pieces {
+                let bounds = self.layout.bounds(p);
+                let whole = state.written.gaps(bounds.clone()).iter().all(|g| state.pending.covers(g.clone()));
+                if !whole {
+                    settled.incomplete.push(p);
+                }
+                if !whole || state.checking.contains(&p) {
+                    continue;
+                }
+                match state.expected.get(p) {
+                    Some(hash) => {
+                        state.checking.insert(p);
+                        candidates.push((p, hash));
+                    }
+                    None => settled.unknown.push(p),
+                }
+            }
+            candidates
+        };
+        for (p, expected) in candidates {
+            let bounds = self.layout.bounds(p);
+            let read = read_file_at(self.file.clone(), bounds.start, bounds.end - bounds.start).await;
+            let bytes = match read {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    self.state().checking.remove(&p);
+                    return Err(e);
+                }
+            };
+            let got = if bytes.len() as u64 > INLINE_IO_MAX {
+                let b = bytes.clone();
+                tokio::task::spawn_blocking(move || hash_piece(&b)).await.map_err(StoreError::join)?
+            } else {
+                hash_piece(&bytes)
+            };
+            let mut state = self.state();
+            state.checking.remove(&p);
+            state.pending.remove(bounds.clone());
+            if got == expected {
+                state.written.insert(bounds.clone());
+                state.vouched.set(p, got);
+                drop(state);
+                // The prefix hasher takes the piece from this buffer when it is next.
+                let mut prefix = lock(&self.verifier);
+                if prefix.len() == bounds.start {
+                    prefix.update(&bytes);
+                }
+                settled.verified.push(p);
+            } else {
+                settled.corrupt.push(p);
+            }
+        }
+        if !settled.verified.is_empty() {
+            self.notify();
+        }
+        Ok(settled)
+    }
+
+    /// Makes the pending bytes of `pieces` readable only once the whole blob verified (no
+    /// member vouched for them): they become written and untrusted.
+    pub fn trust_later(&self, pieces: &[u64]) {
+        {
+            let mut state = self.state();
+            for &p in pieces {
+                let bounds = self.layout.bounds(p);
+                for span in state.pending.within(bounds.clone()).spans().to_vec() {
+                    state.untrusted.insert(span.clone());
+                    state.written.insert(span);
+                }
+                state.pending.remove(bounds);
+            }
+        }
+        self.notify();
+    }
+
+    /// The hashes this node vouches for: pieces held whole from the upstream or verified
+    /// against a member's list (all of them once the whole blob verified). Pieces past the
+    /// hashed prefix are hashed by reading them back, once.
+    pub async fn vouched_hashes(&self) -> Result<PieceHashes, StoreError> {
+        let prefix: Vec<[u8; 32]> = lock(&self.verifier).pieces.done().to_vec();
+        let (mut list, missing) = {
+            let state = self.state();
+            let trusted_all = state.verified || state.outcome == Outcome::Complete;
+            let mut list = state.vouched.clone();
+            for (i, h) in prefix.iter().enumerate() {
+                let bounds = self.layout.bounds(i as u64);
+                if trusted_all || !state.untrusted.intersects(bounds) {
+                    list.set(i as u64, *h);
+                }
+            }
+            let missing: Vec<u64> = (0..self.layout.count())
+                .filter(|&p| list.get(p).is_none())
+                .filter(|&p| {
+                    let b = self.layout.bounds(p);
+                    state.written.covers(b.clone()) && (trusted_all || !state.untrusted.intersects(b))
+                })
+                .collect();
+            (list, missing)
+        };
+        for p in missing {
+            let b = self.layout.bounds(p);
+            let bytes = read_file_at(self.file.clone(), b.start, b.end - b.start).await?;
+            let hash = tokio::task::spawn_blocking(move || hash_piece(&bytes)).await.map_err(StoreError::join)?;
+            list.set(p, hash);
+            self.state().vouched.set(p, hash);
+        }
+        Ok(list)
     }
 
     /// The current outcome.
@@ -388,8 +641,9 @@ impl PartialBlob {
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
-        let verifier = std::mem::replace(&mut *lock(&self.verifier), DigestVerifier::new(self.digest));
-        let (got, ok) = verifier.finish();
+        let prefix = std::mem::replace(&mut *lock(&self.verifier), Prefix::new(self.digest, self.layout));
+        let (got, ok) = prefix.whole.finish();
+        let pieces = PieceHashes::complete(self.layout, prefix.pieces.done().to_vec());
         if !ok {
             self.corrupt.store(true, std::sync::atomic::Ordering::Release);
             self.fail(&format!("digest mismatch: bytes hash to {got}")).await;
@@ -398,7 +652,7 @@ impl PartialBlob {
         // Readers get the last byte now; making the blob durable happens behind them.
         self.state().verified = true;
         self.notify();
-        if let Err(e) = self.commit().await {
+        if let Err(e) = self.commit(pieces).await {
             // `fail` leaves a verified blob alone; a commit that failed (disk full, fsync)
             // must still end as failed, or those waiting for the commit wait forever.
             let reason = format!("could not commit blob: {e}");
@@ -471,7 +725,7 @@ impl PartialBlob {
         }
     }
 
-    async fn commit(&self) -> Result<(), StoreError> {
+    async fn commit(&self, pieces: Option<PieceHashes>) -> Result<(), StoreError> {
         let (file, store, digest, from) = (self.file.clone(), self.store.clone(), self.digest, self.path.clone());
         let size = self.size();
         tokio::task::spawn_blocking(move || {
@@ -480,7 +734,9 @@ impl PartialBlob {
             std::fs::rename(&from, &to)?;
             sync_dir(to.parent().unwrap_or(store.root()))?;
             store.add_bytes(size);
-            store.inner.meta.complete_blob(&digest, &BlobRecord { size, created: unix_now(), last_access: unix_now() })
+            let list = pieces.map(|p| p.encode());
+            let record = BlobRecord { size, created: unix_now(), last_access: unix_now() };
+            store.inner.meta.complete_blob(&digest, &record, list.as_deref())
         })
         .await
         .map_err(StoreError::join)??;

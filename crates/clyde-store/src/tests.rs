@@ -447,3 +447,88 @@ async fn pinned_images_survive_eviction_and_unforced_prunes() {
     }
     assert_eq!(store.blob_size(&c.tool_layer), None);
 }
+
+fn piece_list(data: &[u8], piece: usize) -> PieceHashes {
+    let layout = PieceLayout::new(data.len() as u64, piece as u64);
+    PieceHashes::complete(layout, data.chunks(piece).map(clyde_types::hash_piece).collect()).unwrap()
+}
+
+#[tokio::test]
+async fn pending_pieces_are_readable_once_they_match_and_dropped_when_they_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let piece = 64 * 1024;
+    let store = Store::open(dir.path(), piece as u64).unwrap();
+    let data = random(4 * piece + 100);
+    let digest = Digest::of(&data);
+    let p = store.partial(&digest, data.len() as u64).await.unwrap();
+    // Piece 0 from the upstream (readable at once); pieces 1 and 2 from a peer, 2 rotten.
+    p.write_at(0, Bytes::copy_from_slice(&data[..piece])).await.unwrap();
+    let mut rotten = data[piece..3 * piece].to_vec();
+    rotten[piece + 7] ^= 1;
+    p.write_pending_at(piece as u64, vec![Bytes::from(rotten)]).await.unwrap();
+    assert!(p.held().covers(0..3 * piece as u64));
+    assert_eq!(p.written_from(0), piece as u64, "pending bytes are not readable");
+    assert!(p.is_pending(piece as u64));
+    // No hash known yet: nothing is decided.
+    let settled = p.settle().await.unwrap();
+    assert_eq!(settled.unknown, vec![1, 2]);
+    assert_eq!(p.written_from(0), piece as u64);
+    p.expect(&piece_list(&data, piece));
+    let settled = p.settle().await.unwrap();
+    assert_eq!((settled.verified, settled.corrupt), (vec![1], vec![2]));
+    // The matching piece is readable, also by a ranged reader; the rotten one is gone.
+    assert_eq!(p.read_range_at(piece as u64, piece as u64).await.unwrap(), &data[piece..2 * piece]);
+    assert_eq!(p.held().first_gap(0..data.len() as u64), Some(2 * piece as u64..data.len() as u64));
+    // Fetched again: right bytes pass. A pending write never overwrites written bytes.
+    let mut again = vec![0u8; 2 * piece];
+    again.extend_from_slice(&data[2 * piece..3 * piece]);
+    p.write_pending_at(0, vec![Bytes::from(again)]).await.unwrap();
+    assert_eq!(p.settle().await.unwrap().verified, vec![2]);
+    assert_eq!(p.read_range_at(0, piece as u64).await.unwrap(), &data[..piece]);
+    // The last piece with no list entry: left for the whole blob's digest.
+    p.write_at(3 * piece as u64, Bytes::copy_from_slice(&data[3 * piece..4 * piece])).await.unwrap();
+    p.write_pending_at(4 * piece as u64, vec![Bytes::copy_from_slice(&data[4 * piece..])]).await.unwrap();
+    assert_eq!(p.settle().await.unwrap().verified, vec![4], "the list from above covers it");
+    assert_eq!(wait_outcome(&p).await, Outcome::Complete);
+    // The committed blob's piece hashes were recorded from its verified bytes.
+    let s = store.clone();
+    let list = s.blocking(move |s| s.piece_hashes(&digest)).await.unwrap().unwrap();
+    assert_eq!(list, piece_list(&data, piece));
+}
+
+#[tokio::test]
+async fn pieces_nobody_vouches_for_wait_for_the_whole_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let piece = 64 * 1024;
+    let store = Store::open(dir.path(), piece as u64).unwrap();
+    let data = random(2 * piece);
+    let digest = Digest::of(&data);
+    let p = store.partial(&digest, data.len() as u64).await.unwrap();
+    p.write_pending_at(0, vec![Bytes::copy_from_slice(&data[..piece])]).await.unwrap();
+    assert_eq!(p.settle().await.unwrap().unknown, vec![0]);
+    p.trust_later(&[0]);
+    assert!(p.is_untrusted(0..1) && !p.is_pending(0));
+    // This node vouches for nothing a peer sent unchecked, only for upstream bytes.
+    p.write_at(piece as u64, Bytes::copy_from_slice(&data[piece..])).await.unwrap();
+    let vouched = p.vouched_hashes().await.unwrap();
+    assert_eq!((vouched.get(0), vouched.get(1)), (None, Some(clyde_types::hash_piece(&data[piece..]))));
+    assert_eq!(wait_outcome(&p).await, Outcome::Complete);
+}
+
+#[tokio::test]
+async fn a_blob_that_rotted_on_disk_vouches_for_no_piece() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 64 * 1024).unwrap();
+    let data = random(300_000);
+    let digest = Digest::of(&data);
+    store.put_blob(digest, Bytes::from(data.clone())).await.unwrap();
+    let mut bytes = std::fs::read(store.blob_path(&digest)).unwrap();
+    bytes[200_000] ^= 1;
+    std::fs::write(store.blob_path(&digest), &bytes).unwrap();
+    assert!(store.piece_hashes(&digest).unwrap().is_none());
+    std::fs::write(store.blob_path(&digest), &data).unwrap();
+    assert_eq!(store.piece_hashes(&digest).unwrap(), Some(piece_list(&data, 64 * 1024)));
+    // Recorded: rot after this point does not change what it vouches for.
+    std::fs::write(store.blob_path(&digest), &bytes).unwrap();
+    assert_eq!(store.piece_hashes(&digest).unwrap(), Some(piece_list(&data, 64 * 1024)));
+}

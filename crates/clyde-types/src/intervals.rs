@@ -44,6 +44,48 @@ impl IntervalSet {
         self.spans.splice(first..last, std::iter::once(merged));
     }
 
+    /// Removes every byte of `range`, splitting a span it cuts through.
+    pub fn remove(&mut self, range: Range<u64>) {
+        if range.start >= range.end {
+            return;
+        }
+        let first = self.spans.partition_point(|s| s.end <= range.start);
+        let mut last = first;
+        let mut kept = Vec::new();
+        while last < self.spans.len() && self.spans[last].start < range.end {
+            let s = &self.spans[last];
+            if s.start < range.start {
+                kept.push(s.start..range.start);
+            }
+            if s.end > range.end {
+                kept.push(range.end..s.end);
+            }
+            last += 1;
+        }
+        self.spans.splice(first..last, kept);
+    }
+
+    /// The parts of `within` not in the set, in order.
+    pub fn gaps(&self, within: Range<u64>) -> Vec<Range<u64>> {
+        let mut out = Vec::new();
+        let mut pos = within.start;
+        while let Some(gap) = self.first_gap(pos..within.end) {
+            pos = gap.end;
+            out.push(gap);
+        }
+        out
+    }
+
+    /// The bytes of `range` that are in the set.
+    pub fn within(&self, range: Range<u64>) -> IntervalSet {
+        let mut out = IntervalSet::new();
+        let first = self.spans.partition_point(|s| s.end <= range.start);
+        for s in self.spans[first..].iter().take_while(|s| s.start < range.end) {
+            out.insert(s.start.max(range.start)..s.end.min(range.end));
+        }
+        out
+    }
+
     /// Whether byte `pos` is in the set.
     pub fn contains(&self, pos: u64) -> bool {
         self.covered_from(pos) > pos
@@ -134,12 +176,22 @@ mod tests {
 
     proptest! {
         #[test]
-        fn matches_a_bitmap(ops in proptest::collection::vec((0u64..200, 0u64..40), 0..30)) {
+        fn matches_a_bitmap(ops in proptest::collection::vec((0u64..200, 0u64..40, proptest::bool::ANY), 0..30)) {
             let mut set = IntervalSet::new();
             let mut bits = vec![false; 256];
-            for (start, len) in ops {
-                set.insert(start..start + len);
-                for b in &mut bits[start as usize..(start + len) as usize] { *b = true; }
+            for (start, len, add) in ops {
+                if add {
+                    set.insert(start..start + len);
+                } else {
+                    set.remove(start..start + len);
+                }
+                for b in &mut bits[start as usize..(start + len) as usize] { *b = add; }
+            }
+            let gaps: IntervalSet = set.gaps(20..220).into_iter().collect();
+            let within = set.within(20..220);
+            for i in 20..220u64 {
+                prop_assert_eq!(gaps.contains(i), !bits[i as usize]);
+                prop_assert_eq!(within.contains(i), bits[i as usize]);
             }
             for (i, b) in bits.iter().enumerate() {
                 prop_assert_eq!(set.contains(i as u64), *b);

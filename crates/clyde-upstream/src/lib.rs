@@ -25,7 +25,7 @@ use reqwest::{Method, StatusCode, header};
 
 pub use access::{ClientCheck, Object};
 pub use config::{AuthConfig, RegistryConfig, TlsConfig, UpstreamConfig};
-pub use peer::{BLOB_STATE_HEADER, PINS_PATH, PeerClient, PeerTls, PinnedImage, TAG_CHECKED_HEADER};
+pub use peer::{BLOB_STATE_HEADER, PIECES_PATH, PINS_PATH, PeerClient, PeerTls, PinnedImage, TAG_CHECKED_HEADER};
 
 /// What went wrong talking to an upstream; decides the mirror's answer.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -34,6 +34,13 @@ pub const PINS_PATH: &str = "/clyde/v1/pins";
 /// Longest pins list read from a peer.
 const MAX_PINS_BYTES: u64 = 4 << 20;
 
+/// The peer server's path prefix for the piece hashes a member vouches for: the blob's
+/// digest follows (`/clyde/v1/pieces/sha256:…`); the answer is
+/// [`clyde_types::PieceHashes`]'s wire form. Served to members only.
+pub const PIECES_PATH: &str = "/clyde/v1/pieces/";
+/// Longest piece list read from a peer: a 2 TiB blob in 4 MiB pieces.
+const MAX_PIECES_BYTES: u64 = 20 + (1 << 19) * 33;
+
 /// A pinned image a node holds whole, as its peer server lists it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PinnedImage {
@@ -195,6 +202,14 @@ impl PeerClient {
         let resp = self.send(peer, self.signed(reqwest::Method::GET, peer, PINS_PATH)).await?;
         let body = crate::read_bounded(resp, MAX_PINS_BYTES, &format!("peer {peer}")).await?;
         serde_json::from_slice(&body).map_err(|e| UpstreamError::Protocol(format!("peer {peer}: bad pins list: {e}")))
+    }
+
+    /// The piece hashes a peer vouches for (its wire form, checked by the caller against
+    /// the blob's trusted size).
+    pub async fn get_pieces(&self, peer: SocketAddr, digest: &Digest) -> Result<Vec<u8>, UpstreamError> {
+        let path = format!("{PIECES_PATH}{digest}");
+        let resp = self.send(peer, self.signed(reqwest::Method::GET, peer, &path)).await?;
+        crate::read_bounded(resp, MAX_PIECES_BYTES, &format!("peer {peer}")).await
     }
 
     /// Where a peer's cache says a tag points, and when it last resolved the tag from the
