@@ -174,6 +174,43 @@ fn bytes_from_a_corrupt_peer_never_enter_the_store() {
 }
 
 #[test]
+fn with_a_secret_a_rotten_piece_is_fetched_again_and_the_first_response_is_right() {
+    let reg = Registry::start();
+    // Three pieces: 4, 4 and 2 MiB.
+    let img = TestImage::single(&[10 * MIB]);
+    img.push(&reg, "rot", "v1", ImageFormat::Oci);
+    let secret = clyde_tests::cluster::secret_file("pieces-secret-0123456789abcdefghijklmnop");
+    let cluster = Cluster::start(2, PATIENT_LOOKUPS, &["--cluster-secret-file", secret.as_str()]);
+    let layer = &img.layers[0];
+    let [first, second] = &cluster.nodes[..] else { unreachable!() };
+    let body = http().get(blob_url(&first.url(), "rot", &layer.digest, &reg.addr())).send().unwrap().bytes().unwrap();
+    assert_eq!(sha256(&body), layer.digest);
+    wait_store_holds(&first.data_dir(), 1);
+    // Bit rot on node 1's disk, in the second piece; its piece hashes were recorded when
+    // the blob verified.
+    let path = first.data_dir().join("blobs").join(layer.digest.replace(':', "/"));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[5 * MIB] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let url = blob_url(&second.url(), "rot", &layer.digest, &reg.addr());
+    let got = http().get(&url).send().expect("GET").bytes().expect("the first response is whole");
+    assert_eq!(sha256(&got), layer.digest);
+    let log = second.log();
+    assert_eq!(second.metric("clyde_peer_pieces_total{result=\"corrupt\"}"), 1.0, "{log}");
+    assert!(second.metric("clyde_peer_pieces_total{result=\"verified\"}") >= 1.0, "{log}");
+    assert!(log.contains("does not match its hash") && !log.contains("did not verify"), "{log}");
+    // Only what the rotten piece (and what followed it) needed came from the upstream again.
+    assert!(reg.blob_bytes_served(&layer.digest) < 2 * layer.size, "the layer was fetched again whole");
+    assert_eq!(wait_store_holds(&second.data_dir(), 1), 1);
+    assert_store_verified(&second.data_dir());
+    // A range over the rotten bytes from node 2, which now holds the layer: right bytes.
+    let r = http().get(&url).header("Range", format!("bytes={}-{}", 5 * MIB - 10, 5 * MIB + 10)).send().unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().unwrap(), &body[5 * MIB - 10..=5 * MIB + 10]);
+}
+
+#[test]
 fn bootstrap_by_dns_name_joins_the_swarm() {
     let reg = Registry::start();
     let img = TestImage::single(&[MIB]);

@@ -76,6 +76,14 @@ struct Families {
     pruned_images: Family<PruneLabels, Counter>,
     pruned_bytes: Family<PruneLabels, Counter>,
     access_checks: Family<AccessLabels, Counter>,
+    peer_pieces: Family<PieceLabels, Counter>,
+}
+
+/// What a piece from a peer turned out to be: `verified`, `corrupt`, or `unvouched` (no
+/// member's list had its hash; it waits for the whole blob's digest).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PieceLabels {
+    pub result: String,
 }
 
 /// A scheduled prune rule (its index in `[[retention.prune]]`) and whether it only reports.
@@ -106,6 +114,7 @@ impl Metrics {
             pruned_images: Family::default(),
             pruned_bytes: Family::default(),
             access_checks: Family::default(),
+            peer_pieces: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("clyde");
         r.register("requests", "Requests answered, by API, kind and status", families.requests.clone());
@@ -148,6 +157,11 @@ impl Metrics {
             "Checks of clients' access to private registries' content, by check, result and whether a remembered verdict answered",
             families.access_checks.clone(),
         );
+        r.register(
+            "peer_pieces",
+            "Pieces from peers checked against a member's piece hash, by result",
+            families.peer_pieces.clone(),
+        );
         Self { inner: Arc::new(families) }
     }
 
@@ -180,6 +194,13 @@ impl Metrics {
     /// Counts bytes received from an upstream registry.
     pub fn upstream_bytes(&self, registry: &str, bytes: u64) {
         self.inner.upstream_bytes.get_or_create(&RegistryLabels { registry: registry.into() }).inc_by(bytes);
+    }
+
+    /// Counts `n` pieces from peers with the check's `result`.
+    pub fn peer_pieces(&self, result: &str, n: usize) {
+        if n > 0 {
+            self.inner.peer_pieces.get_or_create(&PieceLabels { result: result.into() }).inc_by(n as u64);
+        }
     }
 
     /// Counts one check of a client's access to private content.

@@ -890,6 +890,8 @@ impl Job {
         let mut asked = false;
         loop {
             let settled = self.partial.settle().await.map_err(PumpError::Store)?;
+            self.shared.metrics.peer_pieces("verified", settled.verified.len());
+            self.shared.metrics.peer_pieces("corrupt", settled.corrupt.len());
             let mut guilty = false;
             {
                 let mut piece_peers = lock(&self.piece_peers);
@@ -947,6 +949,7 @@ impl Job {
                         piece_peers.remove(p);
                     }
                     drop(piece_peers);
+                    self.shared.metrics.peer_pieces("unvouched", settled.unknown.len());
                     self.partial.trust_later(&settled.unknown);
                     self.go_whole();
                     return Ok(());
