@@ -18,8 +18,16 @@
 //! in rank is followed. Nodes that see different sets of intents can elect two fetchers: the
 //! cost is one more upstream transfer, never a wrong byte.
 //!
-//! The decisions ([`rank`], [`elect`], [`Follow::next`]) are pure and tested without
-//! sockets or clocks; [`follow_elected`] runs them against the DHT and the peer servers.
+//! The followers of a blob do not all stream from the fetcher: they form a tree
+//! ([`parent`]) in rank order, each node serving at most [`FANOUT`] followers from the bytes
+//! it has so far, so no uplink carries N−1 copies and a herd of N nodes is
+//! `log_FANOUT(N)` hops deep. A node's parent always ranks above it, so nodes that see
+//! different sets of intents never wait on each other in a cycle. Manifests and tags, which
+//! are small, keep one fetcher that everyone follows.
+//!
+//! The decisions ([`rank`], [`elect`], [`parent`], [`Follow::next`]) are pure and tested
+//! without sockets or clocks (and driven by the simulator, [`crate::sim`]);
+//! [`follow_elected`] runs them against the DHT and the peer servers.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -83,6 +91,35 @@ pub fn elect<'a>(
     }
 }
 
+/// Followers a node serves one blob to in a herd's tree (the elected fetcher included).
+pub const FANOUT: usize = 4;
+
+/// Whom this node (`me`) streams `digest` from in the herd's tree: the members that
+/// announced an intent and this node, less those `passed_over`, in rank order; the first is
+/// the fetcher ([`Elected::Me`] when that is this node), and the node at position `p > 0`
+/// follows the one at `(p − 1) / fanout`. `fanout` `usize::MAX` is [`elect`]: everyone
+/// follows the fetcher.
+pub fn parent<'a>(
+    digest: &Digest,
+    me: &[u8],
+    members: &'a [Member],
+    passed_over: impl Fn(&Member) -> bool,
+    fanout: usize,
+) -> Elected<'a> {
+    let mut order: Vec<(Digest, Option<&Member>)> =
+        members.iter().filter(|m| m.id != me && !passed_over(m)).map(|m| (rank(digest, &m.id), Some(m))).collect();
+    order.push((rank(digest, me), None));
+    order.sort_by(|a, b| b.0.as_bytes().cmp(a.0.as_bytes()));
+    let position = order.iter().position(|(_, m)| m.is_none()).unwrap_or(0);
+    if position == 0 {
+        return Elected::Me;
+    }
+    match order[(position - 1) / fanout.max(1)].1 {
+        Some(m) => Elected::Peer(m),
+        None => Elected::Me,
+    }
+}
+
 /// What a follower does next, after asking the elected node.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
@@ -138,7 +175,7 @@ pub(crate) async fn follow_elected(
     range: Option<Range<u64>>,
     expected: Option<u64>,
 ) -> Option<(BlobBody, SocketAddr)> {
-    follow_elected_for(peers, timeouts, digest, |winner| {
+    follow_elected_in(peers, timeouts, digest, FANOUT, |winner| {
         peers.open_blob_from(winner, origin, digest, range.clone(), expected)
     })
     .await
@@ -152,6 +189,22 @@ pub(crate) async fn follow_elected_for<T, F, Fut>(
     peers: &Arc<Peers>,
     timeouts: &PeerTimeouts,
     key: &Digest,
+    ask: F,
+) -> Option<(T, SocketAddr)>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = Result<T, UpstreamError>>,
+{
+    follow_elected_in(peers, timeouts, key, usize::MAX, ask).await
+}
+
+/// The election of [`follow_elected_for`], following this node's [`parent`] in a tree of
+/// `fanout` rather than the fetcher itself.
+async fn follow_elected_in<T, F, Fut>(
+    peers: &Arc<Peers>,
+    timeouts: &PeerTimeouts,
+    key: &Digest,
+    fanout: usize,
     ask: F,
 ) -> Option<(T, SocketAddr)>
 where
@@ -176,7 +229,7 @@ where
     let mut following: Option<Vec<u8>> = None;
     let mut confirmed = false;
     loop {
-        let winner = match elect(digest, &me, &members, |m| passed_over.contains(&m.id)) {
+        let winner = match parent(digest, &me, &members, |m| passed_over.contains(&m.id), fanout) {
             // Elected on a first read: read once more after another wait before going
             // upstream. On a busy cluster some intents arrive late; a rival that outranks
             // this node shows up here, and the cost is one wait for the elected node only.
@@ -193,7 +246,7 @@ where
             Elected::Peer(m) => m.clone(),
         };
         if following.as_ref() != Some(&winner.id) {
-            tracing::info!(%digest, fetcher = %winner.addr, rivals = members.len(), "following the elected fetcher");
+            tracing::info!(%digest, fetcher = %winner.addr, rivals = members.len(), fanout, "following the elected fetcher");
             follow.restart(Instant::now());
             following = Some(winner.id.clone());
         }
@@ -289,6 +342,42 @@ mod tests {
         assert_eq!(follow.next(start + timeout + Duration::from_secs(1)), Step::Wait);
         // ...within the bound on the whole election.
         assert_eq!(follow.next(start + timeout * 3), Step::Fetch);
+    }
+
+    #[test]
+    fn followers_form_a_tree_in_rank_order_that_no_view_makes_a_cycle() {
+        let digest = Digest::of(b"layer");
+        let mut nodes: Vec<Member> = (1..=30).map(member).collect();
+        nodes.sort_by(|a, b| rank(&digest, &b.id).as_bytes().cmp(rank(&digest, &a.id).as_bytes()));
+        let parent_of = |me: &Member, seen: &[Member]| match parent(&digest, &me.id, seen, |_| false, 4) {
+            Elected::Me => None,
+            Elected::Peer(m) => Some(m.id.clone()),
+        };
+        // Everyone seen: the fetcher, its 4 followers, each of them 4 more...
+        assert_eq!(parent_of(&nodes[0], &nodes), None);
+        for p in 1..nodes.len() {
+            assert_eq!(parent_of(&nodes[p], &nodes), Some(nodes[(p - 1) / 4].id.clone()), "position {p}");
+        }
+        let mut children = std::collections::HashMap::<Vec<u8>, usize>::new();
+        for n in &nodes[1..] {
+            *children.entry(parent_of(n, &nodes).unwrap()).or_default() += 1;
+        }
+        assert!(children.values().all(|&c| c <= 4), "{children:?}");
+        // Whatever each node sees, its parent ranks above it: following parents always ends.
+        for drop in 0..30usize {
+            let seen: Vec<Member> =
+                nodes.iter().enumerate().filter(|(i, _)| (i * 7 + drop) % 3 != 0).map(|(_, m)| m.clone()).collect();
+            for (p, n) in nodes.iter().enumerate() {
+                if let Some(up) = parent_of(n, &seen) {
+                    let q = nodes.iter().position(|m| m.id == up).unwrap();
+                    assert!(q < p, "node {p} follows node {q}, which ranks below it");
+                }
+            }
+        }
+        // Fan-out without bound: the fetcher for everyone, as `elect`.
+        for n in &nodes[1..] {
+            assert_eq!(parent(&digest, &n.id, &nodes, |_| false, usize::MAX), elect(&digest, &n.id, &nodes, |_| false));
+        }
     }
 
     #[test]

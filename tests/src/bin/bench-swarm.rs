@@ -471,8 +471,20 @@ fn herd(args: &[String]) {
     let manifests = herd_requests.iter().filter(|(m, uri, _, _)| m == "GET" && uri.contains("/manifests/")).count();
     let layers_ratio = c.upstream_layer_bytes() as f64 / c.image.layer_bytes() as f64;
     let (mut won, mut followed, mut rivals) = (0, 0, Vec::new());
+    let (mut passed, mut gave_up, mut unvouched) = (0, 0, 0);
     for node in &c.nodes {
-        for line in node.agent.log().lines().filter(|l| l.contains("bench/swarm") || l.contains("rivals=")) {
+        let log = node.agent.log();
+        passed += log.matches("passing the elected fetcher over").count();
+        gave_up += log.matches("no elected fetcher started serving").count();
+        unvouched += log.matches("no member vouches for these pieces").count();
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            for l in log.lines().filter(|l| {
+                l.contains("no piece list") || l.contains("piece list refused") || l.contains("no member vouches")
+            }) {
+                eprintln!("{l}");
+            }
+        }
+        for line in log.lines().filter(|l| l.contains("bench/swarm") || l.contains("rivals=")) {
             if line.contains("elected to fetch from the upstream") {
                 won += 1;
             } else if line.contains("following the elected fetcher") {
@@ -487,11 +499,25 @@ fn herd(args: &[String]) {
     }
     if !rivals.is_empty() {
         println!(
-            "elections: {won} won, {followed} followed; rivals seen: min {}, median {}, max {}",
+            "elections: {won} won, {followed} followed, {passed} passed over, {gave_up} gave up, {unvouched} pieces unvouched; rivals seen: min {}, median {}, max {}",
             percentile(&mut rivals.clone(), 0.0),
             percentile(&mut rivals.clone(), 0.5),
             percentile(&mut rivals, 1.0)
         );
+    }
+    if std::env::var_os("BENCH_VERBOSE").is_some()
+        && let Some(slowest) = (0..n).max_by(|a, b| times[*a].total_cmp(&times[*b]))
+    {
+        eprintln!("node {} took {:.2} s:", slowest + 1, times[slowest]);
+        for l in c.nodes[slowest].agent.log().lines().filter(|l| {
+            l.contains("following")
+                || l.contains("elected to")
+                || (l.contains("api=\"mirror\"") && l.contains("blobs"))
+                || l.contains("committed")
+                || l.contains("penalized")
+        }) {
+            eprintln!("{}", &l[..l.len().min(300)]);
+        }
     }
     let mut sorted = times.clone();
     let last = percentile(&mut sorted, 1.0);
