@@ -91,7 +91,8 @@ pub fn elect<'a>(
     }
 }
 
-/// Followers a node serves one blob to in a herd's tree (the elected fetcher included).
+/// Followers a node serves one blob to in a herd's tree (the elected fetcher included), by
+/// default (`[peers] fanout`).
 pub const FANOUT: usize = 4;
 
 /// Whom this node (`me`) streams `digest` from in the herd's tree: the members that
@@ -111,13 +112,16 @@ pub fn parent<'a>(
     order.push((rank(digest, me), None));
     order.sort_by(|a, b| b.0.as_bytes().cmp(a.0.as_bytes()));
     let position = order.iter().position(|(_, m)| m.is_none()).unwrap_or(0);
-    if position == 0 {
-        return Elected::Me;
-    }
-    match order[(position - 1) / fanout.max(1)].1 {
+    match parent_position(position, fanout).and_then(|p| order[p].1) {
         Some(m) => Elected::Peer(m),
         None => Elected::Me,
     }
+}
+
+/// In a herd's tree, the position (in rank order, 0 the fetcher) of the node that the node
+/// at `position` follows; `None` for the fetcher itself.
+pub fn parent_position(position: usize, fanout: usize) -> Option<usize> {
+    (position > 0).then(|| (position - 1) / fanout.max(1))
 }
 
 /// What a follower does next, after asking the elected node.
@@ -175,7 +179,7 @@ pub(crate) async fn follow_elected(
     range: Option<Range<u64>>,
     expected: Option<u64>,
 ) -> Option<(BlobBody, SocketAddr)> {
-    follow_elected_in(peers, timeouts, digest, FANOUT, |winner| {
+    follow_elected_in(peers, timeouts, digest, timeouts.fanout.max(1), |winner| {
         peers.open_blob_from(winner, origin, digest, range.clone(), expected)
     })
     .await

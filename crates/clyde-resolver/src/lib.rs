@@ -17,6 +17,7 @@ mod manifest;
 pub mod peers;
 mod private;
 pub mod schedule;
+pub mod sim;
 pub mod transfer;
 
 use std::sync::Arc;
@@ -130,6 +131,10 @@ pub struct PeerTimeouts {
     /// election).
     #[serde(with = "humantime_serde")]
     pub follow_timeout: Duration,
+    /// Followers each node of a herd's tree serves one blob to (default 4, at least 2):
+    /// smaller makes each follower's stream faster (an uplink is shared by fewer) and the
+    /// tree deeper (see `docs/p2p.md` and the simulator's figures in `docs/benchmarks.md`).
+    pub fanout: usize,
 }
 
 impl Default for PeerTimeouts {
@@ -143,6 +148,7 @@ impl Default for PeerTimeouts {
             penalty: Duration::from_secs(60),
             election_wait: Duration::from_millis(250),
             follow_timeout: Duration::from_secs(5),
+            fanout: election::FANOUT,
         }
     }
 }

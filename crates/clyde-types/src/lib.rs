@@ -22,7 +22,7 @@ pub use image::{ImageRef, ImageRefError};
 pub use intervals::IntervalSet;
 pub use key::{BlobState, ContentKey, INTENT_EPOCH_SECS, intent_epoch, intent_keys};
 pub use membership::{AuthError, ClusterSecret, Membership, SecretError};
-pub use piece::{PieceHash, PieceHasher, PieceHashes, PieceLayout, PieceListError, hash_piece};
+pub use piece::{DEFAULT_PIECE_SIZE, PieceHash, PieceHasher, PieceHashes, PieceLayout, PieceListError, hash_piece};
 pub use range::{ByteRange, MAX_RANGES, RangeError, RangeRequest};
 pub use reference::{ApiPath, PathError, Reference, Registry, Repository, Resource};
 pub use size::{SizeError, parse_size};

@@ -262,6 +262,11 @@ impl Config {
         if self.peer_advertise_port == Some(0) {
             anyhow::bail!("peer_advertise_port must be a port (1-65535), or absent: peer_addr's");
         }
+        if self.peers.fanout < 2 {
+            // A chain: every node waits on the one above it to start, one poll each, and a
+            // long herd runs into the follow timeout (the simulator shows it collapse).
+            anyhow::bail!("[peers] fanout must be 2 or more");
+        }
         if r.min_copies == Some(0) {
             anyhow::bail!("[retention] min_copies must be 1 or more (or absent: no minimum)");
         }
@@ -330,6 +335,9 @@ mod tests {
         .unwrap();
         assert!(c.check().is_ok());
         assert_eq!(c.retention.prune[0].accessed_before, Some(Duration::from_secs(30 * 86400)));
+        let c: Config = toml::from_str("[peers]\nfanout = 2\n").unwrap();
+        assert!(c.check().is_ok());
+        assert_eq!(c.peers.fanout, 2);
         let c: Config = toml::from_str("[retention]\nmin_copies = 2\ncopies_interval = \"5s\"\n").unwrap();
         assert!(c.check().is_ok());
         assert_eq!((c.retention.min_copies, c.retention.copies_interval), (Some(2), Duration::from_secs(5)));
@@ -340,6 +348,8 @@ mod tests {
             "[[retention.prune]]\nevery = \"0s\"\npattern = [\"x\"]\n",
             "[[retention.prune]]\nevery = \"1d\"\npattern = [\"(\"]\n",
             "[retention]\npinned = [\"(unclosed\"]\n",
+            "[peers]\nfanout = 0\n",
+            "[peers]\nfanout = 1\n",
         ] {
             let c: Config = toml::from_str(refused).unwrap();
             assert!(c.check().is_err(), "{refused}");
