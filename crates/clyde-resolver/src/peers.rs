@@ -349,8 +349,16 @@ impl Peers {
         digest: &Digest,
         layout: clyde_types::PieceLayout,
     ) -> Option<clyde_types::PieceHashes> {
+        // A holder that stored the blob before it recorded piece hashes reads it back and
+        // hashes it whole first: as long as a silent body, not a first byte.
+        let timeout = self.config.peers.read_timeout;
         for &peer in peers {
-            let answer = self.in_time(peer, self.client.get_pieces(peer, digest)).await;
+            let answer = match tokio::time::timeout(timeout, self.client.get_pieces(peer, digest)).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    Err(UpstreamError::Unreachable { registry: peer.to_string(), reason: "no answer in time".into() })
+                }
+            };
             match answer.map(|bytes| clyde_types::PieceHashes::decode(&bytes, layout)) {
                 Ok(Ok(list)) => return Some(list),
                 Ok(Err(e)) => tracing::info!(%peer, %digest, error = %e, "piece list refused"),

@@ -292,6 +292,7 @@ impl Shared {
         let never_upstream = self.config.air_gapped;
         let offered = match attempt {
             Attempt::Demand if !never_upstream && !self.checks_pieces() => None,
+            Attempt::DemandUpstream if !never_upstream => None,
             Attempt::Resume if !never_upstream => {
                 self.open_from_complete_holders(origin, digest, range.clone(), expected).await
             }
@@ -304,7 +305,7 @@ impl Shared {
             return Err(if self.peers.is_some() { ResolveError::NoPeer } else { ResolveError::AirGapped });
         }
         if let Some(peers) = &self.peers
-            && attempt != Attempt::Demand
+            && !matches!(attempt, Attempt::Demand | Attempt::DemandUpstream)
             && peers.has_company().await
         {
             let expected = self.trusted_size(origin, digest, expected).await;
@@ -370,8 +371,11 @@ enum Attempt {
     /// holders still arriving may be waiting on the same broken source.
     Resume,
     /// A reader's range of a blob nobody reads whole: the upstream, peers only when it
-    /// cannot serve.
+    /// cannot serve (peers first when members vouch for pieces).
     Demand,
+    /// As `Demand`, the upstream first whatever the pieces: peers did not vouch for a piece
+    /// of this blob, so their bytes would wait for the whole blob's digest.
+    DemandUpstream,
 }
 
 /// A blob transfer shared by all its readers.
@@ -401,6 +405,8 @@ pub struct Job {
     /// The peers whose pending bytes are in each piece not checked yet: a piece that does
     /// not match its hash is pinned on them, and nobody else.
     piece_peers: Mutex<HashMap<u64, HashSet<SocketAddr>>>,
+    /// No member vouched for a piece of this blob: readers' ranges go to the upstream first.
+    ranges_from_upstream: AtomicBool,
 }
 
 type JobCell = Arc<OnceCell<Result<Arc<Job>, ResolveError>>>;
@@ -678,6 +684,7 @@ impl Job {
             holders,
             peer_load: Mutex::new(HashMap::new()),
             piece_peers: Mutex::new(HashMap::new()),
+            ranges_from_upstream: AtomicBool::new(false),
         })
     }
 
@@ -756,6 +763,12 @@ impl Job {
                 _ = job.shared.stopped() => {}
             }
             job.claims().retain(|c| !Arc::ptr_eq(c, &claim));
+            // A claim that ended inside a piece (its reader's window, its readers gone, a
+            // source given up) may leave pending bytes that only the rest of the piece lets
+            // anyone read: that rest is claimed.
+            if job.checks_pieces() && !*job.shared.shutdown.borrow() {
+                let _ = job.settle_pieces(None).await;
+            }
             job.fill();
         });
     }
@@ -851,9 +864,20 @@ impl Job {
             self.spawn(claim, None);
         }
         // A reader at bytes waiting for their piece's check: the rest of that piece is
-        // fetched too (the check needs it whole), even past what the reader asked for.
+        // fetched too (the check needs it whole), even past what the reader asked for, and
+        // claims already on it run now (a background fill pauses while readers wait, and a
+        // window may end inside the piece).
         if self.partial.is_pending(offset) {
-            self.claim_gaps(self.partial.layout().bounds(self.partial.layout().piece_of(offset)));
+            let piece = self.partial.layout().bounds(self.partial.layout().piece_of(offset));
+            for c in self.claims().iter() {
+                let v = c.view();
+                if v.cursor < piece.end && piece.start < v.end {
+                    c.background.store(false, Ordering::Release);
+                    c.limit.fetch_max(piece.end, Ordering::AcqRel);
+                }
+            }
+            self.nudge.notify_waiters();
+            self.claim_gaps(piece);
         }
     }
 
@@ -942,16 +966,27 @@ impl Job {
             match list {
                 Some(list) => self.partial.expect(&list),
                 None => {
-                    // Nobody vouches for these pieces: only the whole blob's digest will.
-                    tracing::info!(%digest, pieces = ?settled.unknown, "no member vouches for these pieces; they wait for the whole blob's digest");
                     let mut piece_peers = lock(&self.piece_peers);
                     for p in &settled.unknown {
                         piece_peers.remove(p);
                     }
                     drop(piece_peers);
                     self.shared.metrics.peer_pieces("unvouched", settled.unknown.len());
+                    if !self.is_whole() {
+                        // A reader of ranges (a lazy puller) must not wait for the whole
+                        // blob: these bytes are fetched again, and its ranges come from the
+                        // upstream first from now on.
+                        tracing::info!(%digest, pieces = ?settled.unknown, "no member vouches for these pieces; fetching them again, ranges from the upstream first");
+                        self.ranges_from_upstream.store(true, Ordering::Release);
+                        self.partial.drop_pending(&settled.unknown);
+                        for p in &settled.unknown {
+                            self.claim_gaps(self.partial.layout().bounds(*p));
+                        }
+                        return Ok(());
+                    }
+                    // Nobody vouches for these pieces: only the whole blob's digest will.
+                    tracing::info!(%digest, pieces = ?settled.unknown, "no member vouches for these pieces; they wait for the whole blob's digest");
                     self.partial.trust_later(&settled.unknown);
-                    self.go_whole();
                     return Ok(());
                 }
             }
@@ -968,6 +1003,7 @@ impl Job {
                 return;
             }
             let attempt = match (self.is_whole(), broke) {
+                (false, _) if self.ranges_from_upstream.load(Ordering::Acquire) => Attempt::DemandUpstream,
                 (false, _) => Attempt::Demand,
                 (true, false) => Attempt::First,
                 (true, true) => Attempt::Resume,

@@ -136,6 +136,9 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     /// Reads not yet written to the metadata: digest -> unix seconds.
     accesses: std::sync::Mutex<HashMap<Digest, u64>>,
+    /// One read-back of a blob stored without piece hashes at a time (a herd asking at once
+    /// costs one read, the others find the list recorded).
+    pieces_lock: std::sync::Mutex<()>,
     events: broadcast::Sender<StoreEvent>,
     /// Bytes of complete blobs.
     total_bytes: std::sync::atomic::AtomicU64,
@@ -231,6 +234,7 @@ impl Store {
                 tasks: TaskTracker::new(),
                 shutdown,
                 accesses: Default::default(),
+                pieces_lock: Default::default(),
                 events: broadcast::channel(EVENT_BUFFER).0,
                 total_bytes: total.into(),
                 grown: tokio::sync::Notify::new(),
@@ -296,9 +300,14 @@ impl Store {
     pub fn piece_hashes(&self, digest: &Digest) -> Result<Option<PieceHashes>, StoreError> {
         let Some(file) = self.open_blob(digest)? else { return Ok(None) };
         let layout = PieceLayout::new(file.size(), self.inner.piece_size);
-        if let Some(bytes) = self.inner.meta.pieces(digest)?
-            && let Ok(list) = PieceHashes::decode(&bytes, layout)
-        {
+        let recorded = |store: &Store| -> Result<Option<PieceHashes>, StoreError> {
+            Ok(store.inner.meta.pieces(digest)?.and_then(|bytes| PieceHashes::decode(&bytes, layout).ok()))
+        };
+        if let Some(list) = recorded(self)? {
+            return Ok(Some(list));
+        }
+        let _one_at_a_time = self.inner.pieces_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = recorded(self)? {
             return Ok(Some(list));
         }
         let mut whole = clyde_types::DigestVerifier::new(*digest);

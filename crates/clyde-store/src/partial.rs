@@ -341,27 +341,55 @@ impl PartialBlob {
             } else {
                 hash_piece(&bytes)
             };
-            let mut state = self.state();
-            state.checking.remove(&p);
-            state.pending.remove(bounds.clone());
-            if got == expected {
-                state.written.insert(bounds.clone());
-                state.vouched.set(p, got);
-                drop(state);
-                // The prefix hasher takes the piece from this buffer when it is next.
-                let mut prefix = lock(&self.verifier);
-                if prefix.len() == bounds.start {
+            let matched = {
+                let mut state = self.state();
+                state.checking.remove(&p);
+                state.pending.remove(bounds.clone());
+                if got == expected {
+                    state.written.insert(bounds.clone());
+                    state.vouched.set(p, got);
+                } else if self.layout.count() > 1 {
+                    // The expected hash may be the wrong one (a member vouched for bytes
+                    // that turn out bad): the next check asks for it again. One piece's hash
+                    // is the blob's digest, which is never wrong.
+                    state.expected.clear(p);
+                }
+                got == expected
+            };
+            if !matched {
+                settled.corrupt.push(p);
+                continue;
+            }
+            // The prefix hasher takes the piece from this buffer when it is next (off the
+            // async workers: two more hashes of up to a piece).
+            let verifier = self.verifier.clone();
+            let start = bounds.start;
+            let feed = move || {
+                let mut prefix = lock(&verifier);
+                if prefix.len() == start {
                     prefix.update(&bytes);
                 }
-                settled.verified.push(p);
+            };
+            if bounds.end - bounds.start > INLINE_IO_MAX {
+                tokio::task::spawn_blocking(feed).await.map_err(StoreError::join)?;
             } else {
-                settled.corrupt.push(p);
+                feed();
             }
+            settled.verified.push(p);
         }
         if !settled.verified.is_empty() {
             self.notify();
         }
         Ok(settled)
+    }
+
+    /// Forgets the pending bytes of `pieces` (nobody vouches for them, and the reader waiting
+    /// on them should not wait for the whole blob): they are fetched again.
+    pub fn drop_pending(&self, pieces: &[u64]) {
+        let mut state = self.state();
+        for &p in pieces {
+            state.pending.remove(self.layout.bounds(p));
+        }
     }
 
     /// Makes the pending bytes of `pieces` readable only once the whole blob verified (no

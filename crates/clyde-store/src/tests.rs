@@ -483,6 +483,9 @@ async fn pending_pieces_are_readable_once_they_match_and_dropped_when_they_do_no
     let mut again = vec![0u8; 2 * piece];
     again.extend_from_slice(&data[2 * piece..3 * piece]);
     p.write_pending_at(0, vec![Bytes::from(again)]).await.unwrap();
+    // The hash it failed against is asked for again (it may have been the wrong one).
+    assert_eq!(p.settle().await.unwrap().unknown, vec![2]);
+    p.expect(&piece_list(&data, piece));
     assert_eq!(p.settle().await.unwrap().verified, vec![2]);
     assert_eq!(p.read_range_at(0, piece as u64).await.unwrap(), &data[..piece]);
     // The last piece with no list entry: left for the whole blob's digest.

@@ -158,6 +158,13 @@ impl PieceHashes {
         }
     }
 
+    /// Forgets piece `index`'s hash (it is asked for again).
+    pub fn clear(&mut self, index: u64) {
+        if let Some(slot) = self.hashes.get_mut(index as usize) {
+            *slot = None;
+        }
+    }
+
     /// How many hashes are known.
     pub fn known(&self) -> usize {
         self.hashes.iter().filter(|h| h.is_some()).count()
