@@ -263,6 +263,11 @@ where
             // It holds a private registry's content and serves it under that name only:
             // not a fault.
             Err(UpstreamError::Status { status: 403, .. }) => Step::PassOver,
+            // Slow to answer (in a tree, the parent may be busy with its own election on a
+            // loaded node): patience until the follow timeout, no penalty.
+            Err(UpstreamError::Unreachable { ref reason, .. }) if reason == crate::peers::NO_ANSWER_IN_TIME => {
+                follow.next(Instant::now())
+            }
             Err(e) => {
                 peers.penalize(winner.addr, &format!("elected fetcher failed: {e}"));
                 Step::PassOver

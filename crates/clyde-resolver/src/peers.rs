@@ -500,12 +500,13 @@ impl Peers {
     ) -> Result<T, UpstreamError> {
         match tokio::time::timeout(self.config.peers.first_byte_timeout, ask).await {
             Ok(answer) => answer,
-            Err(_) => {
-                Err(UpstreamError::Unreachable { registry: peer.to_string(), reason: "no answer in time".into() })
-            }
+            Err(_) => Err(UpstreamError::Unreachable { registry: peer.to_string(), reason: NO_ANSWER_IN_TIME.into() }),
         }
     }
 }
+
+/// Why a peer that did not answer within the first-byte timeout failed.
+pub(crate) const NO_ANSWER_IN_TIME: &str = "no answer in time";
 
 /// `body` when its size is the `expected` one (or nothing is expected); else the peer lied.
 fn sized(body: BlobBody, expected: Option<u64>) -> Result<BlobBody, UpstreamError> {

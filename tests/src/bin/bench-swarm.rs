@@ -448,8 +448,17 @@ fn herd(args: &[String]) {
                     let (ok, out) = c.try_pull(i);
                     if !ok {
                         let log = c.nodes[i].agent.log();
-                        let notable: Vec<&str> =
-                            log.lines().filter(|l| l.contains(" WARN ") || l.contains("status=404")).collect();
+                        let notable: Vec<&str> = log
+                            .lines()
+                            .filter(|l| {
+                                l.contains(" WARN ")
+                                    || l.contains(" ERROR ")
+                                    || (l.contains("status=404") && l.contains("api=\"mirror\""))
+                                    || l.contains("elected")
+                                    || l.contains("passing")
+                                    || l.contains("upstream unavailable")
+                            })
+                            .collect();
                         let last = out.lines().last().unwrap_or("");
                         panic!(
                             "pull on node {} failed: {last}\nits agent's warnings and misses:\n{}",
