@@ -144,22 +144,35 @@ fn a_peer_killed_mid_transfer_is_replaced_and_forgotten_within_seconds() {
     assert!(second.log().contains("peer penalized"), "node 2 never noticed node 1 broke:\n{}", second.log());
 }
 
-#[test]
-fn bytes_from_a_corrupt_peer_never_enter_the_store() {
+/// Two agents started with `args`; node 1 fetched a `size`-byte layer of `rot:v1` through
+/// its mirror, then one byte of its stored copy rotted at `rot_at`: it still serves it.
+/// Returns the registry, the image, the agents and the layer's right bytes.
+fn a_rotten_holder(size: usize, rot_at: usize, args: &[&str]) -> (Registry, TestImage, Cluster, Vec<u8>) {
     let reg = Registry::start();
-    let img = TestImage::single(&[6 * MIB]);
+    let img = TestImage::single(&[size]);
     img.push(&reg, "rot", "v1", ImageFormat::Oci);
-    let cluster = Cluster::start(2, PATIENT_LOOKUPS, &[]);
-    let layer = &img.layers[0];
-    let [first, second] = &cluster.nodes[..] else { unreachable!() };
-    let body = http().get(blob_url(&first.url(), "rot", &layer.digest, &reg.addr())).send().unwrap().bytes().unwrap();
+    let cluster = Cluster::start(2, PATIENT_LOOKUPS, args);
+    let (layer, first) = (&img.layers[0], &cluster.nodes[0]);
+    let body = http()
+        .get(blob_url(&first.url(), "rot", &layer.digest, &reg.addr()))
+        .send()
+        .expect("GET")
+        .bytes()
+        .expect("body");
     assert_eq!(sha256(&body), layer.digest);
     wait_store_holds(&first.data_dir(), 1);
-    // Bit rot on node 1's disk: it still serves the blob, now with one wrong byte.
     let path = first.data_dir().join("blobs").join(layer.digest.replace(':', "/"));
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[3 * MIB] ^= 0xff;
-    std::fs::write(&path, &bytes).unwrap();
+    let mut bytes = std::fs::read(&path).expect("stored layer");
+    bytes[rot_at] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("rot");
+    (reg, img, cluster, body.to_vec())
+}
+
+#[test]
+fn bytes_from_a_corrupt_peer_never_enter_the_store() {
+    let (reg, img, cluster, _) = a_rotten_holder(6 * MIB, 3 * MIB, &[]);
+    let layer = &img.layers[0];
+    let second = &cluster.nodes[1];
 
     let url = blob_url(&second.url(), "rot", &layer.digest, &reg.addr());
     let first_try = http().get(&url).send().expect("GET").bytes();
@@ -175,23 +188,12 @@ fn bytes_from_a_corrupt_peer_never_enter_the_store() {
 
 #[test]
 fn with_a_secret_a_rotten_piece_is_fetched_again_and_the_first_response_is_right() {
-    let reg = Registry::start();
-    // Three pieces: 4, 4 and 2 MiB.
-    let img = TestImage::single(&[10 * MIB]);
-    img.push(&reg, "rot", "v1", ImageFormat::Oci);
     let secret = clyde_tests::cluster::secret_file("pieces-secret-0123456789abcdefghijklmnop");
-    let cluster = Cluster::start(2, PATIENT_LOOKUPS, &["--cluster-secret-file", secret.as_str()]);
-    let layer = &img.layers[0];
-    let [first, second] = &cluster.nodes[..] else { unreachable!() };
-    let body = http().get(blob_url(&first.url(), "rot", &layer.digest, &reg.addr())).send().unwrap().bytes().unwrap();
-    assert_eq!(sha256(&body), layer.digest);
-    wait_store_holds(&first.data_dir(), 1);
-    // Bit rot on node 1's disk, in the second piece; its piece hashes were recorded when
+    // Three pieces (4, 4 and 2 MiB), the second rotten; the piece hashes were recorded when
     // the blob verified.
-    let path = first.data_dir().join("blobs").join(layer.digest.replace(':', "/"));
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[5 * MIB] ^= 0xff;
-    std::fs::write(&path, &bytes).unwrap();
+    let (reg, img, cluster, body) = a_rotten_holder(10 * MIB, 5 * MIB, &["--cluster-secret-file", secret.as_str()]);
+    let layer = &img.layers[0];
+    let second = &cluster.nodes[1];
 
     let url = blob_url(&second.url(), "rot", &layer.digest, &reg.addr());
     let got = http().get(&url).send().expect("GET").bytes().expect("the first response is whole");
