@@ -79,16 +79,8 @@ pub fn elect<'a>(
     members: &'a [Member],
     passed_over: impl Fn(&Member) -> bool,
 ) -> Elected<'a> {
-    let mine = rank(digest, me);
-    let best = members
-        .iter()
-        .filter(|m| m.id != me && !passed_over(m))
-        .map(|m| (rank(digest, &m.id), m))
-        .max_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    match best {
-        Some((score, member)) if score.as_bytes() > mine.as_bytes() => Elected::Peer(member),
-        _ => Elected::Me,
-    }
+    // The top of the rank order: the root of a tree no fan-out bounds.
+    parent(digest, me, members, passed_over, usize::MAX)
 }
 
 /// Followers a node serves one blob to in a herd's tree (the elected fetcher included), by
@@ -383,9 +375,9 @@ mod tests {
                 }
             }
         }
-        // Fan-out without bound: the fetcher for everyone, as `elect`.
+        // Fan-out without bound: the fetcher for everyone.
         for n in &nodes[1..] {
-            assert_eq!(parent(&digest, &n.id, &nodes, |_| false, usize::MAX), elect(&digest, &n.id, &nodes, |_| false));
+            assert_eq!(parent(&digest, &n.id, &nodes, |_| false, usize::MAX), Elected::Peer(&nodes[0]));
         }
     }
 

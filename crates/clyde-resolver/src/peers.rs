@@ -351,14 +351,8 @@ impl Peers {
     ) -> Option<clyde_types::PieceHashes> {
         // A holder that stored the blob before it recorded piece hashes reads it back and
         // hashes it whole first: as long as a silent body, not a first byte.
-        let timeout = self.config.peers.read_timeout;
         for &peer in peers {
-            let answer = match tokio::time::timeout(timeout, self.client.get_pieces(peer, digest)).await {
-                Ok(answer) => answer,
-                Err(_) => {
-                    Err(UpstreamError::Unreachable { registry: peer.to_string(), reason: "no answer in time".into() })
-                }
-            };
+            let answer = self.within(self.config.peers.read_timeout, peer, self.client.get_pieces(peer, digest)).await;
             match answer.map(|bytes| clyde_types::PieceHashes::decode(&bytes, layout)) {
                 Ok(Ok(list)) => return Some(list),
                 Ok(Err(e)) => tracing::info!(%peer, %digest, error = %e, "piece list refused"),
@@ -498,7 +492,17 @@ impl Peers {
         peer: SocketAddr,
         ask: impl Future<Output = Result<T, UpstreamError>>,
     ) -> Result<T, UpstreamError> {
-        match tokio::time::timeout(self.config.peers.first_byte_timeout, ask).await {
+        self.within(self.config.peers.first_byte_timeout, peer, ask).await
+    }
+
+    /// One peer's answer, within `bound` (past it: unreachable).
+    async fn within<T>(
+        &self,
+        bound: Duration,
+        peer: SocketAddr,
+        ask: impl Future<Output = Result<T, UpstreamError>>,
+    ) -> Result<T, UpstreamError> {
+        match tokio::time::timeout(bound, ask).await {
             Ok(answer) => answer,
             Err(_) => Err(UpstreamError::Unreachable { registry: peer.to_string(), reason: NO_ANSWER_IN_TIME.into() }),
         }

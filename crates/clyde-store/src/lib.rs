@@ -310,23 +310,20 @@ impl Store {
         if let Some(list) = recorded(self)? {
             return Ok(Some(list));
         }
-        let mut whole = clyde_types::DigestVerifier::new(*digest);
-        let mut pieces = clyde_types::PieceHasher::new(layout);
+        let mut prefix = partial::Prefix::new(*digest, layout);
         let mut buf = vec![0u8; 1 << 20];
         let mut pos = 0;
         while pos < file.size() {
             let n = (file.size() - pos).min(buf.len() as u64) as usize;
             file.read_exact_at(pos, &mut buf[..n])?;
-            whole.update(&buf[..n]);
-            pieces.update(&buf[..n]);
+            prefix.update(&buf[..n]);
             pos += n as u64;
         }
-        let (got, ok) = whole.finish();
+        let (got, ok, list) = prefix.finish(layout);
         if !ok {
             tracing::warn!(%digest, %got, "a stored blob no longer matches its digest: its pieces are vouched for by nobody");
             return Ok(None);
         }
-        let list = PieceHashes::complete(layout, pieces.done().to_vec());
         if let Some(list) = &list {
             self.inner.meta.put_pieces(digest, &list.encode())?;
         }

@@ -90,13 +90,13 @@ pub struct PartialBlob {
 }
 
 /// The hashes of the written prefix: the whole blob's, and each piece's.
-struct Prefix {
+pub(crate) struct Prefix {
     whole: DigestVerifier,
     pieces: PieceHasher,
 }
 
 impl Prefix {
-    fn new(digest: Digest, layout: PieceLayout) -> Self {
+    pub(crate) fn new(digest: Digest, layout: PieceLayout) -> Self {
         Self { whole: DigestVerifier::new(digest), pieces: PieceHasher::new(layout) }
     }
 
@@ -104,9 +104,17 @@ impl Prefix {
         self.whole.len()
     }
 
-    fn update(&mut self, bytes: &[u8]) {
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
         self.whole.update(bytes);
         self.pieces.update(bytes);
+    }
+
+    /// What the whole blob hashed to, whether that is its digest, and every piece's hash
+    /// (`None` unless the whole blob was fed).
+    pub(crate) fn finish(self, layout: PieceLayout) -> (Digest, bool, Option<PieceHashes>) {
+        let pieces = PieceHashes::complete(layout, self.pieces.done().to_vec());
+        let (got, ok) = self.whole.finish();
+        (got, ok, pieces)
     }
 }
 
@@ -327,19 +335,12 @@ impl PartialBlob {
         };
         for (p, expected) in candidates {
             let bounds = self.layout.bounds(p);
-            let read = read_file_at(self.file.clone(), bounds.start, bounds.end - bounds.start).await;
-            let bytes = match read {
-                Ok(bytes) => bytes,
+            let (bytes, got) = match self.read_piece(p).await {
+                Ok(read) => read,
                 Err(e) => {
                     self.state().checking.remove(&p);
                     return Err(e);
                 }
-            };
-            let got = if bytes.len() as u64 > INLINE_IO_MAX {
-                let b = bytes.clone();
-                tokio::task::spawn_blocking(move || hash_piece(&b)).await.map_err(StoreError::join)?
-            } else {
-                hash_piece(&bytes)
             };
             let matched = {
                 let mut state = self.state();
@@ -381,6 +382,19 @@ impl PartialBlob {
             self.notify();
         }
         Ok(settled)
+    }
+
+    /// Piece `p`'s bytes as they are on disk, and their hash, in one blocking hop.
+    async fn read_piece(&self, p: u64) -> Result<(Bytes, [u8; 32]), StoreError> {
+        let (file, bounds) = (self.file.clone(), self.layout.bounds(p));
+        let len = bounds.end - bounds.start;
+        file_io(len, move || {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, bounds.start)?;
+            let hash = hash_piece(&buf);
+            Ok((Bytes::from(buf), hash))
+        })
+        .await
     }
 
     /// Forgets the pending bytes of `pieces` (nobody vouches for them, and the reader waiting
@@ -434,9 +448,7 @@ impl PartialBlob {
             (list, missing)
         };
         for p in missing {
-            let b = self.layout.bounds(p);
-            let bytes = read_file_at(self.file.clone(), b.start, b.end - b.start).await?;
-            let hash = tokio::task::spawn_blocking(move || hash_piece(&bytes)).await.map_err(StoreError::join)?;
+            let (_, hash) = self.read_piece(p).await?;
             list.set(p, hash);
             self.state().vouched.set(p, hash);
         }
@@ -670,8 +682,7 @@ impl PartialBlob {
             }
         }
         let prefix = std::mem::replace(&mut *lock(&self.verifier), Prefix::new(self.digest, self.layout));
-        let (got, ok) = prefix.whole.finish();
-        let pieces = PieceHashes::complete(self.layout, prefix.pieces.done().to_vec());
+        let (got, ok, pieces) = prefix.finish(self.layout);
         if !ok {
             self.corrupt.store(true, std::sync::atomic::Ordering::Release);
             self.fail(&format!("digest mismatch: bytes hash to {got}")).await;
